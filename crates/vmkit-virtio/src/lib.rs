@@ -1,0 +1,1 @@
+//! Virtio devices (block, net, console, rng) and the virtio-mmio transport.

@@ -1,0 +1,3 @@
+//! mini-vmm: a minimal VMM built from the vmkit crates.
+
+fn main() {}
