@@ -1,1 +1,10 @@
-//! x86 paging for VMMs: page-table walkers with exact permission and fault semantics, EPT, nested walks, a page-table builder, a software TLB and a shadow MMU.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+pub mod builder;
+pub mod entry;
+pub mod memory;
+
+pub use memory::{FlatMemory, GuestAddress, PhysMemory};

@@ -1,0 +1,1295 @@
+//! Building page tables in guest memory: boot tables for a vCPU, identity maps, EPT.
+//!
+//! [`PageTableBuilder`] owns a root table and edits the tree below it through
+//! [`PhysMemory`], taking fresh 4 KiB frames from a [`FrameAllocator`] (the builder zeroes
+//! them). It speaks every format the walkers understand ([`PagingFormat`]): 32-bit paging
+//! (with PSE/PSE-36 4 MiB pages), PAE, 4- and 5-level paging, and 4- and 5-level EPT.
+//!
+//! The model:
+//! * [`map`](PageTableBuilder::map) installs translations using the largest page size that
+//!   fits the alignment of both addresses, the remaining length and
+//!   [`set_max_page_size`](PageTableBuilder::set_max_page_size) (2 MiB by default; 1 GiB only
+//!   when asked, because not every CPU has 1 GiB pages).
+//! * Intermediate entries are fully permissive (present, writable, user, executable); the
+//!   rights of a translation are those of its leaf. The walker ANDs rights across levels,
+//!   so this keeps "what the leaf says" equal to "what the CPU does".
+//! * Remapping a page with a leaf of the same size replaces it. A request that collides with
+//!   a mapping of a different size (a large page where 4 KiB pages are wanted or the reverse)
+//!   is refused with [`BuilderError::Overlap`] rather than silently splitting or dropping a
+//!   table: silent changes of an existing layout are how boot tables get subtly wrong.
+//!   [`unmap`](PageTableBuilder::unmap) and [`protect`](PageTableBuilder::protect) do split
+//!   a large page they cover only partly, because that is what they are asked to do.
+//! * Tables are never freed (a bump allocator cannot take frames back); an unmapped range
+//!   leaves empty tables behind that a later `map` reuses.
+//!
+//! ```
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//! use vmkit_paging::builder::{BumpAllocator, MapFlags, PageSize, PageTableBuilder, PagingFormat};
+//!
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap();
+//! let alloc = BumpAllocator::new(GuestAddress(0x9000), GuestAddress(0x20000));
+//! let mut b = PageTableBuilder::new(&mem, PagingFormat::Level4, alloc)?;
+//! b.set_max_page_size(PageSize::Size2M);
+//! b.identity_map(GuestAddress(0), 1 << 30, MapFlags::WRITABLE)?;
+//! b.map(0xffff_8000_0000_0000, GuestAddress(0), 1 << 21, MapFlags::WRITABLE | MapFlags::NO_EXECUTE)?;
+//! assert_eq!(b.lookup(0xffff_8000_0000_1234).map(|m| m.phys), Some(GuestAddress(0x1234)));
+//! let cr3: GuestAddress = b.root();
+//! assert_eq!(cr3, GuestAddress(0x9000));
+//! # Ok::<(), vmkit_paging::builder::BuilderError>(())
+//! ```
+
+use core::fmt;
+use core::ops::{BitAnd, BitOr, BitOrAssign, Not};
+
+use crate::entry::*;
+use crate::memory::{GuestAddress, PhysMemory};
+
+/// Errors of the page-table builder.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuilderError {
+    /// An address or length is not 4 KiB aligned.
+    #[error("{what} {value:#x} is not 4 KiB aligned")]
+    Misaligned {
+        /// Which argument.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// The frame allocator has no frame left.
+    #[error("the frame allocator is out of frames")]
+    OutOfFrames,
+    /// The frame allocator returned an unusable frame.
+    #[error("the frame allocator returned frame {frame:#x}, which is not 4 KiB aligned or not addressable by {format:?} tables")]
+    BadFrame {
+        /// The frame.
+        frame: u64,
+        /// The table format.
+        format: PagingFormat,
+    },
+    /// A table or entry lies outside the memory the builder writes to.
+    #[error("page-table address {addr:#x} is outside memory")]
+    OutsideMemory {
+        /// The physical address of the entry or table.
+        addr: u64,
+    },
+    /// The virtual range does not fit the format's address space (or is not canonical).
+    #[error("virtual range {start:#x}+{len:#x} is not addressable (or not canonical) with {format:?} tables")]
+    VirtualOutOfRange {
+        /// Start of the range.
+        start: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The table format.
+        format: PagingFormat,
+    },
+    /// The physical range does not fit what the format can point at.
+    #[error("physical range {start:#x}+{len:#x} is not addressable by {format:?} tables")]
+    PhysicalOutOfRange {
+        /// Start of the range.
+        start: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The table format.
+        format: PagingFormat,
+    },
+    /// A mapping of a different size already covers part of the range.
+    #[error(
+        "mapping {requested:?} at {virt:#x} overlaps an existing mapping of size {existing:?}"
+    )]
+    Overlap {
+        /// Virtual address of the new mapping.
+        virt: u64,
+        /// Size the builder wanted to install.
+        requested: PageSize,
+        /// Size of what is there.
+        existing: PageSize,
+    },
+    /// `protect` found a hole in the range.
+    #[error("virtual address {virt:#x} is not mapped")]
+    NotMapped {
+        /// The unmapped address.
+        virt: u64,
+    },
+    /// A flag that the format cannot express (e.g. NO_EXECUTE with 32-bit paging).
+    #[error("flags {flags} cannot be expressed in {format:?} tables")]
+    UnsupportedFlags {
+        /// The flags asked for.
+        flags: MapFlags,
+        /// The table format.
+        format: PagingFormat,
+    },
+}
+
+/// Table formats the builder can write (and the walkers can read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PagingFormat {
+    /// 32-bit paging: 2 levels of 1024 4-byte entries, 4 MiB pages with CR4.PSE (PSE-36 for
+    /// frames above 4 GiB).
+    Legacy32,
+    /// PAE paging: a 4-entry PDPT, then 2 levels of 512 8-byte entries.
+    Pae,
+    /// 4-level paging (IA-32e, 48-bit linear addresses).
+    Level4,
+    /// 5-level paging (LA57, 57-bit linear addresses).
+    Level5,
+    /// 4-level extended page tables (guest-physical to host-physical).
+    Ept4,
+    /// 5-level extended page tables.
+    Ept5,
+}
+
+impl PagingFormat {
+    /// Number of table levels.
+    pub const fn levels(self) -> u32 {
+        match self {
+            PagingFormat::Legacy32 => 2,
+            PagingFormat::Pae => 3,
+            PagingFormat::Level4 | PagingFormat::Ept4 => 4,
+            PagingFormat::Level5 | PagingFormat::Ept5 => 5,
+        }
+    }
+
+    /// Whether this is an EPT format.
+    pub const fn is_ept(self) -> bool {
+        matches!(self, PagingFormat::Ept4 | PagingFormat::Ept5)
+    }
+
+    /// Width of the input address in bits.
+    pub const fn address_bits(self) -> u32 {
+        match self {
+            PagingFormat::Legacy32 | PagingFormat::Pae => 32,
+            PagingFormat::Level4 | PagingFormat::Ept4 => 48,
+            PagingFormat::Level5 | PagingFormat::Ept5 => 57,
+        }
+    }
+
+    /// Shift of the address bits that index a table at `level` (1 = the 4 KiB page table).
+    pub const fn level_shift(self, level: u32) -> u32 {
+        match self {
+            PagingFormat::Legacy32 => 12 + 10 * (level - 1),
+            _ => 12 + 9 * (level - 1),
+        }
+    }
+
+    /// Number of index bits at `level`.
+    pub const fn index_bits(self, level: u32) -> u32 {
+        match (self, level) {
+            (PagingFormat::Legacy32, _) => 10,
+            (PagingFormat::Pae, 3) => 2,
+            _ => 9,
+        }
+    }
+
+    /// Size in bytes of one entry.
+    pub const fn entry_size(self) -> u64 {
+        match self {
+            PagingFormat::Legacy32 => 4,
+            _ => 8,
+        }
+    }
+
+    /// The page size a leaf at `level` maps, if the format allows leaves there.
+    pub const fn leaf_size(self, level: u32) -> Option<PageSize> {
+        match (self, level) {
+            (_, 1) => Some(PageSize::Size4K),
+            (PagingFormat::Legacy32, 2) => Some(PageSize::Size4M),
+            (_, 2) => Some(PageSize::Size2M),
+            (PagingFormat::Legacy32 | PagingFormat::Pae, _) => None,
+            (_, 3) => Some(PageSize::Size1G),
+            _ => None,
+        }
+    }
+
+    /// Physical address of the entry for `virt` in the table at `table`.
+    pub const fn entry_addr(self, table: u64, level: u32, virt: u64) -> u64 {
+        let index = (virt >> self.level_shift(level)) & ((1 << self.index_bits(level)) - 1);
+        table + index * self.entry_size()
+    }
+
+    /// Whether `virt..virt+len` is addressable (canonical for 4/5-level guest paging).
+    fn virt_range_ok(self, virt: u64, len: u64) -> bool {
+        let bits = self.address_bits();
+        let Some(last) = virt.checked_add(len.saturating_sub(1)) else {
+            return false;
+        };
+        if len == 0 {
+            return true;
+        }
+        match self {
+            PagingFormat::Level4 | PagingFormat::Level5 => {
+                // Both ends canonical and on the same side of the hole.
+                let canon = |a: u64| ((a << (64 - bits)) as i64 >> (64 - bits)) as u64 == a;
+                canon(virt) && canon(last) && (virt >> 63) == (last >> 63)
+            }
+            _ => last >> bits == 0,
+        }
+    }
+
+    /// Highest physical address + 1 a leaf of `size` can point at.
+    fn phys_limit(self, size: PageSize) -> u64 {
+        match (self, size) {
+            (PagingFormat::Legacy32, PageSize::Size4M) => 1 << 40,
+            (PagingFormat::Legacy32, _) => 1 << 32,
+            _ => 1 << 52,
+        }
+    }
+}
+
+/// Page sizes, smallest first (the order is used to compare against the maximum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PageSize {
+    /// 4 KiB.
+    Size4K,
+    /// 2 MiB (PAE, 4/5-level, EPT).
+    Size2M,
+    /// 4 MiB (32-bit paging with CR4.PSE).
+    Size4M,
+    /// 1 GiB (4/5-level, EPT; CPUID.80000001H:EDX.Page1GB).
+    Size1G,
+}
+
+impl PageSize {
+    /// Size in bytes.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => 1 << 12,
+            PageSize::Size2M => 1 << 21,
+            PageSize::Size4M => 1 << 22,
+            PageSize::Size1G => 1 << 30,
+        }
+    }
+}
+
+/// Rights and attributes of a mapping, independent of the table format.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MapFlags(u32);
+
+impl MapFlags {
+    /// Writes allowed (EPT: W).
+    pub const WRITABLE: MapFlags = MapFlags(1 << 0);
+    /// User-mode accesses allowed (EPT: user-mode execute under MBEC, unless NO_EXECUTE).
+    pub const USER: MapFlags = MapFlags(1 << 1);
+    /// Instruction fetches forbidden (guest: XD bit; EPT: X cleared). Not in 32-bit paging.
+    pub const NO_EXECUTE: MapFlags = MapFlags(1 << 2);
+    /// Global translation (guest formats only).
+    pub const GLOBAL: MapFlags = MapFlags(1 << 3);
+    /// Write-through caching (guest formats only).
+    pub const WRITE_THROUGH: MapFlags = MapFlags(1 << 4);
+    /// Caching disabled (guest formats; EPT: memory type UC).
+    pub const CACHE_DISABLE: MapFlags = MapFlags(1 << 5);
+    /// Pre-set the Accessed bit so the CPU need not write the entry on first use.
+    pub const ACCESSED: MapFlags = MapFlags(1 << 6);
+    /// Pre-set the Dirty bit of the leaf.
+    pub const DIRTY: MapFlags = MapFlags(1 << 7);
+
+    const NAMES: [(&'static str, MapFlags); 8] = [
+        ("WRITABLE", MapFlags::WRITABLE),
+        ("USER", MapFlags::USER),
+        ("NO_EXECUTE", MapFlags::NO_EXECUTE),
+        ("GLOBAL", MapFlags::GLOBAL),
+        ("WRITE_THROUGH", MapFlags::WRITE_THROUGH),
+        ("CACHE_DISABLE", MapFlags::CACHE_DISABLE),
+        ("ACCESSED", MapFlags::ACCESSED),
+        ("DIRTY", MapFlags::DIRTY),
+    ];
+
+    /// No flags: a read-only, supervisor, executable mapping.
+    pub const fn empty() -> MapFlags {
+        MapFlags(0)
+    }
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: MapFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Flags from raw bits (unknown bits dropped).
+    pub const fn from_bits_truncate(bits: u32) -> MapFlags {
+        MapFlags(bits & 0xff)
+    }
+}
+
+impl BitOr for MapFlags {
+    type Output = MapFlags;
+    fn bitor(self, rhs: MapFlags) -> MapFlags {
+        MapFlags(self.0 | rhs.0)
+    }
+}
+
+impl BitOrAssign for MapFlags {
+    fn bitor_assign(&mut self, rhs: MapFlags) {
+        self.0 |= rhs.0;
+    }
+}
+
+impl BitAnd for MapFlags {
+    type Output = MapFlags;
+    fn bitand(self, rhs: MapFlags) -> MapFlags {
+        MapFlags(self.0 & rhs.0)
+    }
+}
+
+impl Not for MapFlags {
+    type Output = MapFlags;
+    fn not(self) -> MapFlags {
+        MapFlags(!self.0 & 0xff)
+    }
+}
+
+impl fmt::Display for MapFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (name, flag) in MapFlags::NAMES {
+            if self.contains(flag) {
+                if !first {
+                    f.write_str(" | ")?;
+                }
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        if first {
+            f.write_str("(empty)")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MapFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MapFlags({self})")
+    }
+}
+
+/// A source of zeroable 4 KiB frames for page tables.
+pub trait FrameAllocator {
+    /// Returns the address of a free, 4 KiB-aligned frame, or `None` when exhausted.
+    fn allocate(&mut self) -> Option<GuestAddress>;
+}
+
+impl<A: FrameAllocator + ?Sized> FrameAllocator for &mut A {
+    fn allocate(&mut self) -> Option<GuestAddress> {
+        (**self).allocate()
+    }
+}
+
+/// Hands out consecutive frames of `[start, end)`; never frees.
+#[derive(Debug, Clone)]
+pub struct BumpAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl BumpAllocator {
+    /// Frames from `start` (rounded up to 4 KiB) to `end` (exclusive).
+    pub fn new(start: GuestAddress, end: GuestAddress) -> Self {
+        BumpAllocator {
+            next: start.0.checked_add(0xfff).map_or(u64::MAX, |a| a & !0xfff),
+            end: end.0,
+        }
+    }
+
+    /// The next frame that would be handed out.
+    pub fn next_frame(&self) -> GuestAddress {
+        GuestAddress(self.next)
+    }
+
+    /// Frames left.
+    pub fn remaining(&self) -> u64 {
+        self.end.saturating_sub(self.next) / 4096
+    }
+}
+
+impl FrameAllocator for BumpAllocator {
+    fn allocate(&mut self) -> Option<GuestAddress> {
+        let frame = self.next;
+        let after = frame.checked_add(4096)?;
+        if after > self.end {
+            return None;
+        }
+        self.next = after;
+        Some(GuestAddress(frame))
+    }
+}
+
+/// A translation found by [`PageTableBuilder::lookup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// Physical address the looked-up virtual address maps to.
+    pub phys: GuestAddress,
+    /// Size of the page containing it.
+    pub size: PageSize,
+    /// Flags of the leaf (as the builder would express them).
+    pub flags: MapFlags,
+}
+
+/// EPT memory type written into leaves: write-back.
+pub const EPT_MEMTYPE_WB: u64 = 6;
+/// EPT memory type: uncacheable.
+pub const EPT_MEMTYPE_UC: u64 = 0;
+
+/// Builds and edits a page-table tree in memory.
+#[derive(Debug)]
+pub struct PageTableBuilder<'m, M: PhysMemory + ?Sized, A: FrameAllocator> {
+    mem: &'m M,
+    format: PagingFormat,
+    alloc: A,
+    root: u64,
+    max_page: PageSize,
+}
+
+enum Slot {
+    Empty,
+    Table(u64),
+    Leaf(PageSize, u64),
+}
+
+impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
+    /// Allocates and zeroes a root table, then returns a builder for an empty tree.
+    pub fn new(mem: &'m M, format: PagingFormat, mut alloc: A) -> Result<Self, BuilderError> {
+        let root = Self::new_frame(mem, format, &mut alloc)?;
+        Ok(PageTableBuilder {
+            mem,
+            format,
+            alloc,
+            root,
+            max_page: PageSize::Size2M,
+        })
+    }
+
+    /// Edits an existing tree whose root table is at `root`.
+    pub fn from_root(
+        mem: &'m M,
+        format: PagingFormat,
+        alloc: A,
+        root: GuestAddress,
+    ) -> Result<Self, BuilderError> {
+        Self::check_frame(format, root.0)?;
+        Ok(PageTableBuilder {
+            mem,
+            format,
+            alloc,
+            root: root.0,
+            max_page: PageSize::Size2M,
+        })
+    }
+
+    fn check_frame(format: PagingFormat, frame: u64) -> Result<(), BuilderError> {
+        let limit = match format {
+            PagingFormat::Legacy32 | PagingFormat::Pae => 1 << 32,
+            _ => 1 << 52,
+        };
+        if frame & 0xfff != 0 || frame >= limit {
+            return Err(BuilderError::BadFrame { frame, format });
+        }
+        Ok(())
+    }
+
+    fn new_frame(mem: &M, format: PagingFormat, alloc: &mut A) -> Result<u64, BuilderError> {
+        let frame = alloc.allocate().ok_or(BuilderError::OutOfFrames)?.0;
+        Self::check_frame(format, frame)?;
+        mem.zero_frame(frame)
+            .ok_or(BuilderError::OutsideMemory { addr: frame })?;
+        Ok(frame)
+    }
+
+    /// Caps the page size `map` uses (default 2 MiB). With 32-bit paging any cap of 2 MiB
+    /// or more allows 4 MiB pages (the guest must then set CR4.PSE).
+    pub fn set_max_page_size(&mut self, size: PageSize) {
+        self.max_page = size;
+    }
+
+    /// The root table: the value for CR3 (or the address part of an EPTP).
+    pub fn root(&self) -> GuestAddress {
+        GuestAddress(self.root)
+    }
+
+    /// The table format.
+    pub fn format(&self) -> PagingFormat {
+        self.format
+    }
+
+    /// An EPT pointer for this tree: write-back paging structures, the page-walk length,
+    /// and bit 6 when `accessed_dirty` asks the CPU to maintain EPT A/D bits.
+    pub fn eptp(&self, accessed_dirty: bool) -> u64 {
+        self.root
+            | EPT_MEMTYPE_WB
+            | (u64::from(self.format.levels() - 1) << 3)
+            | if accessed_dirty { 1 << 6 } else { 0 }
+    }
+
+    /// Gives the allocator back (e.g. to continue allocating after the tables).
+    pub fn into_allocator(self) -> A {
+        self.alloc
+    }
+
+    fn allowed(&self, size: PageSize) -> bool {
+        match size {
+            PageSize::Size4K => true,
+            PageSize::Size4M => self.max_page >= PageSize::Size2M,
+            other => other <= self.max_page,
+        }
+    }
+
+    fn read_entry(&self, addr: u64) -> Result<u64, BuilderError> {
+        let value = if self.format == PagingFormat::Legacy32 {
+            self.mem.read_u32(addr).map(u64::from)
+        } else {
+            self.mem.read_u64(addr)
+        };
+        value.ok_or(BuilderError::OutsideMemory { addr })
+    }
+
+    fn write_entry(&self, addr: u64, value: u64) -> Result<(), BuilderError> {
+        let done = if self.format == PagingFormat::Legacy32 {
+            self.mem.write_u32(addr, value as u32)
+        } else {
+            self.mem.write_u64(addr, value)
+        };
+        done.ok_or(BuilderError::OutsideMemory { addr })
+    }
+
+    fn present(&self, entry: u64) -> bool {
+        if self.format.is_ept() {
+            entry & (EPT_READ | EPT_WRITE | EPT_EXEC | EPT_USER_EXEC) != 0
+        } else {
+            entry & PRESENT != 0
+        }
+    }
+
+    fn decode(&self, level: u32, entry: u64) -> Slot {
+        if !self.present(entry) {
+            return Slot::Empty;
+        }
+        let large_bit = if self.format.is_ept() {
+            EPT_LARGE
+        } else {
+            PAGE_SIZE
+        };
+        let leaf_size = if level == 1 {
+            Some(PageSize::Size4K)
+        } else if entry & large_bit != 0 {
+            self.format.leaf_size(level)
+        } else {
+            None
+        };
+        match (self.format, leaf_size) {
+            (PagingFormat::Legacy32, Some(PageSize::Size4M)) => Slot::Leaf(
+                PageSize::Size4M,
+                (entry & 0xffc0_0000) | (((entry >> 13) & 0xff) << 32),
+            ),
+            (PagingFormat::Legacy32, _) => {
+                let addr = entry & 0xffff_f000;
+                match leaf_size {
+                    Some(size) => Slot::Leaf(size, addr),
+                    None => Slot::Table(addr),
+                }
+            }
+            (_, Some(size)) => Slot::Leaf(size, entry & ADDR_MASK_52 & !(size.bytes() - 1)),
+            (_, None) => Slot::Table(entry & ADDR_MASK_52),
+        }
+    }
+
+    fn table_entry(&self, table: u64) -> u64 {
+        match self.format {
+            PagingFormat::Pae => table | PRESENT,
+            PagingFormat::Ept4 | PagingFormat::Ept5 => {
+                table | EPT_READ | EPT_WRITE | EPT_EXEC | EPT_USER_EXEC
+            }
+            _ => table | PRESENT | WRITABLE | USER,
+        }
+    }
+
+    fn leaf_entry(&self, phys: u64, size: PageSize, flags: MapFlags) -> u64 {
+        if self.format.is_ept() {
+            let mut e = phys | EPT_READ;
+            if flags.contains(MapFlags::WRITABLE) {
+                e |= EPT_WRITE;
+            }
+            if !flags.contains(MapFlags::NO_EXECUTE) {
+                e |= EPT_EXEC;
+                if flags.contains(MapFlags::USER) {
+                    e |= EPT_USER_EXEC;
+                }
+            }
+            let memtype = if flags.contains(MapFlags::CACHE_DISABLE) {
+                EPT_MEMTYPE_UC
+            } else {
+                EPT_MEMTYPE_WB
+            };
+            e |= memtype << EPT_MEMTYPE_SHIFT;
+            if flags.contains(MapFlags::ACCESSED) {
+                e |= EPT_ACCESSED;
+            }
+            if flags.contains(MapFlags::DIRTY) {
+                e |= EPT_DIRTY;
+            }
+            if size != PageSize::Size4K {
+                e |= EPT_LARGE;
+            }
+            return e;
+        }
+        let mut e = PRESENT;
+        for (flag, bit) in [
+            (MapFlags::WRITABLE, WRITABLE),
+            (MapFlags::USER, USER),
+            (MapFlags::WRITE_THROUGH, WRITE_THROUGH),
+            (MapFlags::CACHE_DISABLE, CACHE_DISABLE),
+            (MapFlags::ACCESSED, ACCESSED),
+            (MapFlags::DIRTY, DIRTY),
+            (MapFlags::GLOBAL, GLOBAL),
+            (MapFlags::NO_EXECUTE, NO_EXECUTE),
+        ] {
+            if flags.contains(flag) {
+                e |= bit;
+            }
+        }
+        if size != PageSize::Size4K {
+            e |= PAGE_SIZE;
+        }
+        if size == PageSize::Size4M {
+            e | (phys & 0xffc0_0000) | (((phys >> 32) & 0xff) << 13)
+        } else {
+            e | phys
+        }
+    }
+
+    fn leaf_flags(&self, entry: u64) -> MapFlags {
+        let mut flags = MapFlags::empty();
+        if self.format.is_ept() {
+            for (flag, bit) in [
+                (MapFlags::WRITABLE, EPT_WRITE),
+                (MapFlags::USER, EPT_USER_EXEC),
+                (MapFlags::ACCESSED, EPT_ACCESSED),
+                (MapFlags::DIRTY, EPT_DIRTY),
+            ] {
+                if entry & bit != 0 {
+                    flags |= flag;
+                }
+            }
+            if entry & EPT_EXEC == 0 {
+                flags |= MapFlags::NO_EXECUTE;
+            }
+            if (entry >> EPT_MEMTYPE_SHIFT) & 7 == EPT_MEMTYPE_UC {
+                flags |= MapFlags::CACHE_DISABLE;
+            }
+            return flags;
+        }
+        for (flag, bit) in [
+            (MapFlags::WRITABLE, WRITABLE),
+            (MapFlags::USER, USER),
+            (MapFlags::WRITE_THROUGH, WRITE_THROUGH),
+            (MapFlags::CACHE_DISABLE, CACHE_DISABLE),
+            (MapFlags::ACCESSED, ACCESSED),
+            (MapFlags::DIRTY, DIRTY),
+            (MapFlags::GLOBAL, GLOBAL),
+            (MapFlags::NO_EXECUTE, NO_EXECUTE),
+        ] {
+            if entry & bit != 0 {
+                flags |= flag;
+            }
+        }
+        flags
+    }
+
+    fn check_args(
+        &self,
+        virt: u64,
+        len: u64,
+        phys: Option<u64>,
+        flags: MapFlags,
+    ) -> Result<(), BuilderError> {
+        for (what, value) in [("virtual address", virt), ("length", len)] {
+            if value & 0xfff != 0 {
+                return Err(BuilderError::Misaligned { what, value });
+            }
+        }
+        if let Some(phys) = phys {
+            if phys & 0xfff != 0 {
+                return Err(BuilderError::Misaligned {
+                    what: "physical address",
+                    value: phys,
+                });
+            }
+        }
+        if !self.format.virt_range_ok(virt, len) {
+            return Err(BuilderError::VirtualOutOfRange {
+                start: virt,
+                len,
+                format: self.format,
+            });
+        }
+        if self.format == PagingFormat::Legacy32 && flags.contains(MapFlags::NO_EXECUTE) {
+            return Err(BuilderError::UnsupportedFlags {
+                flags,
+                format: self.format,
+            });
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes at virtual `virt` to physical `phys` with the largest pages that fit.
+    pub fn map(
+        &mut self,
+        virt: u64,
+        phys: GuestAddress,
+        len: u64,
+        flags: MapFlags,
+    ) -> Result<(), BuilderError> {
+        let phys = phys.0;
+        self.check_args(virt, len, Some(phys), flags)?;
+        let phys_ok = phys
+            .checked_add(len)
+            .is_some_and(|end| end <= self.format.phys_limit(PageSize::Size4M).max(1 << 32));
+        if !phys_ok {
+            return Err(BuilderError::PhysicalOutOfRange {
+                start: phys,
+                len,
+                format: self.format,
+            });
+        }
+        let mut done = 0u64;
+        while done < len {
+            let (v, p, left) = (virt + done, phys + done, len - done);
+            let mut chosen = (1u32, PageSize::Size4K);
+            for level in (2..=self.format.levels()).rev() {
+                if let Some(size) = self.format.leaf_size(level) {
+                    let s = size.bytes();
+                    if self.allowed(size) && v % s == 0 && p % s == 0 && left >= s {
+                        chosen = (level, size);
+                        break;
+                    }
+                }
+            }
+            let (level, size) = chosen;
+            if p + size.bytes() > self.format.phys_limit(size) {
+                return Err(BuilderError::PhysicalOutOfRange {
+                    start: phys,
+                    len,
+                    format: self.format,
+                });
+            }
+            self.install(v, p, level, size, flags)?;
+            done += size.bytes();
+        }
+        Ok(())
+    }
+
+    /// Maps `[addr, addr + len)` to itself.
+    pub fn identity_map(
+        &mut self,
+        addr: GuestAddress,
+        len: u64,
+        flags: MapFlags,
+    ) -> Result<(), BuilderError> {
+        self.map(addr.0, addr, len, flags)
+    }
+
+    fn install(
+        &mut self,
+        virt: u64,
+        phys: u64,
+        target: u32,
+        size: PageSize,
+        flags: MapFlags,
+    ) -> Result<(), BuilderError> {
+        let mut table = self.root;
+        let mut level = self.format.levels();
+        while level > target {
+            let addr = self.format.entry_addr(table, level, virt);
+            let entry = self.read_entry(addr)?;
+            table = match self.decode(level, entry) {
+                Slot::Table(next) => next,
+                Slot::Leaf(existing, _) => {
+                    return Err(BuilderError::Overlap {
+                        virt,
+                        requested: size,
+                        existing,
+                    })
+                }
+                Slot::Empty => {
+                    let next = Self::new_frame(self.mem, self.format, &mut self.alloc)?;
+                    self.write_entry(addr, self.table_entry(next))?;
+                    next
+                }
+            };
+            level -= 1;
+        }
+        let addr = self.format.entry_addr(table, level, virt);
+        let entry = self.read_entry(addr)?;
+        match self.decode(level, entry) {
+            Slot::Table(_) => {
+                let existing = self.format.leaf_size(level - 1).unwrap_or(PageSize::Size4K);
+                return Err(BuilderError::Overlap {
+                    virt,
+                    requested: size,
+                    existing,
+                });
+            }
+            Slot::Leaf(_, _) | Slot::Empty => {}
+        }
+        self.write_entry(addr, self.leaf_entry(phys, size, flags))
+    }
+
+    /// Finds the leaf for `virt`: (entry address, level, slot).
+    fn find(&self, virt: u64) -> Result<(u64, u32, Slot), BuilderError> {
+        let mut table = self.root;
+        let mut level = self.format.levels();
+        loop {
+            let addr = self.format.entry_addr(table, level, virt);
+            let entry = self.read_entry(addr)?;
+            match self.decode(level, entry) {
+                Slot::Table(next) if level > 1 => {
+                    table = next;
+                    level -= 1;
+                }
+                slot => return Ok((addr, level, slot)),
+            }
+        }
+    }
+
+    /// The translation of `virt` according to the tree (no permission checks).
+    pub fn lookup(&self, virt: u64) -> Option<Mapping> {
+        match self.find(virt).ok()? {
+            (addr, _, Slot::Leaf(size, base)) => {
+                let entry = self.read_entry(addr).ok()?;
+                Some(Mapping {
+                    phys: GuestAddress(base + (virt & (size.bytes() - 1))),
+                    size,
+                    flags: self.leaf_flags(entry),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Replaces the large leaf at `addr` (level `level`) by a table of smaller leaves with
+    /// the same flags.
+    fn split(&mut self, addr: u64, level: u32, base: u64) -> Result<(), BuilderError> {
+        let entry = self.read_entry(addr)?;
+        let flags = self.leaf_flags(entry);
+        let Some(small) = self.format.leaf_size(level - 1) else {
+            return Err(BuilderError::NotMapped { virt: base });
+        };
+        let table = Self::new_frame(self.mem, self.format, &mut self.alloc)?;
+        let count = 1u64 << self.format.index_bits(level - 1);
+        for i in 0..count {
+            let phys = base + i * small.bytes();
+            self.write_entry(
+                table + i * self.format.entry_size(),
+                self.leaf_entry(phys, small, flags),
+            )?;
+        }
+        self.write_entry(addr, self.table_entry(table))
+    }
+
+    /// Applies `op` (None = unmap, Some(flags) = protect) to every leaf in the range.
+    fn edit(&mut self, virt: u64, len: u64, op: Option<MapFlags>) -> Result<(), BuilderError> {
+        self.check_args(virt, len, None, op.unwrap_or_default())?;
+        let end = virt + len;
+        let mut v = virt;
+        while v < end {
+            let (addr, level, slot) = self.find(v)?;
+            let span = 1u64 << self.format.level_shift(level);
+            match slot {
+                Slot::Empty | Slot::Table(_) => {
+                    if op.is_some() {
+                        return Err(BuilderError::NotMapped { virt: v });
+                    }
+                    // Nothing mapped up to the end of this entry's span.
+                    v = (v & !(span - 1)).saturating_add(span);
+                }
+                Slot::Leaf(size, base) => {
+                    let s = size.bytes();
+                    if v % s != 0 || end - v < s {
+                        // Partly covered: split, then revisit the same address.
+                        self.split(addr, level, base)?;
+                        continue;
+                    }
+                    match op {
+                        None => self.write_entry(addr, 0)?,
+                        Some(flags) => {
+                            self.write_entry(addr, self.leaf_entry(base, size, flags))?
+                        }
+                    }
+                    v += s;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every translation in `[virt, virt + len)`, splitting large pages that are only
+    /// partly covered. Holes are fine.
+    pub fn unmap(&mut self, virt: u64, len: u64) -> Result<(), BuilderError> {
+        self.edit(virt, len, None)
+    }
+
+    /// Rewrites the flags of every translation in `[virt, virt + len)`, splitting large
+    /// pages that are only partly covered. Fails at the first hole.
+    pub fn protect(&mut self, virt: u64, len: u64, flags: MapFlags) -> Result<(), BuilderError> {
+        self.edit(virt, len, Some(flags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::FlatMemory;
+    use vm_memory::GuestMemoryMmap;
+
+    fn flat() -> FlatMemory {
+        FlatMemory::new(0, 1 << 20)
+    }
+
+    #[test]
+    fn level4_identity_and_high_alias() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let alloc = BumpAllocator::new(GuestAddress(0x9000), GuestAddress(0x20000));
+        let mut b = PageTableBuilder::new(&mem, PagingFormat::Level4, alloc).unwrap();
+        b.set_max_page_size(PageSize::Size2M);
+        b.identity_map(GuestAddress(0), 1 << 30, MapFlags::WRITABLE)
+            .unwrap();
+        b.map(
+            0xffff_8000_0000_0000,
+            GuestAddress(0),
+            1 << 21,
+            MapFlags::WRITABLE | MapFlags::NO_EXECUTE,
+        )
+        .unwrap();
+        assert_eq!(b.root(), GuestAddress(0x9000));
+        let m = b.lookup(0x1234_5678).unwrap();
+        assert_eq!(m.phys, GuestAddress(0x1234_5678));
+        assert_eq!(m.size, PageSize::Size2M);
+        assert_eq!(m.flags, MapFlags::WRITABLE);
+        let hi = b.lookup(0xffff_8000_0010_0008).unwrap();
+        assert_eq!(hi.phys, GuestAddress(0x10_0008));
+        assert_eq!(hi.flags, MapFlags::WRITABLE | MapFlags::NO_EXECUTE);
+        assert_eq!(b.lookup(1 << 30), None);
+        // root + PDPT + PD for the identity map, PDPT + PD for the alias.
+        assert_eq!(b.into_allocator().next_frame(), GuestAddress(0xe000));
+    }
+
+    #[test]
+    fn largest_pages_that_fit() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap();
+        b.set_max_page_size(PageSize::Size1G);
+        // 4 KiB head, 2 MiB body, a 1 GiB page, 4 KiB tail.
+        let start = (1u64 << 30) - (1 << 21) - 0x1000;
+        let len = 0x1000 + (1 << 21) + (1 << 30) + 0x1000;
+        b.map(start, GuestAddress(start), len, MapFlags::USER)
+            .unwrap();
+        assert_eq!(b.lookup(start).unwrap().size, PageSize::Size4K);
+        assert_eq!(b.lookup(start + 0x1000).unwrap().size, PageSize::Size2M);
+        assert_eq!(b.lookup(1 << 30).unwrap().size, PageSize::Size1G);
+        assert_eq!(b.lookup(2 << 30).unwrap().size, PageSize::Size4K);
+        assert_eq!(b.lookup((2 << 30) + 0x1000), None);
+        // Differently aligned physical address forces 4 KiB pages.
+        b.map(
+            0x4000_0000_0000,
+            GuestAddress(0x1000),
+            1 << 21,
+            MapFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(b.lookup(0x4000_0000_0000).unwrap().size, PageSize::Size4K);
+    }
+
+    #[test]
+    fn overlap_and_remap() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap();
+        b.map(0, GuestAddress(0), 1 << 21, MapFlags::empty())
+            .unwrap();
+        // Same size: replaced.
+        b.map(0, GuestAddress(1 << 21), 1 << 21, MapFlags::WRITABLE)
+            .unwrap();
+        assert_eq!(b.lookup(0).unwrap().phys, GuestAddress(1 << 21));
+        // Smaller inside a large page.
+        assert_eq!(
+            b.map(0x1000, GuestAddress(0), 0x1000, MapFlags::empty()),
+            Err(BuilderError::Overlap {
+                virt: 0x1000,
+                requested: PageSize::Size4K,
+                existing: PageSize::Size2M
+            })
+        );
+        // Larger over small pages.
+        b.map(1 << 21, GuestAddress(0x1000), 0x1000, MapFlags::empty())
+            .unwrap();
+        assert_eq!(
+            b.map(1 << 21, GuestAddress(0), 1 << 21, MapFlags::empty()),
+            Err(BuilderError::Overlap {
+                virt: 1 << 21,
+                requested: PageSize::Size2M,
+                existing: PageSize::Size4K
+            })
+        );
+        b.set_max_page_size(PageSize::Size1G);
+        assert!(matches!(
+            b.map(0, GuestAddress(0), 1 << 30, MapFlags::empty()),
+            Err(BuilderError::Overlap { .. })
+        ));
+        let e = b
+            .map(1 << 21, GuestAddress(0), 1 << 21, MapFlags::empty())
+            .unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn argument_errors() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x3000)),
+        )
+        .unwrap();
+        assert!(matches!(
+            b.map(1, GuestAddress(0), 0x1000, MapFlags::empty()),
+            Err(BuilderError::Misaligned {
+                what: "virtual address",
+                value: 1
+            })
+        ));
+        assert!(matches!(
+            b.map(0, GuestAddress(1), 0x1000, MapFlags::empty()),
+            Err(BuilderError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            b.map(0, GuestAddress(0), 0x10, MapFlags::empty()),
+            Err(BuilderError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            b.map(
+                0x0000_8000_0000_0000,
+                GuestAddress(0),
+                0x1000,
+                MapFlags::empty()
+            ),
+            Err(BuilderError::VirtualOutOfRange { .. })
+        ));
+        assert!(matches!(
+            b.map(
+                0x0000_7fff_ffff_f000,
+                GuestAddress(0),
+                0x2000,
+                MapFlags::empty()
+            ),
+            Err(BuilderError::VirtualOutOfRange { .. })
+        ));
+        assert!(matches!(
+            b.map(0, GuestAddress(1 << 52), 0x1000, MapFlags::empty()),
+            Err(BuilderError::PhysicalOutOfRange { .. })
+        ));
+        // Only one frame left after the root: PDPT ok, PD fails.
+        assert_eq!(
+            b.map(0, GuestAddress(0), 0x1000, MapFlags::empty()),
+            Err(BuilderError::OutOfFrames)
+        );
+        // Frames outside memory.
+        let far = BumpAllocator::new(GuestAddress(1 << 30), GuestAddress(2 << 30));
+        assert_eq!(
+            PageTableBuilder::new(&mem, PagingFormat::Level4, far).unwrap_err(),
+            BuilderError::OutsideMemory { addr: 1 << 30 }
+        );
+        let high = BumpAllocator::new(GuestAddress(1 << 33), GuestAddress(2 << 33));
+        assert!(matches!(
+            PageTableBuilder::new(&mem, PagingFormat::Pae, high),
+            Err(BuilderError::BadFrame { .. })
+        ));
+        assert!(PageTableBuilder::from_root(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0), GuestAddress(0)),
+            GuestAddress(0x10)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn legacy32_pse36_and_pae() {
+        let mem = flat();
+        let mut alloc = BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000));
+        let mut b = PageTableBuilder::new(&mem, PagingFormat::Legacy32, &mut alloc).unwrap();
+        assert!(matches!(
+            b.map(0, GuestAddress(0), 0x1000, MapFlags::NO_EXECUTE),
+            Err(BuilderError::UnsupportedFlags { .. })
+        ));
+        b.map(
+            0x40_0000,
+            GuestAddress(0x3_0040_0000),
+            1 << 22,
+            MapFlags::WRITABLE,
+        )
+        .unwrap();
+        let m = b.lookup(0x40_1234).unwrap();
+        assert_eq!(m.size, PageSize::Size4M);
+        assert_eq!(m.phys, GuestAddress(0x3_0040_1234));
+        // 4 KiB frames must be below 4 GiB.
+        assert!(matches!(
+            b.map(0x1000, GuestAddress(1 << 32), 0x1000, MapFlags::empty()),
+            Err(BuilderError::PhysicalOutOfRange { .. })
+        ));
+        b.set_max_page_size(PageSize::Size4K);
+        b.map(
+            0x80_0000,
+            GuestAddress(0x80_0000),
+            1 << 22,
+            MapFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(b.lookup(0x80_0000).unwrap().size, PageSize::Size4K);
+        assert!(matches!(
+            b.map(1 << 32, GuestAddress(0), 0x1000, MapFlags::empty()),
+            Err(BuilderError::VirtualOutOfRange { .. })
+        ));
+
+        let mut p = PageTableBuilder::new(&mem, PagingFormat::Pae, &mut alloc).unwrap();
+        p.map(
+            0xc000_0000,
+            GuestAddress(0x20_0000),
+            1 << 21,
+            MapFlags::NO_EXECUTE,
+        )
+        .unwrap();
+        let m = p.lookup(0xc000_0042).unwrap();
+        assert_eq!(
+            (m.phys, m.size),
+            (GuestAddress(0x20_0042), PageSize::Size2M)
+        );
+        // The PDPTE holds only P and the address.
+        let pdpte = mem.read_u64(p.root().0 + 3 * 8).unwrap();
+        assert_eq!(pdpte & 0xfff, PRESENT);
+    }
+
+    #[test]
+    fn ept_and_level5() {
+        let mem = flat();
+        let mut alloc = BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000));
+        let mut e = PageTableBuilder::new(&mem, PagingFormat::Ept4, &mut alloc).unwrap();
+        e.map(
+            0x20_0000,
+            GuestAddress(0x40_0000),
+            1 << 21,
+            MapFlags::WRITABLE | MapFlags::USER | MapFlags::ACCESSED | MapFlags::DIRTY,
+        )
+        .unwrap();
+        e.map(
+            0,
+            GuestAddress(0),
+            0x1000,
+            MapFlags::NO_EXECUTE | MapFlags::CACHE_DISABLE,
+        )
+        .unwrap();
+        let m = e.lookup(0x20_0010).unwrap();
+        assert_eq!(m.phys, GuestAddress(0x40_0010));
+        assert_eq!(
+            m.flags,
+            MapFlags::WRITABLE | MapFlags::USER | MapFlags::ACCESSED | MapFlags::DIRTY
+        );
+        assert_eq!(
+            e.lookup(0).unwrap().flags,
+            MapFlags::NO_EXECUTE | MapFlags::CACHE_DISABLE
+        );
+        assert_eq!(e.eptp(true), e.root().0 | 6 | (3 << 3) | (1 << 6));
+        assert_eq!(e.format(), PagingFormat::Ept4);
+
+        let mut l5 = PageTableBuilder::new(&mem, PagingFormat::Level5, &mut alloc).unwrap();
+        l5.map(
+            0xff00_0000_0000_0000,
+            GuestAddress(0x5000),
+            0x1000,
+            MapFlags::GLOBAL,
+        )
+        .unwrap();
+        assert_eq!(
+            l5.lookup(0xff00_0000_0000_0fff).unwrap().phys,
+            GuestAddress(0x5fff)
+        );
+        assert!(matches!(
+            l5.map(
+                0xfe00_0000_0000_0000,
+                GuestAddress(0),
+                0x1000,
+                MapFlags::empty()
+            ),
+            Err(BuilderError::VirtualOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn unmap_and_protect_split_large_pages() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap();
+        b.map(0, GuestAddress(0), 2 << 21, MapFlags::WRITABLE)
+            .unwrap();
+        b.protect(0x1000, 0x1000, MapFlags::empty()).unwrap();
+        assert_eq!(b.lookup(0).unwrap().flags, MapFlags::WRITABLE);
+        assert_eq!(b.lookup(0).unwrap().size, PageSize::Size4K);
+        assert_eq!(b.lookup(0x1000).unwrap().flags, MapFlags::empty());
+        assert_eq!(b.lookup(0x1000).unwrap().phys, GuestAddress(0x1000));
+        b.unmap(0x2000, (1 << 21) - 0x2000 + (1 << 21)).unwrap();
+        assert_eq!(b.lookup(0x2000), None);
+        assert_eq!(b.lookup(1 << 21), None);
+        assert!(b.lookup(0x1000).is_some());
+        // Unmapping holes is fine, protecting them is not.
+        b.unmap(1 << 39, 1 << 30).unwrap();
+        assert_eq!(
+            b.protect(0x2000, 0x1000, MapFlags::empty()),
+            Err(BuilderError::NotMapped { virt: 0x2000 })
+        );
+        // 1 GiB split into 2 MiB pages.
+        b.set_max_page_size(PageSize::Size1G);
+        b.map(1 << 30, GuestAddress(1 << 30), 1 << 30, MapFlags::WRITABLE)
+            .unwrap();
+        b.unmap(1 << 30, 1 << 21).unwrap();
+        assert_eq!(
+            b.lookup((1 << 30) + (1 << 21)).unwrap().size,
+            PageSize::Size2M
+        );
+        assert_eq!(b.lookup(1 << 30), None);
+        assert!(matches!(
+            b.unmap(1, 0x1000),
+            Err(BuilderError::Misaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn flags_display_and_ops() {
+        let f = MapFlags::WRITABLE | MapFlags::USER;
+        assert_eq!(f.to_string(), "WRITABLE | USER");
+        assert_eq!(format!("{:?}", MapFlags::empty()), "MapFlags((empty))");
+        assert_eq!(f & MapFlags::USER, MapFlags::USER);
+        assert!(!(!f).contains(MapFlags::USER));
+        assert_eq!(MapFlags::from_bits_truncate(0x1ff).bits(), 0xff);
+        let mut a = BumpAllocator::new(GuestAddress(0x1001), GuestAddress(0x3000));
+        assert_eq!(a.remaining(), 1);
+        assert_eq!(a.allocate(), Some(GuestAddress(0x2000)));
+        assert_eq!(a.allocate(), None);
+        let mut top = BumpAllocator::new(GuestAddress(u64::MAX - 10), GuestAddress(u64::MAX));
+        assert_eq!(top.allocate(), None);
+        assert_eq!(PageSize::Size4M.bytes(), 1 << 22);
+    }
+}

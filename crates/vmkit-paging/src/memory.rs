@@ -1,0 +1,293 @@
+//! Physical memory as the page-table code sees it.
+//!
+//! Walkers, the builder and the shadow MMU never touch memory directly: they go through
+//! [`PhysMemory`], a deliberately tiny trait (aligned 32/64-bit loads, stores and
+//! compare-exchanges) so that the same code runs over
+//!
+//! * any vm-memory [`GuestMemory`](vm_memory::GuestMemory) (blanket impl, `std` feature, the
+//!   default): this is how a VMM uses the crate;
+//! * [`FlatMemory`], a `Vec<AtomicU64>` at a base address, usable without `std` (firmware,
+//!   fuzzing, benchmarks);
+//! * anything a user writes (an EPT-translated view, an MMIO-aware bus, ...).
+//!
+//! Every method returns `None` when the address is not backed by memory: page tables are
+//! guest-controlled, so "the guest pointed outside RAM" is an ordinary outcome, not a bug.
+//! Addresses are naturally aligned by every caller in this crate (entries are 4 or 8 bytes at
+//! an index inside an aligned table); implementations may return `None` for unaligned ones.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+#[cfg(feature = "std")]
+pub use vm_memory::GuestAddress;
+
+/// A guest physical address (stand-in for vm-memory's type when built without `std`).
+#[cfg(not(feature = "std"))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestAddress(pub u64);
+
+/// Aligned word access to a physical address space (guest-physical or host-physical).
+pub trait PhysMemory {
+    /// Loads the 64-bit little-endian word at `addr` (8-byte aligned).
+    fn read_u64(&self, addr: u64) -> Option<u64>;
+
+    /// Stores a 64-bit word at `addr` (8-byte aligned).
+    fn write_u64(&self, addr: u64, value: u64) -> Option<()>;
+
+    /// Atomically replaces the word at `addr` with `new` if it still equals `current`.
+    ///
+    /// Returns `Some(Ok(current))` on success, `Some(Err(actual))` when another agent changed
+    /// the word first, `None` when `addr` is not memory. Used to set Accessed/Dirty bits without
+    /// losing a concurrent guest write to the same entry.
+    fn compare_exchange_u64(&self, addr: u64, current: u64, new: u64) -> Option<Result<u64, u64>>;
+
+    /// Loads the 32-bit word at `addr` (4-byte aligned); used by 32-bit paging.
+    fn read_u32(&self, addr: u64) -> Option<u32> {
+        let word = self.read_u64(addr & !7)?;
+        Some((word >> ((addr & 4) * 8)) as u32)
+    }
+
+    /// Stores a 32-bit word at `addr` (4-byte aligned).
+    fn write_u32(&self, addr: u64, value: u32) -> Option<()> {
+        let shift = (addr & 4) * 8;
+        loop {
+            let old = self.read_u64(addr & !7)?;
+            let new = (old & !(0xffff_ffffu64 << shift)) | (u64::from(value) << shift);
+            if self.compare_exchange_u64(addr & !7, old, new)?.is_ok() {
+                return Some(());
+            }
+        }
+    }
+
+    /// Atomically replaces the 32-bit word at `addr` if it still equals `current`.
+    fn compare_exchange_u32(&self, addr: u64, current: u32, new: u32) -> Option<Result<u32, u32>> {
+        let shift = (addr & 4) * 8;
+        loop {
+            let old = self.read_u64(addr & !7)?;
+            let actual = (old >> shift) as u32;
+            if actual != current {
+                return Some(Err(actual));
+            }
+            let replaced = (old & !(0xffff_ffffu64 << shift)) | (u64::from(new) << shift);
+            match self.compare_exchange_u64(addr & !7, old, replaced)? {
+                Ok(_) => return Some(Ok(current)),
+                // The other half of the word changed under us: retry; our half is re-checked.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Fills the 4 KiB frame at `addr` with zeroes (used for freshly allocated tables).
+    fn zero_frame(&self, addr: u64) -> Option<()> {
+        let base = addr & !0xfff;
+        for i in 0..512u64 {
+            self.write_u64(base + i * 8, 0)?;
+        }
+        Some(())
+    }
+}
+
+#[cfg(feature = "std")]
+mod vm_memory_impl {
+    use super::PhysMemory;
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::guest_memory::GuestMemorySliceIterator;
+    use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileMemory};
+
+    /// Every vm-memory address space is a [`PhysMemory`]: loads and stores go through
+    /// [`Bytes`] (so dirty bitmaps see table writes), compare-exchange through an atomic
+    /// reference into the backing mapping.
+    impl<T: GuestMemory + ?Sized> PhysMemory for T {
+        #[inline]
+        fn read_u64(&self, addr: u64) -> Option<u64> {
+            if addr & 7 != 0 {
+                return None;
+            }
+            self.load::<u64>(GuestAddress(addr), Ordering::Relaxed).ok()
+        }
+
+        #[inline]
+        fn read_u32(&self, addr: u64) -> Option<u32> {
+            if addr & 3 != 0 {
+                return None;
+            }
+            self.load::<u32>(GuestAddress(addr), Ordering::Relaxed).ok()
+        }
+
+        fn write_u64(&self, addr: u64, value: u64) -> Option<()> {
+            if addr & 7 != 0 {
+                return None;
+            }
+            self.store(value, GuestAddress(addr), Ordering::Release)
+                .ok()
+        }
+
+        fn write_u32(&self, addr: u64, value: u32) -> Option<()> {
+            if addr & 3 != 0 {
+                return None;
+            }
+            self.store(value, GuestAddress(addr), Ordering::Release)
+                .ok()
+        }
+
+        fn compare_exchange_u64(
+            &self,
+            addr: u64,
+            current: u64,
+            new: u64,
+        ) -> Option<Result<u64, u64>> {
+            if addr & 7 != 0 {
+                return None;
+            }
+            let slice = self
+                .get_slices(GuestAddress(addr), 8, Permissions::ReadWrite)
+                .ok()?
+                .stop_on_error()
+                .ok()?
+                .next()?;
+            let word = slice.get_atomic_ref::<AtomicU64>(0).ok()?;
+            let result = word.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
+            if result.is_ok() {
+                slice.bitmap().mark_dirty(0, 8);
+            }
+            Some(result)
+        }
+
+        fn zero_frame(&self, addr: u64) -> Option<()> {
+            self.write_slice(&[0u8; 4096], GuestAddress(addr & !0xfff))
+                .ok()
+        }
+    }
+}
+
+/// A flat physical memory: `len` bytes starting at `base`, stored as atomic words.
+///
+/// Needs no `std` and no mmap, which makes it the memory of choice for firmware, fuzzing
+/// (page tables built straight from fuzz bytes) and micro-benchmarks.
+#[derive(Debug)]
+pub struct FlatMemory {
+    base: u64,
+    words: Vec<AtomicU64>,
+}
+
+impl FlatMemory {
+    /// Creates `len` bytes (rounded up to 8) of zeroed memory at physical address `base`.
+    pub fn new(base: u64, len: usize) -> Self {
+        let mut words = Vec::with_capacity(len.div_ceil(8));
+        words.resize_with(len.div_ceil(8), || AtomicU64::new(0));
+        FlatMemory { base, words }
+    }
+
+    /// Creates memory at `base` holding `bytes` (padded with zeroes to a multiple of 8).
+    pub fn from_bytes(base: u64, bytes: &[u8]) -> Self {
+        let words = bytes
+            .chunks(8)
+            .map(|chunk| {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                AtomicU64::new(u64::from_le_bytes(word))
+            })
+            .collect();
+        FlatMemory { base, words }
+    }
+
+    /// Physical address of the first byte.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.words.len() as u64 * 8
+    }
+
+    /// Whether the memory is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    #[inline]
+    fn word(&self, addr: u64) -> Option<&AtomicU64> {
+        if addr & 7 != 0 {
+            return None;
+        }
+        let index = addr.checked_sub(self.base)? / 8;
+        self.words.get(usize::try_from(index).ok()?)
+    }
+}
+
+impl PhysMemory for FlatMemory {
+    #[inline]
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        self.word(addr).map(|w| w.load(Ordering::Relaxed))
+    }
+
+    #[inline]
+    fn write_u64(&self, addr: u64, value: u64) -> Option<()> {
+        self.word(addr).map(|w| w.store(value, Ordering::Release))
+    }
+
+    #[inline]
+    fn compare_exchange_u64(&self, addr: u64, current: u64, new: u64) -> Option<Result<u64, u64>> {
+        self.word(addr)
+            .map(|w| w.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_memory_bounds_and_halves() {
+        let mem = FlatMemory::new(0x1000, 0x1000);
+        assert_eq!(mem.base(), 0x1000);
+        assert_eq!(mem.len(), 0x1000);
+        assert!(!mem.is_empty());
+        assert_eq!(mem.read_u64(0xff8), None);
+        assert_eq!(mem.read_u64(0x2000), None);
+        assert_eq!(mem.read_u64(0x1001), None);
+        mem.write_u64(0x1008, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(mem.read_u32(0x1008), Some(0x5566_7788));
+        assert_eq!(mem.read_u32(0x100c), Some(0x1122_3344));
+        mem.write_u32(0x100c, 0xaabb_ccdd).unwrap();
+        assert_eq!(mem.read_u64(0x1008), Some(0xaabb_ccdd_5566_7788));
+        assert_eq!(
+            mem.compare_exchange_u32(0x1008, 1, 2),
+            Some(Err(0x5566_7788))
+        );
+        assert_eq!(
+            mem.compare_exchange_u32(0x1008, 0x5566_7788, 2),
+            Some(Ok(0x5566_7788))
+        );
+        assert_eq!(mem.read_u64(0x1008), Some(0xaabb_ccdd_0000_0002));
+        mem.zero_frame(0x1000).unwrap();
+        assert_eq!(mem.read_u64(0x1008), Some(0));
+        let from = FlatMemory::from_bytes(0, &[1, 2, 3]);
+        assert_eq!(from.read_u64(0), Some(0x030201));
+    }
+
+    #[test]
+    fn guest_memory_impl() {
+        use vm_memory::GuestMemoryMmap;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let mem = &mem;
+        assert_eq!(PhysMemory::read_u64(mem, 3), None);
+        assert_eq!(PhysMemory::read_u32(mem, 3), None);
+        assert_eq!(PhysMemory::write_u64(mem, 3, 0), None);
+        assert_eq!(PhysMemory::write_u32(mem, 3, 0), None);
+        assert_eq!(mem.compare_exchange_u64(3, 0, 0), None);
+        assert_eq!(PhysMemory::read_u64(mem, 0x2000), None);
+        PhysMemory::write_u64(mem, 0x1ff8, 5).unwrap();
+        assert_eq!(mem.compare_exchange_u64(0x1ff8, 4, 6), Some(Err(5)));
+        assert_eq!(mem.compare_exchange_u64(0x1ff8, 5, 6), Some(Ok(5)));
+        assert_eq!(PhysMemory::read_u64(mem, 0x1ff8), Some(6));
+        PhysMemory::write_u32(mem, 0x1ffc, 7).unwrap();
+        assert_eq!(PhysMemory::read_u32(mem, 0x1ffc), Some(7));
+        assert_eq!(mem.compare_exchange_u64(0x2000, 0, 0), None);
+        mem.zero_frame(0x1000).unwrap();
+        assert_eq!(PhysMemory::read_u64(mem, 0x1ff8), Some(0));
+        assert_eq!(mem.zero_frame(0x2000), None);
+    }
+}
