@@ -1,1 +1,14 @@
-//! Virtio devices (block, net, console, rng) and the virtio-mmio transport.
+#![doc = include_str!("../README.md")]
+
+pub mod chain;
+pub mod device;
+pub mod features;
+pub mod interrupt;
+pub mod mmio;
+pub mod rng;
+pub mod state;
+
+pub use device::{ActivateError, DeviceCore, DeviceError, VirtioDevice};
+pub use interrupt::{CallbackIrq, Interrupt, InterruptReason, IrqTrigger, MmioInterrupt};
+pub use mmio::MmioTransport;
+pub use state::{DeviceState, StateError};

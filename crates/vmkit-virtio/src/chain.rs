@@ -1,0 +1,352 @@
+//! Validated descriptor chains: the one place where guest-supplied descriptors are checked.
+//!
+//! `virtio_queue::DescriptorChain` walks descriptors but, by design, simply *stops* when it
+//! meets something wrong (a `next` index out of the table, a loop that exhausts its budget, an
+//! indirect table inside an indirect table, a descriptor table outside guest memory, a chain
+//! longer than 4 GiB). A device that trusted the shortened chain could mistake a truncated
+//! request for a complete one. [`parse_chain`] therefore collects the whole chain and rejects it
+//! unless the walk ended on a descriptor *without* `VIRTQ_DESC_F_NEXT`.
+//!
+//! It also checks what the walk does not:
+//! * every buffer has a non-zero length and lies entirely inside guest memory;
+//! * device-readable buffers come before device-writable ones (2.7.4.2);
+//! * no two buffers overlap (a request whose data buffer aliases its status byte would let the
+//!   guest observe half-written results);
+//! * the chain has at most `max_len` descriptors (the queue size, 2.7.5.3.1).
+//!
+//! The result, [`Chain`], is a plain list of `(address, length)` segments. [`ChainReader`] and
+//! [`ChainWriter`] consume them sequentially, so device code never indexes guest memory itself.
+
+use std::ops::Deref;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+/// Why a descriptor chain was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The walk stopped before a descriptor without `NEXT`: a loop, a `next` index out of the
+    /// table, a nested or malformed indirect table, or an unreadable descriptor table.
+    #[error("descriptor chain with head {head} is truncated after {walked} descriptors (loop, bad next index, nested indirect table or unreadable table)")]
+    Truncated {
+        /// Head index of the chain.
+        head: u16,
+        /// Number of descriptors walked before the walk stopped.
+        walked: usize,
+    },
+    /// The chain has more descriptors than the queue allows.
+    #[error("descriptor chain with head {head} has more than {max} descriptors")]
+    TooLong {
+        /// Head index of the chain.
+        head: u16,
+        /// The maximum (queue size).
+        max: usize,
+    },
+    /// A descriptor has length zero.
+    #[error("descriptor {position} of chain {head} has length 0")]
+    ZeroLength {
+        /// Head index of the chain.
+        head: u16,
+        /// Position of the descriptor in the chain.
+        position: usize,
+    },
+    /// A buffer is not entirely inside guest memory.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutsideMemory {
+        /// Guest physical address of the buffer.
+        addr: u64,
+        /// Length of the buffer.
+        len: u32,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error(
+        "descriptor {position} of chain {head} is device-readable after a device-writable one"
+    )]
+    ReadableAfterWritable {
+        /// Head index of the chain.
+        head: u16,
+        /// Position of the offending descriptor.
+        position: usize,
+    },
+    /// Two buffers of the chain overlap.
+    #[error("buffers at {first:#x} and {second:#x} overlap")]
+    Overlap {
+        /// Address of the lower buffer.
+        first: u64,
+        /// Address of the buffer that starts inside it.
+        second: u64,
+    },
+}
+
+/// One guest buffer of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes (never 0).
+    pub len: u32,
+}
+
+/// A descriptor chain that passed every check of [`parse_chain`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// Head index, to be returned in the used ring.
+    pub head: u16,
+    /// Device-readable buffers, in order.
+    pub readable: Vec<Segment>,
+    /// Device-writable buffers, in order.
+    pub writable: Vec<Segment>,
+}
+
+impl Chain {
+    /// Total length of the device-readable buffers.
+    pub fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|s| u64::from(s.len)).sum()
+    }
+
+    /// Total length of the device-writable buffers.
+    pub fn writable_len(&self) -> u64 {
+        self.writable.iter().map(|s| u64::from(s.len)).sum()
+    }
+}
+
+/// Walks `chain` completely and validates it (see the module documentation).
+pub fn parse_chain<M>(mut chain: DescriptorChain<M>, max_len: usize) -> Result<Chain, ChainError>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let head = chain.head_index();
+    let mut out = Chain {
+        head,
+        ..Chain::default()
+    };
+    let mut walked = 0usize;
+    let mut ended = false;
+    let mut all: Vec<Segment> = Vec::new();
+    for desc in chain.by_ref() {
+        if walked >= max_len {
+            return Err(ChainError::TooLong { head, max: max_len });
+        }
+        let position = walked;
+        walked += 1;
+        ended = !desc.has_next();
+        if desc.len() == 0 {
+            return Err(ChainError::ZeroLength { head, position });
+        }
+        let seg = Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
+        if desc.is_write_only() {
+            out.writable.push(seg);
+        } else if out.writable.is_empty() {
+            out.readable.push(seg);
+        } else {
+            return Err(ChainError::ReadableAfterWritable { head, position });
+        }
+        all.push(seg);
+    }
+    if !ended {
+        return Err(ChainError::Truncated { head, walked });
+    }
+    let mem = chain.memory();
+    for seg in &all {
+        // `len` is a u32, so the cast to usize is lossless on every supported host.
+        if !mem.check_range(seg.addr, seg.len as usize, Permissions::Read) {
+            return Err(ChainError::OutsideMemory {
+                addr: seg.addr.0,
+                len: seg.len,
+            });
+        }
+    }
+    all.sort_unstable_by_key(|s| s.addr.0);
+    for pair in all.windows(2) {
+        // check_range above guarantees `addr + len` does not overflow.
+        if pair[0].addr.0.saturating_add(u64::from(pair[0].len)) > pair[1].addr.0 {
+            return Err(ChainError::Overlap {
+                first: pair[0].addr.0,
+                second: pair[1].addr.0,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Errors of [`ChainReader`] and [`ChainWriter`].
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// The request wants more bytes than the buffers hold.
+    #[error("buffers hold {available} bytes, {wanted} needed")]
+    TooShort {
+        /// Bytes left in the buffers.
+        available: u64,
+        /// Bytes asked for.
+        wanted: u64,
+    },
+    /// Guest memory refused the access (should not happen after [`parse_chain`]).
+    #[error("guest memory access failed: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// A cursor over a list of segments: which segment, and how far into it.
+#[derive(Debug, Clone)]
+struct Cursor {
+    segments: Vec<Segment>,
+    index: usize,
+    offset: u32,
+}
+
+impl Cursor {
+    fn new(segments: Vec<Segment>) -> Self {
+        Self {
+            segments,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        let total: u64 = self
+            .segments
+            .iter()
+            .skip(self.index)
+            .map(|s| u64::from(s.len))
+            .sum();
+        total - u64::from(self.offset)
+    }
+
+    /// Takes the next contiguous piece of at most `max` bytes.
+    fn take(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
+        let seg = *self.segments.get(self.index)?;
+        let left = (seg.len - self.offset) as usize;
+        let n = left.min(max);
+        let addr = GuestAddress(seg.addr.0 + u64::from(self.offset));
+        // n <= left <= u32::MAX, so the cast back is lossless.
+        self.offset += n as u32;
+        if self.offset == seg.len {
+            self.index += 1;
+            self.offset = 0;
+        }
+        Some((addr, n))
+    }
+
+    /// Splits off the next `n` bytes as their own segment list.
+    fn split(&mut self, mut n: u64) -> Result<Vec<Segment>, IoError> {
+        let available = self.remaining();
+        if n > available {
+            return Err(IoError::TooShort {
+                available,
+                wanted: n,
+            });
+        }
+        let mut out = Vec::new();
+        while n > 0 {
+            let max = usize::try_from(n).unwrap_or(usize::MAX);
+            match self.take(max) {
+                Some((addr, len)) => {
+                    out.push(Segment {
+                        addr,
+                        len: len as u32,
+                    });
+                    n -= len as u64;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads the device-readable part of a chain front to back.
+#[derive(Debug, Clone)]
+pub struct ChainReader {
+    cursor: Cursor,
+}
+
+impl ChainReader {
+    /// Starts at the first byte of `segments`.
+    pub fn new(segments: Vec<Segment>) -> Self {
+        Self {
+            cursor: Cursor::new(segments),
+        }
+    }
+
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> u64 {
+        self.cursor.remaining()
+    }
+
+    /// Fills `buf` completely or fails without consuming a partial read.
+    pub fn read_exact<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        buf: &mut [u8],
+    ) -> Result<(), IoError> {
+        let segs = self.cursor.split(buf.len() as u64)?;
+        let mut done = 0usize;
+        for s in segs {
+            let n = s.len as usize;
+            mem.read_slice(&mut buf[done..done + n], s.addr)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Consumes the next `n` bytes and returns them as segments (for zero-copy I/O).
+    pub fn split(&mut self, n: u64) -> Result<Vec<Segment>, IoError> {
+        self.cursor.split(n)
+    }
+}
+
+/// Writes the device-writable part of a chain front to back.
+#[derive(Debug, Clone)]
+pub struct ChainWriter {
+    cursor: Cursor,
+    written: u64,
+}
+
+impl ChainWriter {
+    /// Starts at the first byte of `segments`.
+    pub fn new(segments: Vec<Segment>) -> Self {
+        Self {
+            cursor: Cursor::new(segments),
+            written: 0,
+        }
+    }
+
+    /// Bytes still writable.
+    pub fn remaining(&self) -> u64 {
+        self.cursor.remaining()
+    }
+
+    /// Bytes written so far (the `len` reported in the used ring).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Writes all of `buf` or fails without writing anything.
+    pub fn write_all<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        buf: &[u8],
+    ) -> Result<(), IoError> {
+        let segs = self.cursor.split(buf.len() as u64)?;
+        let mut done = 0usize;
+        for s in segs {
+            let n = s.len as usize;
+            mem.write_slice(&buf[done..done + n], s.addr)?;
+            done += n;
+        }
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Consumes the next `n` bytes as segments the caller fills itself (zero-copy I/O); they
+    /// count as written.
+    pub fn split(&mut self, n: u64) -> Result<Vec<Segment>, IoError> {
+        let segs = self.cursor.split(n)?;
+        self.written += n;
+        Ok(segs)
+    }
+}

@@ -1,0 +1,212 @@
+//! The rng device state machine and its request loop.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
+
+use crate::device::{pop_chain, ActivateError, DeviceCore, DeviceError, PoppedChain, VirtioDevice};
+use crate::features::{COMMON_FEATURES, DEVICE_ID_RNG};
+use crate::interrupt::Interrupt;
+use crate::state::{DeviceState, StateError};
+
+/// Maximum size of the request queue.
+pub const RNG_QUEUE_SIZE: u16 = 256;
+/// Bytes generated per host call; bounds the stack buffer, not the request size.
+const CHUNK: usize = 4096;
+
+/// Where random bytes come from.
+pub trait EntropySource: Send {
+    /// Fills `buf` completely.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// The kernel CSPRNG via `getrandom(2)`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GetRandom;
+
+impl EntropySource for GetRandom {
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes that outlives the
+            // call; getrandom writes at most that many bytes into it.
+            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Processes every available request of the rng `queue`. Returns whether any buffer was
+/// returned to the driver (the caller then decides whether to interrupt).
+///
+/// A chain with a device-readable buffer, or one that fails validation, is returned with
+/// length 0. An `Err` means the queue itself is broken (device needs reset).
+pub fn process_queue<MM: GuestMemory>(
+    queue: &mut Queue,
+    mem: &MM,
+    source: &mut dyn EntropySource,
+) -> Result<bool, virtio_queue::Error> {
+    let mut used = false;
+    let mut buf = [0u8; CHUNK];
+    while let Some(popped) = pop_chain(queue, mem)? {
+        let (head, len) = match popped {
+            PoppedChain::Invalid { head, .. } => (head, 0),
+            PoppedChain::Valid(chain) if !chain.readable.is_empty() => {
+                log::warn!("virtio-rng: request with a device-readable buffer");
+                (chain.head, 0)
+            }
+            PoppedChain::Valid(chain) => {
+                let mut written: u32 = 0;
+                'segs: for seg in &chain.writable {
+                    let mut off = 0u32;
+                    while off < seg.len {
+                        let n = (seg.len - off).min(CHUNK as u32) as usize;
+                        if let Err(e) = source.fill(&mut buf[..n]) {
+                            log::error!("virtio-rng: entropy source failed: {e}");
+                            break 'segs;
+                        }
+                        let addr = seg.addr.unchecked_add_off(off);
+                        if mem.write_slice(&buf[..n], addr).is_err() {
+                            break 'segs;
+                        }
+                        off += n as u32;
+                        written = written.saturating_add(n as u32);
+                    }
+                }
+                (chain.head, written)
+            }
+        };
+        queue.add_used(mem, head, len)?;
+        used = true;
+    }
+    Ok(used)
+}
+
+trait AddOff {
+    fn unchecked_add_off(self, off: u32) -> vm_memory::GuestAddress;
+}
+
+impl AddOff for vm_memory::GuestAddress {
+    /// `off` is inside a segment that `parse_chain` proved lies in guest memory, so the sum
+    /// cannot overflow.
+    fn unchecked_add_off(self, off: u32) -> vm_memory::GuestAddress {
+        vm_memory::GuestAddress(self.0 + u64::from(off))
+    }
+}
+
+/// A virtio-rng device.
+pub struct Rng<M: GuestAddressSpace> {
+    core: DeviceCore<M>,
+    source: Box<dyn EntropySource>,
+}
+
+impl<M: GuestAddressSpace> std::fmt::Debug for Rng<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rng").field("core", &self.core).finish()
+    }
+}
+
+impl<M: GuestAddressSpace> Rng<M> {
+    /// An rng device fed by `getrandom(2)`.
+    pub fn new() -> Self {
+        Self::with_source(Box::new(GetRandom))
+    }
+
+    /// An rng device fed by `source`.
+    pub fn with_source(source: Box<dyn EntropySource>) -> Self {
+        Self {
+            core: DeviceCore::new(DEVICE_ID_RNG, COMMON_FEATURES, vec![RNG_QUEUE_SIZE]),
+            source,
+        }
+    }
+}
+
+impl<M: GuestAddressSpace> Default for Rng<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Rng<M> {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.core.queue_max_sizes
+    }
+    fn device_features(&self) -> u64 {
+        self.core.avail_features
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.core.acked_features = features & self.core.avail_features;
+    }
+    fn acked_features(&self) -> u64 {
+        self.core.acked_features
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(
+        &mut self,
+        mem: M,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.core.activate(mem, queues, interrupt, 1)
+    }
+    fn is_activated(&self) -> bool {
+        self.core.mem.is_some()
+    }
+    fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
+        if index != 0 {
+            return Err(DeviceError::NoSuchQueue(index));
+        }
+        let mem = self
+            .core
+            .mem
+            .as_ref()
+            .ok_or(DeviceError::NotActivated)?
+            .memory();
+        let q = self
+            .core
+            .queues
+            .get_mut(0)
+            .ok_or(DeviceError::NotActivated)?;
+        let used = process_queue(q, &*mem, self.source.as_mut())
+            .map_err(|source| DeviceError::Queue { queue: 0, source })?;
+        if used {
+            self.core.signal_used(0)?;
+        }
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.core.reset();
+    }
+    fn save_state(&self) -> DeviceState {
+        self.core.save(Vec::new())
+    }
+    fn restore_state(
+        &mut self,
+        state: &DeviceState,
+        mem: M,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), StateError> {
+        if let Some(queues) = self.core.restore(state)? {
+            self.core.activate(mem, queues, interrupt, 1)?;
+        }
+        Ok(())
+    }
+}
