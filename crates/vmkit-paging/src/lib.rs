@@ -6,5 +6,6 @@ extern crate alloc;
 pub mod builder;
 pub mod entry;
 pub mod memory;
+pub mod walk;
 
 pub use memory::{FlatMemory, GuestAddress, PhysMemory};
