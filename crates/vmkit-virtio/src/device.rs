@@ -8,7 +8,7 @@
 //! queue notifications.
 //!
 //! Request processing itself is a free function per device (for example
-//! [`crate::rng::process_queue`]) taking a `Queue` and a `GuestMemory`, so that a transport
+//! [`crate::block::process_queue`]) taking a `Queue` and a `GuestMemory`, so that a transport
 //! which owns its queues differently (vhost-user backends do) can call it directly.
 //!
 //! [`DeviceCore`] holds the state every device shares (features, queues, memory, interrupt)

@@ -1,10 +1,12 @@
 #![doc = include_str!("../README.md")]
 
+pub mod block;
 pub mod chain;
 pub mod device;
 pub mod features;
 pub mod interrupt;
 pub mod mmio;
+pub mod rate_limiter;
 pub mod rng;
 pub mod state;
 

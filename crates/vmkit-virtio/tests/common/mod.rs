@@ -71,3 +71,77 @@ pub fn driver_ok<M: GuestAddressSpace>(t: &mut MmioTransport<M>) {
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
     );
 }
+
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestMemory;
+
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+
+/// Writes `descs` (addr, len, flags) as one chain starting at table index `first`, linking
+/// them with NEXT, and publishes the head in the available ring (modulo the queue size).
+pub fn push_chain<M: GuestMemory>(
+    vq: &MockSplitQueue<'_, M>,
+    qsize: u16,
+    first: u16,
+    descs: &[(u64, u32, u16)],
+) {
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let idx = first + i as u16;
+        let last = i + 1 == descs.len();
+        let flags = if last {
+            flags & !F_NEXT
+        } else {
+            flags | F_NEXT
+        };
+        let next = if last { 0 } else { idx + 1 };
+        vq.desc_table()
+            .store(
+                idx,
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
+            )
+            .unwrap();
+    }
+    publish(vq, qsize, first);
+}
+
+/// Makes `head` available.
+pub fn publish<M: GuestMemory>(vq: &MockSplitQueue<'_, M>, qsize: u16, head: u16) {
+    let idx = vq.avail().idx().load();
+    vq.avail()
+        .ring()
+        .ref_at(usize::from(idx % qsize))
+        .unwrap()
+        .store(head);
+    vq.avail().idx().store(idx.wrapping_add(1));
+}
+
+/// Stores one raw descriptor.
+pub fn store_desc<M: GuestMemory>(
+    vq: &MockSplitQueue<'_, M>,
+    idx: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    vq.desc_table()
+        .store(
+            idx,
+            RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
+        )
+        .unwrap();
+}
+
+/// The `(id, len)` of used ring entry `i`.
+pub fn used_entry<M: GuestMemory>(vq: &MockSplitQueue<'_, M>, qsize: u16, i: u16) -> (u32, u32) {
+    let e = vq
+        .used()
+        .ring()
+        .ref_at(usize::from(i % qsize))
+        .unwrap()
+        .load();
+    (e.id(), e.len())
+}
