@@ -12,7 +12,7 @@
 //!    entry is read; a clear P bit stops the walk with a not-present fault, a set reserved
 //!    bit with a reserved-bit fault (`P=1, RSVD=1`). Which bits are reserved depends on the
 //!    level, on whether the entry maps a page, on MAXPHYADDR, EFER.NXE, 1 GiB page support
-//!    and, for non-leaf PML5Es/PML4Es/PDPTEs, the CPU vendor (AMD reserves bit 8). The
+//!    and, for PML5Es/PML4Es, the CPU vendor (AMD reserves bit 8). The
 //!    rights of the levels are combined: a page is writable only if R/W is set at every
 //!    level, user-accessible only if U/S is set at every level, executable only if XD is
 //!    clear at every level.
@@ -377,7 +377,7 @@ pub struct PagingConfig {
     pub gbpages: bool,
     /// PSE-36 supported (CPUID.01H:EDX.PSE36).
     pub pse36: bool,
-    /// AMD rules: non-leaf PML5E/PML4E/PDPTE bit 8 is reserved.
+    /// AMD rules: bit 8 of PML5Es and PML4Es is reserved.
     pub amd: bool,
     /// PAE only: the PDPTE registers loaded at the last CR3 write. `None`: read them from
     /// memory at each walk (what KVM_TRANSLATE does with a fresh CR3).
@@ -544,7 +544,9 @@ impl Walker {
                 t[0] = hi51 | nx;
                 t[1] = hi51 | nx;
                 l[1] = hi51 | nx | bits(20, 13);
-                t[2] = hi51 | nx | bit8;
+                // AMD reserves bit 8 in non-leaf PML5Es/PML4Es only (KVM agrees; PDPTEs
+                // ignore it).
+                t[2] = hi51 | nx;
                 l[2] = hi51 | nx | bits(29, 13) | if cfg.gbpages { 0 } else { PAGE_SIZE };
                 t[3] = hi51 | nx | bit8 | PAGE_SIZE;
                 t[4] = hi51 | nx | bit8 | PAGE_SIZE;
