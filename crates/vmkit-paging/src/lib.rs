@@ -6,6 +6,7 @@ extern crate alloc;
 pub mod builder;
 pub mod entry;
 pub mod memory;
+pub mod tlb;
 pub mod walk;
 
 pub use memory::{FlatMemory, GuestAddress, PhysMemory};
