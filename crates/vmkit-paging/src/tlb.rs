@@ -213,7 +213,7 @@ impl Tlb {
     ) -> Result<TlbTranslation, Fault> {
         if let Some((class, i)) = self.find(pcid, addr) {
             let slot = self.arrays[class][i];
-            if !(access.is_write() && !slot.dirty) {
+            if !access.is_write() || slot.dirty {
                 self.stats.hits += 1;
                 return match walker.check_rights(slot.rights, access) {
                     Ok(()) => {
