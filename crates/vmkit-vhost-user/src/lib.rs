@@ -1,0 +1,1 @@
+//! vmkit virtio devices served as vhost-user backends.
