@@ -5,6 +5,7 @@ extern crate alloc;
 
 pub mod builder;
 pub mod entry;
+pub mod ept;
 pub mod memory;
 pub mod tlb;
 pub mod walk;
