@@ -7,6 +7,7 @@ pub mod builder;
 pub mod entry;
 pub mod ept;
 pub mod memory;
+pub mod nested;
 pub mod tlb;
 pub mod walk;
 
