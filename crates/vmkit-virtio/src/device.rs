@@ -270,7 +270,12 @@ impl<M: GuestAddressSpace> DeviceCore<M> {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                if self.queue_max_sizes.get(i) != Some(&s.max_size) {
+                // A queue may be smaller than the device allows, never larger.
+                if self
+                    .queue_max_sizes
+                    .get(i)
+                    .is_none_or(|&max| s.max_size > max)
+                {
                     return Err(StateError::QueueMaxSize(i, s.max_size));
                 }
                 Queue::try_from(*s).map_err(|e| StateError::Queue(i, e))

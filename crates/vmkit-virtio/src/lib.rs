@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod console;
 pub mod device;
 pub mod features;
 pub mod interrupt;

@@ -46,7 +46,7 @@ pub enum StateError {
     #[error("device state acks features {0:#x} outside the offer")]
     Features(u64),
     /// A queue's maximum size differs from this device's.
-    #[error("queue {0} has maximum size {1} in the snapshot, not this device's")]
+    #[error("queue {0} has maximum size {1} in the snapshot, more than this device allows (or the queue does not exist)")]
     QueueMaxSize(usize, u16),
     /// A queue state is invalid.
     #[error("queue {0} state is invalid: {1}")]
