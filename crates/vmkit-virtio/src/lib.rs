@@ -7,6 +7,7 @@ pub mod device;
 pub mod features;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod rate_limiter;
 pub mod rng;
 pub mod state;
