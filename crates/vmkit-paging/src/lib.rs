@@ -8,6 +8,7 @@ pub mod entry;
 pub mod ept;
 pub mod memory;
 pub mod nested;
+pub mod shadow;
 pub mod tlb;
 pub mod walk;
 

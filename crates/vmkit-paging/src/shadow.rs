@@ -1,0 +1,1153 @@
+//! A shadow MMU: host-format page tables (GVA -> host-physical) that mirror a guest's own
+//! tables (GVA -> GPA) combined with the VMM's memory map (GPA -> host), for CPUs or
+//! software MMUs without EPT/NPT.
+//!
+//! # Model and invariants (in the spirit of KVM's `mmu.rst`)
+//!
+//! * **Shadow pages.** Each shadow table page shadows one guest table page in one *role*:
+//!   `(guest frame, level, direct, access)`. `access` is the AND of the W/U and OR of the NX
+//!   rights of the guest entries above it, so two guest paths reaching the same guest table
+//!   with different rights get different shadow pages and every shadow leaf can carry the
+//!   guest's *effective* rights. A *direct* shadow page has no guest table behind it: it
+//!   splits a guest large page into 4 KiB shadow leaves (the host mapping need not be
+//!   contiguous). Shadow non-leaf entries are fully permissive; rights live in the leaves.
+//! * **Lazy fill.** Shadow tables start empty. A shadow fault ([`ShadowMmu::handle_fault`])
+//!   walks the guest tables with the exact guest walker ([`Walker`], which also sets the
+//!   guest's Accessed/Dirty bits) and answers [`ShadowOutcome::InjectGuestFault`] when the
+//!   guest itself would fault, [`ShadowOutcome::Mmio`] when the GPA has no host memory, or
+//!   builds the shadow path and answers [`ShadowOutcome::Fixed`].
+//! * **Write protection.** Every guest frame that some (synced) shadow page shadows is
+//!   mapped read-only in every shadow leaf (a reverse map finds those leaves). So the guest
+//!   cannot change a shadowed table behind our back: its write faults, and then either
+//!   - the frame is only a last-level table: its shadow pages become **unsync** and the
+//!     write proceeds directly; unsync shadow pages are resynchronised (emptied and
+//!     write-protected again) when the guest flushes its TLB - CR3 reload without no-flush,
+//!     INVLPG, INVPCID - which is exactly when the architecture requires new entries to be
+//!     seen;
+//!   - or the shadow pages of the frame are **zapped** (unlinked from their parents).
+//! * **Emulated table writes.** A VMM that emulates the guest's store instead reports it
+//!   with [`ShadowMmu::guest_table_written`]: the shadow entries derived from the written
+//!   guest entries are dropped (refilled lazily), and a shadow page written 3 times with no
+//!   fault through it in between is zapped, as KVM does against write flooding.
+//! * **Accessed/Dirty emulation.** A shadow leaf is writable only once the guest leaf is
+//!   dirty: the first guest write faults, the guest walk sets D, the leaf becomes writable.
+//! * **Roots.** [`ShadowMmu::set_cr3`] keeps a cache of the [`ROOT_CACHE`] most recent
+//!   (CR3, PCID) roots, so switching back to a recent address space costs no rebuild.
+//!   Without the no-flush bit a CR3 write also resynchronises unsync pages.
+//! * **Zap all in O(1).** [`ShadowMmu::zap_all`] bumps a generation number; shadow pages and
+//!   roots of older generations are dead from that instant and their frames are reclaimed
+//!   incrementally on later faults.
+//!
+//! Scope: guests in 4- or 5-level paging with CR0.WP=1 (the shadow leaf carries the guest's
+//! effective U/W/NX and protection key, and the guest's SMEP/SMAP/PKRU apply when the shadow
+//! tables are walked). 32-bit/PAE guests and WP=0 are refused with [`ShadowError`].
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use crate::builder::{FrameAllocator, PageSize};
+use crate::entry::*;
+use crate::memory::PhysMemory;
+use crate::walk::{Access, Fault, PagingConfig, PagingMode, TableAccess, Walker};
+
+/// How many (CR3, PCID) roots the MMU keeps (KVM keeps the current one plus 3).
+pub const ROOT_CACHE: usize = 4;
+/// Emulated writes to one shadow page, without a fault through it, before it is zapped.
+pub const WRITE_FLOOD_LIMIT: u8 = 3;
+
+/// Errors of the shadow MMU (VMM-side problems, not guest events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShadowError {
+    /// Only 4/5-level guests with CR0.WP=1 are shadowed.
+    #[error("guest paging mode {mode:?} with CR0.WP={wp} is not supported by the shadow MMU")]
+    Unsupported {
+        /// The guest's paging mode.
+        mode: PagingMode,
+        /// CR0.WP.
+        wp: bool,
+    },
+    /// No frame for a shadow table, even after zapping everything.
+    #[error("out of frames for shadow page tables")]
+    OutOfFrames,
+    /// Shadow memory refused a table write.
+    #[error("shadow table address {addr:#x} is outside shadow memory")]
+    OutsideMemory {
+        /// The address.
+        addr: u64,
+    },
+}
+
+/// What a shadow fault turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowOutcome {
+    /// The shadow tables were fixed: re-execute the access.
+    Fixed,
+    /// The guest's own tables fault: inject this fault (#PF with its error code, or #GP).
+    InjectGuestFault(Fault),
+    /// The access targets a GPA without host memory: emulate it as MMIO.
+    Mmio(u64),
+}
+
+/// Maps guest-physical pages to host-physical pages (the VMM's memory slots).
+pub trait HostMapping {
+    /// Host-physical page for the 4 KiB guest page at `gpa_page`, `None` for MMIO/holes.
+    fn host_page(&self, gpa_page: u64) -> Option<u64>;
+}
+
+impl<F: Fn(u64) -> Option<u64>> HostMapping for F {
+    fn host_page(&self, gpa_page: u64) -> Option<u64> {
+        self(gpa_page)
+    }
+}
+
+/// Counters describing what the MMU did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShadowStats {
+    /// Faults answered with `Fixed`.
+    pub fixed: u64,
+    /// Shadow pages created.
+    pub pages_created: u64,
+    /// Shadow pages zapped individually.
+    pub pages_zapped: u64,
+    /// Times a shadow page went unsync.
+    pub unsyncs: u64,
+    /// Resynchronisations of unsync pages.
+    pub resyncs: u64,
+    /// CR3 switches served from the root cache.
+    pub root_hits: u64,
+    /// CR3 switches that needed a new root.
+    pub root_misses: u64,
+    /// zap_all calls.
+    pub zap_alls: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Role {
+    gfn: u64,
+    level: u8,
+    direct: bool,
+    /// bit 0: writable, bit 1: user, bit 2: executable (each ANDed over the entries above).
+    access: u8,
+}
+
+#[derive(Debug, Clone)]
+struct ShadowPage {
+    role: Role,
+    frame: u64,
+    generation: u64,
+    serial: u64,
+    live: bool,
+    unsync: bool,
+    writes: u8,
+    /// (parent id, parent serial, index) of entries that point at this page.
+    parents: Vec<(usize, u64, u16)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CachedRoot {
+    cr3: u64,
+    pcid: u16,
+    sp: usize,
+    serial: u64,
+    generation: u64,
+}
+
+/// Records the guest entries a walk reads.
+struct Recorder<'a, M: PhysMemory + ?Sized> {
+    mem: &'a M,
+    /// Every (address, value) read, across restarted walks (at most 5 per walk).
+    reads: Vec<(u64, u64)>,
+}
+
+impl<M: PhysMemory + ?Sized> TableAccess for Recorder<'_, M> {
+    fn read_entry(&mut self, addr: u64, _wide: bool) -> Option<u64> {
+        let v = self.mem.read_u64(addr)?;
+        self.reads.push((addr, v));
+        Some(v)
+    }
+    fn update_entry(
+        &mut self,
+        addr: u64,
+        _wide: bool,
+        old: u64,
+        new: u64,
+    ) -> Option<Result<(), ()>> {
+        let r = self.mem.compare_exchange_u64(addr, old, new)?;
+        // Keep the recorded value current so the shadow sees what the walk produced.
+        if r.is_ok() {
+            for e in self.reads.iter_mut() {
+                if e.0 == addr {
+                    e.1 = new;
+                }
+            }
+        }
+        Some(r.map(|_| ()).map_err(|_| ()))
+    }
+}
+
+const ACC_W: u8 = 1;
+const ACC_U: u8 = 2;
+const ACC_X: u8 = 4;
+const LINK: u64 = PRESENT | WRITABLE | USER;
+
+/// The shadow MMU for one guest address-space owner (one vCPU's view).
+#[derive(Debug)]
+pub struct ShadowMmu<
+    'a,
+    G: PhysMemory + ?Sized,
+    S: PhysMemory + ?Sized,
+    A: FrameAllocator,
+    H: HostMapping,
+> {
+    guest: &'a G,
+    shadow: &'a S,
+    alloc: A,
+    host: H,
+    walker: Walker,
+    pcid: u16,
+    pages: Vec<ShadowPage>,
+    free_ids: Vec<usize>,
+    free_frames: Vec<u64>,
+    by_role: BTreeMap<Role, usize>,
+    /// Guest frames shadowed by non-direct pages: the write-protected set.
+    by_gfn: BTreeMap<u64, Vec<usize>>,
+    /// Guest frame -> shadow leaves mapping it: (page, serial, index).
+    rmap: BTreeMap<u64, Vec<(usize, u64, u16)>>,
+    roots: Vec<CachedRoot>,
+    generation: u64,
+    serial: u64,
+    reclaim_cursor: usize,
+    stats: ShadowStats,
+}
+
+impl<'a, G, S, A, H> ShadowMmu<'a, G, S, A, H>
+where
+    G: PhysMemory + ?Sized,
+    S: PhysMemory + ?Sized,
+    A: FrameAllocator,
+    H: HostMapping,
+{
+    /// A shadow MMU for a guest with paging state `cfg` (its `cr3` is the initial address
+    /// space, PCID 0), guest memory `guest`, shadow tables in `shadow` (frames from
+    /// `alloc`), and the VMM's memory map `host`.
+    pub fn new(
+        cfg: PagingConfig,
+        guest: &'a G,
+        shadow: &'a S,
+        alloc: A,
+        host: H,
+    ) -> Result<Self, ShadowError> {
+        if !matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5) || !cfg.write_protect {
+            return Err(ShadowError::Unsupported {
+                mode: cfg.mode,
+                wp: cfg.write_protect,
+            });
+        }
+        let mut mmu = ShadowMmu {
+            guest,
+            shadow,
+            alloc,
+            host,
+            walker: Walker::new(cfg),
+            pcid: 0,
+            pages: Vec::new(),
+            free_ids: Vec::new(),
+            free_frames: Vec::new(),
+            by_role: BTreeMap::new(),
+            by_gfn: BTreeMap::new(),
+            rmap: BTreeMap::new(),
+            roots: Vec::new(),
+            generation: 1,
+            serial: 0,
+            reclaim_cursor: 0,
+            stats: ShadowStats::default(),
+        };
+        mmu.set_cr3(cfg.cr3, 0, true)?;
+        Ok(mmu)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ShadowStats {
+        self.stats
+    }
+
+    /// The guest walker (guest control registers and CR3).
+    pub fn guest_walker(&self) -> &Walker {
+        &self.walker
+    }
+
+    /// Shadow pages currently alive (all generations).
+    pub fn live_pages(&self) -> usize {
+        self.pages.iter().filter(|p| p.live).count()
+    }
+
+    fn levels(&self) -> u32 {
+        self.walker.config().mode.levels()
+    }
+
+    /// The current shadow root: the value for the real CR3.
+    pub fn shadow_root(&self) -> u64 {
+        self.roots
+            .first()
+            .map_or(0, |r| self.pages.get(r.sp).map_or(0, |p| p.frame))
+    }
+
+    fn root_valid(&self, r: &CachedRoot) -> bool {
+        r.generation == self.generation
+            && self
+                .pages
+                .get(r.sp)
+                .is_some_and(|p| p.live && p.serial == r.serial)
+    }
+
+    /// The guest wrote CR3 (`cr3` with PCID `pcid`; `no_flush` is CR3 bit 63 with PCIDE).
+    pub fn set_cr3(&mut self, cr3: u64, pcid: u16, no_flush: bool) -> Result<(), ShadowError> {
+        let page = cr3 & bits(51, 12);
+        let mut cfg = *self.walker.config();
+        cfg.cr3 = page;
+        self.walker = Walker::new(cfg);
+        self.pcid = pcid;
+        if !no_flush {
+            self.resync_all();
+        }
+        let found = self
+            .roots
+            .iter()
+            .position(|r| r.cr3 == page && r.pcid == pcid && self.root_valid(r));
+        match found {
+            Some(i) => {
+                let r = self.roots.remove(i);
+                self.roots.insert(0, r);
+                self.stats.root_hits += 1;
+            }
+            None => {
+                self.stats.root_misses += 1;
+                let role = Role {
+                    gfn: page >> 12,
+                    level: self.levels() as u8,
+                    direct: false,
+                    access: ACC_W | ACC_U | ACC_X,
+                };
+                let sp = self.get_or_create(role, None)?;
+                let serial = self.pages[sp].serial;
+                self.roots.retain(|r| r.generation == self.generation);
+                self.roots.insert(
+                    0,
+                    CachedRoot {
+                        cr3: page,
+                        pcid,
+                        sp,
+                        serial,
+                        generation: self.generation,
+                    },
+                );
+                self.roots.truncate(ROOT_CACHE);
+            }
+        }
+        Ok(())
+    }
+
+    /// INVLPG / INVPCID / full flush by the guest: unsync pages are resynchronised.
+    pub fn flush(&mut self) {
+        self.resync_all();
+    }
+
+    /// Zaps every shadow page in O(1): later faults rebuild and reclaim incrementally.
+    pub fn zap_all(&mut self) {
+        self.generation += 1;
+        self.by_role = BTreeMap::new();
+        self.by_gfn = BTreeMap::new();
+        self.rmap = BTreeMap::new();
+        self.stats.zap_alls += 1;
+    }
+
+    /// Frees up to `budget` frames of shadow pages from older generations.
+    fn reclaim(&mut self, mut budget: usize) {
+        let n = self.pages.len();
+        let mut scanned = 0;
+        while budget > 0 && scanned < n {
+            let i = self.reclaim_cursor % n;
+            self.reclaim_cursor = self.reclaim_cursor.wrapping_add(1);
+            scanned += 1;
+            let p = &mut self.pages[i];
+            if p.live && p.generation != self.generation {
+                p.live = false;
+                p.parents = Vec::new();
+                self.free_frames.push(p.frame);
+                self.free_ids.push(i);
+                budget -= 1;
+            }
+        }
+    }
+
+    fn new_frame(&mut self) -> Result<u64, ShadowError> {
+        let frame = match self.free_frames.pop() {
+            Some(f) => f,
+            None => match self.alloc.allocate() {
+                Some(f) => f.0,
+                None => {
+                    self.reclaim(usize::MAX);
+                    self.free_frames.pop().ok_or(ShadowError::OutOfFrames)?
+                }
+            },
+        };
+        self.shadow
+            .zero_frame(frame)
+            .ok_or(ShadowError::OutsideMemory { addr: frame })?;
+        Ok(frame)
+    }
+
+    fn get_or_create(
+        &mut self,
+        role: Role,
+        parent: Option<(usize, u16)>,
+    ) -> Result<usize, ShadowError> {
+        let id = match self.by_role.get(&role) {
+            Some(&id) => id,
+            None => {
+                let frame = self.new_frame()?;
+                self.serial += 1;
+                let page = ShadowPage {
+                    role,
+                    frame,
+                    generation: self.generation,
+                    serial: self.serial,
+                    live: true,
+                    unsync: false,
+                    writes: 0,
+                    parents: Vec::new(),
+                };
+                let id = match self.free_ids.pop() {
+                    Some(id) => {
+                        self.pages[id] = page;
+                        id
+                    }
+                    None => {
+                        self.pages.push(page);
+                        self.pages.len() - 1
+                    }
+                };
+                self.by_role.insert(role, id);
+                self.stats.pages_created += 1;
+                if !role.direct {
+                    // A synced shadow of this frame exists from now on: protect it, and
+                    // bring its unsync siblings back in sync.
+                    let siblings = self.by_gfn.entry(role.gfn).or_default();
+                    siblings.push(id);
+                    let unsync: Vec<usize> = siblings
+                        .iter()
+                        .copied()
+                        .filter(|&s| self.pages[s].unsync)
+                        .collect();
+                    for s in unsync {
+                        self.resync(s);
+                    }
+                    self.write_protect(role.gfn);
+                }
+                id
+            }
+        };
+        if let Some((p, index)) = parent {
+            let serial = self.pages[p].serial;
+            let parents = &mut self.pages[id].parents;
+            if !parents
+                .iter()
+                .any(|&(q, s, i)| q == p && s == serial && i == index)
+            {
+                parents.push((p, serial, index));
+            }
+        }
+        Ok(id)
+    }
+
+    fn leaf_valid(&self, sp: usize, serial: u64, index: u16) -> Option<u64> {
+        let p = self.pages.get(sp)?;
+        if !p.live || p.serial != serial || p.generation != self.generation {
+            return None;
+        }
+        Some(p.frame + u64::from(index) * 8)
+    }
+
+    /// Clears W in every shadow leaf that maps guest frame `gfn`.
+    fn write_protect(&mut self, gfn: u64) {
+        let Some(leaves) = self.rmap.get(&gfn) else {
+            return;
+        };
+        let host = self.host.host_page(gfn << 12);
+        let mut keep = Vec::new();
+        for &(sp, serial, index) in leaves {
+            let Some(addr) = self.leaf_valid(sp, serial, index) else {
+                continue;
+            };
+            let Some(e) = self.shadow.read_u64(addr) else {
+                continue;
+            };
+            if e & PRESENT == 0 || Some(e & ADDR_MASK_52) != host {
+                continue;
+            }
+            let _ = self.shadow.write_u64(addr, e & !WRITABLE);
+            keep.push((sp, serial, index));
+        }
+        self.rmap.insert(gfn, keep);
+    }
+
+    fn resync(&mut self, sp: usize) {
+        let frame = self.pages[sp].frame;
+        for i in 0..512 {
+            let _ = self.shadow.write_u64(frame + i * 8, 0);
+        }
+        self.pages[sp].unsync = false;
+        self.stats.resyncs += 1;
+        let gfn = self.pages[sp].role.gfn;
+        self.write_protect(gfn);
+    }
+
+    fn resync_all(&mut self) {
+        let unsync: Vec<usize> = (0..self.pages.len())
+            .filter(|&i| {
+                let p = &self.pages[i];
+                p.live && p.unsync && p.generation == self.generation
+            })
+            .collect();
+        for sp in unsync {
+            self.resync(sp);
+        }
+    }
+
+    /// Whether guest frame `gfn` is shadowed by a synced page (and so must stay read-only).
+    fn is_protected(&self, gfn: u64) -> bool {
+        self.by_gfn
+            .get(&gfn)
+            .is_some_and(|v| v.iter().any(|&s| !self.pages[s].unsync))
+    }
+
+    /// Unlinks shadow page `sp` from its parents and frees it.
+    fn zap(&mut self, sp: usize) {
+        let page = &mut self.pages[sp];
+        if !page.live {
+            return;
+        }
+        let parents = core::mem::take(&mut page.parents);
+        let (frame, role) = (page.frame, page.role);
+        page.live = false;
+        for (p, serial, index) in parents {
+            if let Some(addr) = self.leaf_valid(p, serial, index) {
+                if self.shadow.read_u64(addr).map(|e| e & ADDR_MASK_52) == Some(frame) {
+                    let _ = self.shadow.write_u64(addr, 0);
+                }
+            }
+        }
+        if self.by_role.get(&role) == Some(&sp) {
+            self.by_role.remove(&role);
+        }
+        if let Some(v) = self.by_gfn.get_mut(&role.gfn) {
+            v.retain(|&s| s != sp);
+            if v.is_empty() {
+                self.by_gfn.remove(&role.gfn);
+            }
+        }
+        self.free_frames.push(frame);
+        self.free_ids.push(sp);
+        self.stats.pages_zapped += 1;
+    }
+
+    /// The VMM emulated a guest store of `len` bytes at `gpa` (and wrote guest memory).
+    /// Shadow entries derived from the written guest entries are dropped; a shadow page
+    /// written [`WRITE_FLOOD_LIMIT`] times with no fault through it is zapped.
+    pub fn guest_table_written(&mut self, gpa: u64, len: u64) {
+        let gfn = gpa >> 12;
+        let Some(sps) = self.by_gfn.get(&gfn).cloned() else {
+            return;
+        };
+        let first = (gpa & 0xfff) / 8;
+        let last = ((gpa & 0xfff) + len.max(1) - 1).min(0xfff) / 8;
+        for sp in sps {
+            let page = &mut self.pages[sp];
+            page.writes = page.writes.saturating_add(1);
+            if page.writes >= WRITE_FLOOD_LIMIT {
+                self.zap(sp);
+                continue;
+            }
+            let frame = page.frame;
+            for i in first..=last {
+                let _ = self.shadow.write_u64(frame + i * 8, 0);
+            }
+        }
+    }
+
+    /// Handles a fault of the shadow tables at `gva` for `access`.
+    pub fn handle_fault(&mut self, gva: u64, access: Access) -> Result<ShadowOutcome, ShadowError> {
+        self.reclaim(8);
+        match self.try_fix(gva, access) {
+            Err(ShadowError::OutOfFrames) => {
+                // Start over with an empty shadow and a fully reclaimed pool.
+                self.zap_all();
+                self.reclaim(usize::MAX);
+                let (cr3, pcid) = (self.walker.config().cr3, self.pcid);
+                self.set_cr3(cr3, pcid, true)?;
+                self.try_fix(gva, access)
+            }
+            other => other,
+        }
+    }
+
+    fn try_fix(&mut self, gva: u64, access: Access) -> Result<ShadowOutcome, ShadowError> {
+        if !self.roots.first().is_some_and(|r| self.root_valid(r)) {
+            let (cr3, pcid) = (self.walker.config().cr3, self.pcid);
+            self.set_cr3(cr3, pcid, true)?;
+        }
+        let mut rec = Recorder {
+            mem: self.guest,
+            reads: Vec::new(),
+        };
+        let t = match self.walker.translate_with(&mut rec, gva, access) {
+            Ok(t) => t,
+            Err(f) => return Ok(ShadowOutcome::InjectGuestFault(f)),
+        };
+        // The recorder may have seen restarted walks: keep the last `levels` reads.
+        let levels = self.levels() as usize;
+        let path_len = match t.page_size {
+            PageSize::Size1G => levels - 2,
+            PageSize::Size2M => levels - 1,
+            _ => levels,
+        };
+        let reads = rec.reads.len();
+        if reads < path_len {
+            return Ok(ShadowOutcome::Fixed);
+        }
+        let path: Vec<(u64, u64)> = rec.reads[reads - path_len..].to_vec();
+        let gpa_page = t.gpa & !0xfff;
+        let Some(hpa_page) = self.host.host_page(gpa_page) else {
+            return Ok(ShadowOutcome::Mmio(t.gpa));
+        };
+        let gfn = gpa_page >> 12;
+        let writable = t.rights.writable && t.dirty;
+        if let Some(sps) = self.by_gfn.get(&gfn).cloned() {
+            if access.is_write() && self.is_protected(gfn) {
+                // The guest writes one of its own page tables.
+                let leaf_tables_only = sps.iter().all(|&s| self.pages[s].role.level == 1);
+                if leaf_tables_only {
+                    for s in sps {
+                        if !self.pages[s].unsync {
+                            self.pages[s].unsync = true;
+                            self.stats.unsyncs += 1;
+                        }
+                    }
+                } else {
+                    for s in sps {
+                        self.zap(s);
+                    }
+                }
+            }
+        }
+        self.install(gva, &path, &t, hpa_page, writable)?;
+        self.stats.fixed += 1;
+        Ok(ShadowOutcome::Fixed)
+    }
+
+    fn install(
+        &mut self,
+        gva: u64,
+        path: &[(u64, u64)],
+        t: &crate::walk::Translation,
+        hpa_page: u64,
+        writable: bool,
+    ) -> Result<(), ShadowError> {
+        let Some(root) = self.roots.first().copied() else {
+            return Ok(());
+        };
+        let levels = self.levels();
+        let mut sp = root.sp;
+        let mut access = ACC_W | ACC_U | ACC_X;
+        // Base and size of the guest large page being split, once below its level.
+        let mut direct: Option<(u64, u64)> = None;
+        for level in (1..=levels).rev() {
+            self.pages[sp].writes = 0;
+            let index = ((gva >> (12 + 9 * (level - 1))) & 0x1ff) as u16;
+            let addr = self.pages[sp].frame + u64::from(index) * 8;
+            if level == 1 {
+                let gfn = t.gpa >> 12;
+                // Building the path may have made the target frame a shadowed table.
+                let writable = writable && !self.is_protected(gfn);
+                let mut leaf = hpa_page | PRESENT | ACCESSED | DIRTY;
+                if t.rights.user {
+                    leaf |= USER;
+                }
+                if writable {
+                    leaf |= WRITABLE;
+                }
+                if t.rights.no_execute {
+                    leaf |= NO_EXECUTE;
+                }
+                leaf |= u64::from(t.rights.pkey) << PKEY_SHIFT;
+                self.shadow
+                    .write_u64(addr, leaf)
+                    .ok_or(ShadowError::OutsideMemory { addr })?;
+                let serial = self.pages[sp].serial;
+                let list = self.rmap.entry(gfn).or_default();
+                if !list.contains(&(sp, serial, index)) {
+                    list.push((sp, serial, index));
+                }
+                return Ok(());
+            }
+            // The child table replaces one entry of this level: it covers `cover` bytes.
+            let cover = 1u64 << (12 + 9 * (level - 1));
+            let role = match direct {
+                Some((base, size)) => Role {
+                    gfn: (base + (gva & (size - 1) & !(cover - 1))) >> 12,
+                    level: (level - 1) as u8,
+                    direct: true,
+                    access,
+                },
+                None => {
+                    let depth = (levels - level) as usize;
+                    let Some(&(_, entry)) = path.get(depth) else {
+                        return Ok(());
+                    };
+                    access &= rights_of(entry);
+                    if entry & PAGE_SIZE != 0 {
+                        // A guest large page: split it with direct shadow pages.
+                        direct = Some((t.page_base, cover));
+                        Role {
+                            gfn: t.page_base >> 12,
+                            level: (level - 1) as u8,
+                            direct: true,
+                            access,
+                        }
+                    } else {
+                        Role {
+                            gfn: (entry & ADDR_MASK_52) >> 12,
+                            level: (level - 1) as u8,
+                            direct: false,
+                            access,
+                        }
+                    }
+                }
+            };
+            let child = self.get_or_create(role, Some((sp, index)))?;
+            let frame = self.pages[child].frame;
+            // Creating the child may have zapped or resynced pages on our path.
+            if !self.pages[sp].live {
+                return Ok(());
+            }
+            self.shadow
+                .write_u64(addr, frame | LINK)
+                .ok_or(ShadowError::OutsideMemory { addr })?;
+            sp = child;
+        }
+        Ok(())
+    }
+
+    /// Translates `gva` through the shadow tables as the hardware MMU would (no fix-up).
+    pub fn translate(&self, gva: u64, access: Access) -> Result<u64, Fault> {
+        let mut cfg = *self.walker.config();
+        cfg.cr3 = self.shadow_root();
+        cfg.set_accessed_dirty = false;
+        cfg.max_phys_bits = 52;
+        cfg.amd = false;
+        cfg.nxe = true;
+        Walker::new(cfg)
+            .translate(self.shadow, gva, access)
+            .map(|t| t.gpa)
+    }
+
+    /// Performs an access as a vCPU would: shadow translation, fixing shadow faults.
+    /// Returns the host-physical address or the outcome the VMM must handle.
+    pub fn access(
+        &mut self,
+        gva: u64,
+        access: Access,
+    ) -> Result<Result<u64, ShadowOutcome>, ShadowError> {
+        for _ in 0..4 {
+            if let Ok(hpa) = self.translate(gva, access) {
+                return Ok(Ok(hpa));
+            }
+            match self.handle_fault(gva, access)? {
+                ShadowOutcome::Fixed => continue,
+                other => return Ok(Err(other)),
+            }
+        }
+        // A fix that does not stick (e.g. the guest races us): let the vCPU retry.
+        Ok(Err(ShadowOutcome::Fixed))
+    }
+}
+
+fn rights_of(entry: u64) -> u8 {
+    let mut a = 0;
+    if entry & WRITABLE != 0 {
+        a |= ACC_W;
+    }
+    if entry & USER != 0 {
+        a |= ACC_U;
+    }
+    if entry & NO_EXECUTE == 0 {
+        a |= ACC_X;
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::{BumpAllocator, MapFlags, PageTableBuilder, PagingFormat};
+    use crate::memory::{FlatMemory, GuestAddress};
+    use crate::walk::PfErrorCode;
+
+    const HOST_OFFSET: u64 = 0x1000_0000;
+    const MMIO_START: u64 = 0x40_0000;
+    const TABLES_VA: u64 = 0x8000_0000;
+
+    fn host(gpa: u64) -> Option<u64> {
+        (gpa < MMIO_START).then_some(gpa + HOST_OFFSET)
+    }
+
+    struct Env {
+        guest: FlatMemory,
+        shadow: FlatMemory,
+        cr3: [u64; 2],
+    }
+
+    /// Two guest address spaces. Both map VA 0x40_0000.. (4 KiB pages) to GPA 0x10_0000..,
+    /// a 2 MiB page at VA 0x60_0000 -> GPA 0x20_0000, VA 0x90_0000 -> MMIO, and the page
+    /// tables themselves (GPA 0..0x10_0000) at TABLES_VA.
+    fn env() -> Env {
+        let guest = FlatMemory::new(0, 4 << 20);
+        let mut alloc = BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10_0000));
+        let mut cr3 = [0; 2];
+        for (i, c) in cr3.iter_mut().enumerate() {
+            let mut b = PageTableBuilder::new(&guest, PagingFormat::Level4, &mut alloc).unwrap();
+            b.map(
+                0x40_0000,
+                GuestAddress(0x10_0000 + i as u64 * 0x8000),
+                0x8000,
+                MapFlags::WRITABLE | MapFlags::USER,
+            )
+            .unwrap();
+            b.map(
+                0x60_0000,
+                GuestAddress(0x20_0000),
+                1 << 21,
+                MapFlags::WRITABLE | MapFlags::USER,
+            )
+            .unwrap();
+            b.map(
+                0x90_0000,
+                GuestAddress(MMIO_START),
+                0x1000,
+                MapFlags::WRITABLE,
+            )
+            .unwrap();
+            b.set_max_page_size(PageSize::Size4K);
+            b.map(TABLES_VA, GuestAddress(0), 0x10_0000, MapFlags::WRITABLE)
+                .unwrap();
+            *c = b.root().0;
+        }
+        Env {
+            guest,
+            shadow: FlatMemory::new(0x4000_0000, 1 << 20),
+            cr3,
+        }
+    }
+
+    type Mmu<'a> = ShadowMmu<'a, FlatMemory, FlatMemory, BumpAllocator, fn(u64) -> Option<u64>>;
+
+    fn mmu(e: &Env) -> Mmu<'_> {
+        let cfg = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+        ShadowMmu::new(
+            cfg,
+            &e.guest,
+            &e.shadow,
+            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
+            host as fn(u64) -> Option<u64>,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lazy_fill_and_outcomes() {
+        let e = env();
+        let mut m = mmu(&e);
+        assert!(
+            m.translate(0x40_0010, Access::user_read()).is_err(),
+            "starts empty"
+        );
+        assert_eq!(
+            m.handle_fault(0x40_0010, Access::user_read()),
+            Ok(ShadowOutcome::Fixed)
+        );
+        assert_eq!(
+            m.translate(0x40_0010, Access::user_read()),
+            Ok(0x10_0010 + HOST_OFFSET)
+        );
+        // Large guest page split into direct 4 KiB shadow leaves.
+        assert_eq!(
+            m.access(0x7f_f008, Access::user_read()),
+            Ok(Ok(0x3f_f008 + HOST_OFFSET))
+        );
+        assert_eq!(
+            m.access(0x60_0000, Access::user_fetch()),
+            Ok(Ok(0x20_0000 + HOST_OFFSET))
+        );
+        // Guest fault: not mapped, error code for a user write.
+        let Ok(Err(ShadowOutcome::InjectGuestFault(f))) = m.access(0x50_0000, Access::user_write())
+        else {
+            panic!()
+        };
+        assert_eq!(
+            f.error_code(),
+            Some(PfErrorCode::from_bits(
+                PfErrorCode::WRITE | PfErrorCode::USER
+            ))
+        );
+        // Supervisor-only page accessed from user mode: protection fault from the guest tables.
+        let Ok(Err(ShadowOutcome::InjectGuestFault(f))) = m.access(0x90_0000, Access::user_read())
+        else {
+            panic!()
+        };
+        assert_eq!(
+            f.error_code().unwrap().bits(),
+            PfErrorCode::PRESENT | PfErrorCode::USER
+        );
+        assert_eq!(
+            m.access(0x90_0123, Access::supervisor_read()),
+            Ok(Err(ShadowOutcome::Mmio(MMIO_START + 0x123)))
+        );
+        assert!(m.stats().fixed >= 3);
+        assert!(m.live_pages() >= 5);
+        assert_eq!(m.guest_walker().config().cr3, e.cr3[0]);
+    }
+
+    #[test]
+    fn accessed_dirty_emulation() {
+        let e = env();
+        let mut m = mmu(&e);
+        let pte = crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, e.cr3[0]))
+            .translate(&e.guest, 0x40_1000, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr;
+        e.guest
+            .write_u64(pte, e.guest.read_u64(pte).unwrap() & !(ACCESSED | DIRTY))
+            .unwrap();
+        m.access(0x40_1000, Access::user_read()).unwrap().unwrap();
+        let g = e.guest.read_u64(pte).unwrap();
+        assert_eq!(g & (ACCESSED | DIRTY), ACCESSED, "read sets A only");
+        // Mapped read-only until the first write.
+        assert!(m.translate(0x40_1000, Access::user_write()).is_err());
+        m.access(0x40_1000, Access::user_write()).unwrap().unwrap();
+        assert_ne!(e.guest.read_u64(pte).unwrap() & DIRTY, 0);
+        assert!(m.translate(0x40_1000, Access::user_write()).is_ok());
+    }
+
+    /// Guest store through the shadow MMU, as the vCPU would perform it.
+    fn guest_store(m: &mut Mmu<'_>, e: &Env, gpa: u64, value: u64) {
+        let hpa = m
+            .access(TABLES_VA + gpa, Access::supervisor_write())
+            .unwrap()
+            .unwrap();
+        e.guest.write_u64(hpa - HOST_OFFSET, value).unwrap();
+    }
+
+    #[test]
+    fn page_tables_are_write_protected_then_unsynced_or_zapped() {
+        let e = env();
+        let mut m = mmu(&e);
+        m.access(0x40_2000, Access::user_read()).unwrap().unwrap();
+        let walker = crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, e.cr3[0]));
+        let pte = walker
+            .translate(&e.guest, 0x40_2000, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr;
+        // The guest's mapping of its own PT is read-only in the shadow once it is shadowed.
+        m.access(TABLES_VA + pte, Access::supervisor_read())
+            .unwrap()
+            .unwrap();
+        assert!(m
+            .translate(TABLES_VA + pte, Access::supervisor_write())
+            .is_err());
+        // A store to a last-level table: unsync, the write proceeds.
+        let new = 0x18_0000 | PRESENT | WRITABLE | USER;
+        guest_store(&mut m, &e, pte, new);
+        assert_eq!(m.stats().unsyncs, 1);
+        // Until the guest flushes, the old translation may be used (TLB semantics).
+        assert_eq!(
+            m.translate(0x40_2000, Access::user_read()),
+            Ok(0x10_2000 + HOST_OFFSET)
+        );
+        m.flush();
+        assert_eq!(m.stats().resyncs, 1);
+        assert_eq!(
+            m.access(0x40_2000, Access::user_read()),
+            Ok(Ok(0x18_0000 + HOST_OFFSET))
+        );
+        // Resync write-protected the PT again.
+        assert!(m
+            .translate(TABLES_VA + pte, Access::supervisor_write())
+            .is_err());
+
+        // A store to a non-leaf table (the PD): its shadow pages are zapped.
+        let pd_entry = {
+            let l4 = e.guest.read_u64(e.cr3[0]).unwrap() & ADDR_MASK_52;
+            let l3 = e.guest.read_u64(l4).unwrap() & ADDR_MASK_52;
+            l3 + 2 * 8 // PD index of 0x40_0000
+        };
+        let old = e.guest.read_u64(pd_entry).unwrap();
+        let zapped = m.stats().pages_zapped;
+        guest_store(&mut m, &e, pd_entry, old);
+        assert!(m.stats().pages_zapped > zapped);
+        assert_eq!(
+            m.access(0x40_2000, Access::user_read()),
+            Ok(Ok(0x18_0000 + HOST_OFFSET))
+        );
+    }
+
+    #[test]
+    fn emulated_writes_and_write_flooding() {
+        let e = env();
+        let mut m = mmu(&e);
+        m.access(0x40_3000, Access::user_read()).unwrap().unwrap();
+        let walker = crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, e.cr3[0]));
+        let pte = walker
+            .translate(&e.guest, 0x40_3000, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr;
+        // Emulated store: effective immediately, no flush needed.
+        e.guest.write_u64(pte, 0x19_0000 | PRESENT | USER).unwrap();
+        m.guest_table_written(pte, 8);
+        assert_eq!(
+            m.access(0x40_3000, Access::user_read()),
+            Ok(Ok(0x19_0000 + HOST_OFFSET))
+        );
+        // Three writes with no fault in between zap the shadow page.
+        let before = m.stats().pages_zapped;
+        for _ in 0..WRITE_FLOOD_LIMIT {
+            m.guest_table_written(pte, 8);
+        }
+        assert_eq!(m.stats().pages_zapped, before + 1);
+        assert_eq!(
+            m.access(0x40_3000, Access::user_read()),
+            Ok(Ok(0x19_0000 + HOST_OFFSET))
+        );
+        // Writes to frames that are not tables are ignored.
+        m.guest_table_written(0x10_0000, 8);
+    }
+
+    #[test]
+    fn cr3_root_cache() {
+        let e = env();
+        let mut m = mmu(&e);
+        m.access(0x40_0000, Access::user_read()).unwrap().unwrap();
+        let root_a = m.shadow_root();
+        m.set_cr3(e.cr3[1], 1, false).unwrap();
+        assert_eq!(
+            m.access(0x40_0000, Access::user_read()),
+            Ok(Ok(0x10_8000 + HOST_OFFSET))
+        );
+        let fixed = m.stats().fixed;
+        m.set_cr3(e.cr3[0], 0, true).unwrap();
+        assert_eq!(m.shadow_root(), root_a);
+        assert_eq!(
+            m.translate(0x40_0000, Access::user_read()),
+            Ok(0x10_0000 + HOST_OFFSET)
+        );
+        assert_eq!(m.stats().fixed, fixed, "no refill after a cached switch");
+        assert_eq!(m.stats().root_hits, 1);
+        // The cache holds ROOT_CACHE roots: five distinct (CR3, PCID) pairs evict the oldest.
+        for pcid in 1..=ROOT_CACHE as u16 {
+            m.set_cr3(e.cr3[1], pcid + 10, true).unwrap();
+        }
+        let misses = m.stats().root_misses;
+        m.set_cr3(e.cr3[0], 0, true).unwrap();
+        assert_eq!(m.stats().root_misses, misses + 1);
+    }
+
+    #[test]
+    fn zap_all_and_reclaim() {
+        let e = env();
+        let mut m = mmu(&e);
+        for p in 0..8 {
+            m.access(0x40_0000 + p * 0x1000, Access::user_read())
+                .unwrap()
+                .unwrap();
+        }
+        let live = m.live_pages();
+        m.zap_all();
+        assert!(
+            m.translate(0x40_0000, Access::user_read()).is_ok(),
+            "old root still loaded until the next fault"
+        );
+        assert_eq!(
+            m.access(0x40_5000, Access::user_read()),
+            Ok(Ok(0x10_5000 + HOST_OFFSET))
+        );
+        assert_eq!(m.stats().zap_alls, 1);
+        for _ in 0..live {
+            m.handle_fault(0x40_0000, Access::user_read()).unwrap();
+        }
+        assert!(m.live_pages() <= live);
+    }
+
+    #[test]
+    fn out_of_frames_recovers_by_zapping() {
+        let e = env();
+        let cfg = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+        // Root + 3 levels for one path + a little.
+        let mut m = ShadowMmu::new(
+            cfg,
+            &e.guest,
+            &e.shadow,
+            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4000_5000)),
+            host as fn(u64) -> Option<u64>,
+        )
+        .unwrap();
+        m.access(0x40_0000, Access::user_read()).unwrap().unwrap();
+        // A distant VA needs new tables: the pool is exhausted, zap_all makes room.
+        assert_eq!(
+            m.access(TABLES_VA, Access::supervisor_read()),
+            Ok(Ok(HOST_OFFSET))
+        );
+        assert!(m.stats().zap_alls >= 1);
+        // Not even one path fits: a typed error.
+        let tiny = ShadowMmu::new(
+            cfg,
+            &e.guest,
+            &e.shadow,
+            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4000_1000)),
+            host as fn(u64) -> Option<u64>,
+        );
+        let mut tiny = tiny.unwrap();
+        assert_eq!(
+            tiny.access(0x40_0000, Access::user_read()),
+            Err(ShadowError::OutOfFrames)
+        );
+        assert!(ShadowError::OutOfFrames
+            .to_string()
+            .contains("out of frames"));
+    }
+
+    #[test]
+    fn unsupported_guests() {
+        let e = env();
+        for (mode, wp) in [(PagingMode::Pae, true), (PagingMode::Level4, false)] {
+            let mut cfg = PagingConfig::new(mode, e.cr3[0]);
+            cfg.write_protect = wp;
+            let r = ShadowMmu::new(
+                cfg,
+                &e.guest,
+                &e.shadow,
+                BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
+                host as fn(u64) -> Option<u64>,
+            );
+            let err = r.unwrap_err();
+            assert_eq!(err, ShadowError::Unsupported { mode, wp });
+            assert!(err.to_string().contains("not supported"));
+        }
+        let outside = ShadowMmu::new(
+            PagingConfig::new(PagingMode::Level4, e.cr3[0]),
+            &e.guest,
+            &e.shadow,
+            BumpAllocator::new(GuestAddress(0x9000_0000), GuestAddress(0x9010_0000)),
+            host as fn(u64) -> Option<u64>,
+        );
+        assert!(matches!(outside, Err(ShadowError::OutsideMemory { .. })));
+    }
+}
