@@ -4,6 +4,7 @@ pub mod block;
 pub mod chain;
 pub mod console;
 pub mod device;
+pub mod event_handler;
 pub mod features;
 pub mod interrupt;
 pub mod mmio;

@@ -171,7 +171,8 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
 
     /// One eventfd per queue. Register queue `i`'s with KVM as an ioeventfd on
     /// `base + 0x50` with datamatch `i` (32 bits) so notifications skip the VMM exit path;
-    /// the event loop then calls [`MmioTransport::process_queue_event`].
+    /// the event loop (see [`crate::event_handler`]) then calls
+    /// [`MmioTransport::process_queue_event`].
     pub fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
     }

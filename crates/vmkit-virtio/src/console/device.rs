@@ -194,7 +194,9 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Console<M> {
     }
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
         match index {
-            RX => self.flush_rx(),
+            // New receive buffers: deliver what is pending and resume reading the backend
+            // (its fd is watched edge-triggered, so reading stopped when buffers ran out).
+            RX => self.backend_event(0),
             TX => {
                 let mem = self
                     .core
