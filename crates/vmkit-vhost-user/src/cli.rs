@@ -1,0 +1,389 @@
+//! Command-line parsing for the `vmkit-vhost-user` binary.
+//!
+//! ```text
+//! vmkit-vhost-user blk --socket PATH --disk PATH [--readonly] [--num-queues N]
+//!                      [--queue-size N] [--serial ID] [--logical-block-size 512|4096]
+//!                      [--once] [--log-level LEVEL]
+//! vmkit-vhost-user rng --socket PATH [--once] [--log-level LEVEL]
+//! ```
+//!
+//! Flag names follow qemu-storage-daemon's and Cloud Hypervisor's vhost-user backends
+//! (`num-queues`, `queue-size`, `serial`/`id`, `readonly`, `logical-block-size`); both
+//! `--flag value` and `--flag=value` are accepted. Every error names the argument at fault.
+
+use std::path::PathBuf;
+
+use crate::blk::BlkOptions;
+
+/// Usage text printed by `--help` and after argument errors.
+pub const USAGE: &str = "\
+usage: vmkit-vhost-user <device> [options]
+
+devices:
+  blk   virtio-blk over a raw image file
+  rng   virtio-rng fed by getrandom(2)
+
+common options:
+  --socket PATH            Unix socket to listen on (required); the frontend connects to it
+  --once                   exit after the first frontend disconnects
+  --log-level LEVEL        error, warn, info (default), debug or trace
+  -h, --help               this text
+
+blk options:
+  --disk PATH              raw image file (required; alias --path)
+  --readonly               export read-only (alias --read-only)
+  --num-queues N           request queues, 1-64 (default 1)
+  --queue-size N           entries per queue, a power of two 2-32768 (default 128;
+                           keep it equal to the frontend's queue-size)
+  --serial ID              serial returned by GET_ID, at most 20 bytes (alias --id)
+  --logical-block-size N   512 or 4096 (default 512)
+
+SIGTERM or SIGINT stops the daemon cleanly: in-flight requests complete and the image is
+flushed before it exits.";
+
+/// Errors in the command line. Each names the argument at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    /// No device subcommand.
+    #[error("missing device: expected 'blk' or 'rng'")]
+    MissingDevice,
+    /// An unknown device subcommand.
+    #[error("unknown device '{0}': expected 'blk' or 'rng'")]
+    UnknownDevice(String),
+    /// An argument the device does not take.
+    #[error("unknown argument '{arg}' for '{device}'")]
+    UnknownArgument {
+        /// The device.
+        device: &'static str,
+        /// The argument.
+        arg: String,
+    },
+    /// A flag that needs a value came last.
+    #[error("{0} needs a value")]
+    MissingValue(&'static str),
+    /// A flag that takes no value was given one.
+    #[error("{0} takes no value")]
+    UnexpectedValue(&'static str),
+    /// A required flag is absent.
+    #[error("missing required argument {0}")]
+    Required(&'static str),
+    /// A value is out of range or malformed.
+    #[error("{flag}: {problem}, got '{value}'")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What was expected.
+        problem: &'static str,
+    },
+    /// A flag given twice.
+    #[error("{0} given more than once")]
+    Duplicate(&'static str),
+}
+
+/// What the binary should run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Print [`USAGE`].
+    Help,
+    /// Serve a block device.
+    Blk(BlkOptions, Common),
+    /// Serve an entropy device.
+    Rng(Common),
+}
+
+/// Options every device takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Common {
+    /// The Unix socket to listen on.
+    pub socket: PathBuf,
+    /// Exit after the first connection.
+    pub once: bool,
+    /// Log level.
+    pub log_level: log::LevelFilter,
+}
+
+/// Flags, canonical name first, then aliases; `true` when the flag takes a value.
+const BLK_FLAGS: &[(&[&str], bool)] = &[
+    (&["--disk", "--path"], true),
+    (&["--readonly", "--read-only"], false),
+    (&["--num-queues"], true),
+    (&["--queue-size"], true),
+    (&["--serial", "--id"], true),
+    (&["--logical-block-size"], true),
+];
+const COMMON_FLAGS: &[(&[&str], bool)] = &[
+    (&["--socket"], true),
+    (&["--once"], false),
+    (&["--log-level"], true),
+];
+
+/// Splits `args` into (canonical flag, value) pairs, checking names, values and duplicates.
+fn split_flags(
+    device: &'static str,
+    args: &[String],
+    flags: &[&[(&'static [&'static str], bool)]],
+) -> Result<Vec<(&'static str, Option<String>)>, CliError> {
+    let mut out: Vec<(&'static str, Option<String>)> = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let Some(&(names, takes_value)) = flags
+            .iter()
+            .flat_map(|f| f.iter())
+            .find(|(names, _)| names.contains(&name))
+        else {
+            return Err(CliError::UnknownArgument {
+                device,
+                arg: arg.clone(),
+            });
+        };
+        let canonical = names[0];
+        let value = match (takes_value, inline) {
+            (true, Some(v)) => Some(v),
+            (true, None) => Some(
+                it.next()
+                    .cloned()
+                    .ok_or(CliError::MissingValue(canonical))?,
+            ),
+            (false, Some(_)) => return Err(CliError::UnexpectedValue(canonical)),
+            (false, None) => None,
+        };
+        if out.iter().any(|(n, _)| *n == canonical) {
+            return Err(CliError::Duplicate(canonical));
+        }
+        out.push((canonical, value));
+    }
+    Ok(out)
+}
+
+fn value<'a>(flags: &'a [(&'static str, Option<String>)], name: &str) -> Option<&'a str> {
+    flags
+        .iter()
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.as_deref())
+}
+
+fn present(flags: &[(&'static str, Option<String>)], name: &str) -> bool {
+    flags.iter().any(|(n, _)| *n == name)
+}
+
+fn parse_u32(
+    flag: &'static str,
+    v: &str,
+    ok: impl Fn(u32) -> bool,
+    problem: &'static str,
+) -> Result<u32, CliError> {
+    match v.parse::<u32>() {
+        Ok(n) if ok(n) => Ok(n),
+        _ => Err(CliError::Invalid {
+            flag,
+            value: v.to_string(),
+            problem,
+        }),
+    }
+}
+
+fn common(flags: &[(&'static str, Option<String>)]) -> Result<Common, CliError> {
+    let socket = value(flags, "--socket").ok_or(CliError::Required("--socket"))?;
+    if socket.is_empty() {
+        return Err(CliError::Invalid {
+            flag: "--socket",
+            value: String::new(),
+            problem: "expected a path",
+        });
+    }
+    let log_level = match value(flags, "--log-level") {
+        None => log::LevelFilter::Info,
+        Some(v) => v.parse().map_err(|_| CliError::Invalid {
+            flag: "--log-level",
+            value: v.to_string(),
+            problem: "expected off, error, warn, info, debug or trace",
+        })?,
+    };
+    Ok(Common {
+        socket: PathBuf::from(socket),
+        once: present(flags, "--once"),
+        log_level,
+    })
+}
+
+fn blk(flags: &[(&'static str, Option<String>)]) -> Result<BlkOptions, CliError> {
+    let disk = value(flags, "--disk").ok_or(CliError::Required("--disk"))?;
+    let mut o = BlkOptions::new(disk);
+    o.readonly = present(flags, "--readonly");
+    if let Some(v) = value(flags, "--num-queues") {
+        o.num_queues = parse_u32(
+            "--num-queues",
+            v,
+            |n| (1..=64).contains(&n),
+            "expected an integer from 1 to 64",
+        )? as u16;
+    }
+    if let Some(v) = value(flags, "--queue-size") {
+        o.queue_size = parse_u32(
+            "--queue-size",
+            v,
+            |n| (2..=32768).contains(&n) && n.is_power_of_two(),
+            "expected a power of two from 2 to 32768",
+        )? as u16;
+    }
+    if let Some(v) = value(flags, "--serial") {
+        if v.len() > 20 {
+            return Err(CliError::Invalid {
+                flag: "--serial",
+                value: v.to_string(),
+                problem: "expected at most 20 bytes",
+            });
+        }
+        o.serial = Some(v.to_string());
+    }
+    if let Some(v) = value(flags, "--logical-block-size") {
+        o.logical_block_size = parse_u32(
+            "--logical-block-size",
+            v,
+            |n| n == 512 || n == 4096,
+            "expected 512 or 4096",
+        )?;
+    }
+    Ok(o)
+}
+
+/// Parses the arguments after the program name.
+///
+/// # Errors
+/// [`CliError`] naming the argument at fault.
+pub fn parse(args: &[String]) -> Result<Command, CliError> {
+    let Some(device) = args.first() else {
+        return Err(CliError::MissingDevice);
+    };
+    let rest = &args[1..];
+    if matches!(device.as_str(), "-h" | "--help" | "help")
+        || rest.iter().any(|a| a == "-h" || a == "--help")
+    {
+        return Ok(Command::Help);
+    }
+    match device.as_str() {
+        "blk" => {
+            let flags = split_flags("blk", rest, &[COMMON_FLAGS, BLK_FLAGS])?;
+            let c = common(&flags)?;
+            Ok(Command::Blk(blk(&flags)?, c))
+        }
+        "rng" => {
+            let flags = split_flags("rng", rest, &[COMMON_FLAGS])?;
+            Ok(Command::Rng(common(&flags)?))
+        }
+        other => Err(CliError::UnknownDevice(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_blk_with_every_flag() {
+        let c = parse(&args(
+            "blk --socket /tmp/s --disk=/tmp/d --readonly --num-queues 4 --queue-size=256 \
+             --id disk0 --logical-block-size 4096 --once --log-level debug",
+        ))
+        .unwrap();
+        let Command::Blk(o, c) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(o.disk, PathBuf::from("/tmp/d"));
+        assert!(o.readonly);
+        assert_eq!(
+            (o.num_queues, o.queue_size, o.logical_block_size),
+            (4, 256, 4096)
+        );
+        assert_eq!(o.serial.as_deref(), Some("disk0"));
+        assert_eq!(c.socket, PathBuf::from("/tmp/s"));
+        assert!(c.once);
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn defaults_match_qemu() {
+        let Command::Blk(o, c) = parse(&args("blk --socket s --path d")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(o, BlkOptions::new("d"));
+        assert_eq!((o.num_queues, o.queue_size), (1, 128));
+        assert!(!c.once);
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert_eq!(
+            parse(&args("rng --socket s")).unwrap(),
+            Command::Rng(Common {
+                socket: "s".into(),
+                once: false,
+                log_level: log::LevelFilter::Info
+            })
+        );
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        let cases = [
+            ("", "missing device"),
+            ("net --socket s", "unknown device 'net'"),
+            ("blk --disk d", "missing required argument --socket"),
+            ("blk --socket s", "missing required argument --disk"),
+            (
+                "blk --socket s --disk d --num-queues 0",
+                "--num-queues: expected an integer from 1 to 64, got '0'",
+            ),
+            ("blk --socket s --disk d --num-queues x", "--num-queues"),
+            (
+                "blk --socket s --disk d --queue-size 100",
+                "--queue-size: expected a power of two",
+            ),
+            (
+                "blk --socket s --disk d --serial 123456789012345678901",
+                "--serial",
+            ),
+            (
+                "blk --socket s --disk d --logical-block-size 1024",
+                "--logical-block-size",
+            ),
+            ("blk --socket s --disk d --log-level loud", "--log-level"),
+            (
+                "blk --socket s --disk d --bogus",
+                "unknown argument '--bogus' for 'blk'",
+            ),
+            (
+                "rng --socket s --disk d",
+                "unknown argument '--disk' for 'rng'",
+            ),
+            ("blk --socket s --disk", "--disk needs a value"),
+            (
+                "blk --socket s --disk d --readonly=yes",
+                "--readonly takes no value",
+            ),
+            (
+                "blk --socket s --disk d --path e",
+                "--disk given more than once",
+            ),
+            ("blk --socket= --disk d", "--socket: expected a path"),
+        ];
+        for (line, want) in cases {
+            let e = parse(&args(line)).unwrap_err().to_string();
+            assert!(e.contains(want), "{line:?}: {e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn help() {
+        assert_eq!(parse(&args("--help")).unwrap(), Command::Help);
+        assert_eq!(parse(&args("blk -h")).unwrap(), Command::Help);
+        assert!(USAGE.contains("--num-queues"));
+    }
+}

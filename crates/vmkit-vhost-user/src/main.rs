@@ -1,0 +1,73 @@
+//! `vmkit-vhost-user`: vmkit's virtio devices as vhost-user backend daemons.
+//! Run `vmkit-vhost-user --help` for the flags.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use vmkit_vhost_user::cli::{self, Command, Common};
+use vmkit_vhost_user::{
+    blk_backend, install_signal_handlers, logger, rng_backend, serve, QueueHandler, ServeOptions,
+    Stop, VirtioBackend,
+};
+
+fn run<H: QueueHandler>(backend: VirtioBackend<H>, common: &Common, stop: &Stop) -> ExitCode {
+    let opts = ServeOptions { once: common.once };
+    match serve(Arc::new(backend), &common.socket, stop, opts) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = match cli::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmkit-vhost-user: {e}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let common = match &cmd {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Command::Blk(_, c) | Command::Rng(c) => c.clone(),
+    };
+    logger::init(common.log_level);
+    let stop = match Stop::new() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot create the stop eventfd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // First, so that every thread started later inherits the blocked signal mask.
+    if let Err(e) = install_signal_handlers(stop.clone()) {
+        log::error!("{e}");
+        return ExitCode::FAILURE;
+    }
+    match cmd {
+        Command::Blk(opts, _) => match blk_backend(&opts) {
+            Ok(b) => {
+                log::info!(
+                    "serving {} ({}{} queue(s) of {})",
+                    opts.disk.display(),
+                    if opts.readonly { "read-only, " } else { "" },
+                    opts.num_queues,
+                    opts.queue_size
+                );
+                run(b, &common, &stop)
+            }
+            Err(e) => {
+                log::error!("--disk: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Rng(_) => run(rng_backend(), &common, &stop),
+        Command::Help => ExitCode::SUCCESS,
+    }
+}

@@ -1,0 +1,254 @@
+//! A minimal vhost-user *frontend and driver* for tests: it plays QEMU (vhost's `Frontend`
+//! over the backend's socket, a memfd as guest RAM) and the guest driver (split rings written
+//! by hand, kicks on the kick eventfd, interrupts awaited on the call eventfd).
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Guest RAM size (one region at GPA 0).
+pub const MEM_SIZE: u64 = 0x20_0000;
+/// Where buffers live in guest RAM.
+pub const DATA: u64 = 0x10_0000;
+/// A fake frontend virtual address for GPA 0 (vring addresses are sent as frontend VAs).
+pub const VA_BASE: u64 = 0x7f00_0000_0000;
+/// Feature bit: event index.
+pub const EVENT_IDX: u64 = 1 << 29;
+
+pub fn memfd(size: u64) -> File {
+    // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(c"vmkit-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    f
+}
+
+pub fn region(file: &File, gpa: u64, size: u64) -> GuestRegionMmap<()> {
+    let m = MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), size as usize)
+        .unwrap();
+    GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
+}
+
+pub struct Ring {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+    pub kick: EventFd,
+    pub call: EventFd,
+}
+
+pub struct TestFrontend {
+    pub fe: Frontend,
+    pub mem: GuestMemoryMmap<()>,
+    pub file: File,
+    pub rings: Vec<Ring>,
+    pub features: u64,
+    pub protocol: VhostUserProtocolFeatures,
+}
+
+/// Polls `fd` for readability for at most `timeout`.
+pub fn readable(fd: &EventFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    rc == 1
+}
+
+impl TestFrontend {
+    /// Connects and negotiates like QEMU: features (all offered ones except `drop`), protocol
+    /// features, memory table, and `num_queues` rings of `size` entries, enabled.
+    pub fn connect(sock: &Path, num_queues: usize, size: u16, drop: u64) -> Self {
+        let mut fe = None;
+        for _ in 0..200 {
+            if let Ok(f) = Frontend::connect(sock, num_queues as u64) {
+                fe = Some(f);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut fe = fe.expect("backend socket never accepted");
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let protocol = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(protocol).unwrap();
+        let features = offered & !drop;
+        fe.set_features(features).unwrap();
+        let file = memfd(MEM_SIZE);
+        let mem = GuestMemoryMmap::from_regions(vec![region(&file, 0, MEM_SIZE)]).unwrap();
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE,
+            userspace_addr: VA_BASE,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        }])
+        .unwrap();
+        let mut rings = Vec::new();
+        for q in 0..num_queues {
+            let base = 0x1_0000 * q as u64;
+            let ring = Ring {
+                size,
+                desc: base,
+                avail: base + 0x4000,
+                used: base + 0x8000,
+                next_desc: 0,
+                avail_idx: 0,
+                last_used: 0,
+                kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+                call: EventFd::new(EFD_NONBLOCK).unwrap(),
+            };
+            fe.set_vring_num(q, size).unwrap();
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: size,
+                    queue_size: size,
+                    flags: 0,
+                    desc_table_addr: VA_BASE + ring.desc,
+                    used_ring_addr: VA_BASE + ring.used,
+                    avail_ring_addr: VA_BASE + ring.avail,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(q, 0).unwrap();
+            fe.set_vring_call(q, &ring.call).unwrap();
+            fe.set_vring_kick(q, &ring.kick).unwrap();
+            fe.set_vring_enable(q, true).unwrap();
+            rings.push(ring);
+        }
+        Self {
+            fe,
+            mem,
+            file,
+            rings,
+            features,
+            protocol,
+        }
+    }
+
+    /// Places a chain of `(gpa, len, device_writable)` buffers on queue `q` and kicks.
+    pub fn submit(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
+        let r = &mut self.rings[q];
+        let head = r.next_desc;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let idx = (head + i as u16) % r.size;
+            let last = i + 1 == bufs.len();
+            let flags: u16 = if last { 0 } else { 1 } | if write { 2 } else { 0 };
+            let next = (idx + 1) % r.size;
+            let d = r.desc + 16 * u64::from(idx);
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+        }
+        r.next_desc = (head + bufs.len() as u16) % r.size;
+        let slot = r.avail + 4 + 2 * u64::from(r.avail_idx % r.size);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        // used_event: interrupt me as soon as anything past what I consumed is used.
+        let used_event = r.avail + 4 + 2 * u64::from(r.size);
+        self.mem
+            .write_obj(r.last_used, GuestAddress(used_event))
+            .unwrap();
+        r.avail_idx = r.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(r.avail_idx, GuestAddress(r.avail + 2))
+            .unwrap();
+        r.kick.write(1).unwrap();
+        head
+    }
+
+    /// Waits for the call eventfd of queue `q`, then returns the next used element.
+    pub fn wait_used(&mut self, q: usize) -> (u16, u32) {
+        let r = &mut self.rings[q];
+        loop {
+            let idx: u16 = self.mem.read_obj(GuestAddress(r.used + 2)).unwrap();
+            if idx != r.last_used {
+                let e = r.used + 4 + 8 * u64::from(r.last_used % r.size);
+                let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+                r.last_used = r.last_used.wrapping_add(1);
+                return (id as u16, len);
+            }
+            assert!(
+                readable(&r.call, Duration::from_secs(10)),
+                "no interrupt on queue {q} within 10 s"
+            );
+            let _ = r.call.read();
+        }
+    }
+
+    /// Number of used elements the backend has published on queue `q`.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.rings[q].used + 2))
+            .unwrap()
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
+        v
+    }
+
+    /// Reads `len` bytes of the device configuration space.
+    pub fn config(&mut self, offset: u32, len: u32) -> Vec<u8> {
+        let buf = vec![0u8; len as usize];
+        let (_, data) = self
+            .fe
+            .get_config(
+                offset,
+                len,
+                vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                &buf,
+            )
+            .unwrap();
+        data
+    }
+}
+
+/// A block request: header at `hdr`, data buffer at `data`, status byte at `status`.
+pub fn blk_request(
+    t: &mut TestFrontend,
+    q: usize,
+    kind: u32,
+    sector: u64,
+    data: Option<(u64, u32, bool)>,
+) -> (u8, u32) {
+    let hdr = DATA;
+    let status = DATA + 0x100;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    t.write(hdr, &h);
+    t.write(status, &[0xff]);
+    let mut bufs = vec![(hdr, 16, false)];
+    bufs.extend(data);
+    bufs.push((status, 1, true));
+    t.submit(q, &bufs);
+    let (_, len) = t.wait_used(q);
+    (t.read(status, 1)[0], len)
+}
