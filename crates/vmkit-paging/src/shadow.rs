@@ -285,11 +285,14 @@ where
         self.walker.config().mode.levels()
     }
 
-    /// The current shadow root: the value for the real CR3.
-    pub fn shadow_root(&self) -> u64 {
-        self.roots
-            .first()
-            .map_or(0, |r| self.pages.get(r.sp).map_or(0, |p| p.frame))
+    /// The current shadow root: the value for the real CR3. `None` after [`zap_all`]
+    /// until the next fault or CR3 write builds a new root (the old one is obsolete and
+    /// must not be used, as KVM reloads obsolete roots before the next guest entry).
+    ///
+    /// [`zap_all`]: Self::zap_all
+    pub fn shadow_root(&self) -> Option<u64> {
+        let r = self.roots.first()?;
+        self.root_valid(r).then(|| self.pages[r.sp].frame)
     }
 
     fn root_valid(&self, r: &CachedRoot) -> bool {
@@ -740,8 +743,18 @@ where
 
     /// Translates `gva` through the shadow tables as the hardware MMU would (no fix-up).
     pub fn translate(&self, gva: u64, access: Access) -> Result<u64, Fault> {
+        let Some(root) = self.shadow_root() else {
+            // No valid root: behaves like an empty top-level table.
+            return Err(Fault::PageFault(crate::walk::PageFault {
+                addr: gva,
+                error_code: crate::walk::PfErrorCode::from_bits(self.walker.access_code(access)),
+                reason: crate::walk::FaultReason::NotPresent {
+                    level: self.levels(),
+                },
+            }));
+        };
         let mut cfg = *self.walker.config();
-        cfg.cr3 = self.shadow_root();
+        cfg.cr3 = root;
         cfg.set_accessed_dirty = false;
         cfg.max_phys_bits = 52;
         cfg.amd = false;
@@ -1036,7 +1049,7 @@ mod tests {
         let e = env();
         let mut m = mmu(&e);
         m.access(0x40_0000, Access::user_read()).unwrap().unwrap();
-        let root_a = m.shadow_root();
+        let root_a = m.shadow_root().unwrap();
         m.set_cr3(e.cr3[1], 1, false).unwrap();
         assert_eq!(
             m.access(0x40_0000, Access::user_read()),
@@ -1044,7 +1057,7 @@ mod tests {
         );
         let fixed = m.stats().fixed;
         m.set_cr3(e.cr3[0], 0, true).unwrap();
-        assert_eq!(m.shadow_root(), root_a);
+        assert_eq!(m.shadow_root(), Some(root_a));
         assert_eq!(
             m.translate(0x40_0000, Access::user_read()),
             Ok(0x10_0000 + HOST_OFFSET)
@@ -1071,10 +1084,8 @@ mod tests {
         }
         let live = m.live_pages();
         m.zap_all();
-        assert!(
-            m.translate(0x40_0000, Access::user_read()).is_ok(),
-            "old root still loaded until the next fault"
-        );
+        assert_eq!(m.shadow_root(), None, "the old root is obsolete at once");
+        assert!(m.translate(0x40_0000, Access::user_read()).is_err());
         assert_eq!(
             m.access(0x40_5000, Access::user_read()),
             Ok(Ok(0x10_5000 + HOST_OFFSET))
