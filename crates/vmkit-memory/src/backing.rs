@@ -583,11 +583,15 @@ impl Backing {
                     let fo = FileOffset::new(f, 0);
                     (Source::Shared(fo.clone()), Some(fo), huge)
                 }
-                BackingKind::File(_) => {
+                BackingKind::File(path) => {
+                    // `file` was opened above for exactly this kind.
                     let f = file
                         .as_ref()
                         .map(Arc::clone)
-                        .ok_or(BackingError::TooLarge { size: r.size })?;
+                        .ok_or_else(|| BackingError::File {
+                            path: path.clone(),
+                            source: io::Error::from_raw_os_error(libc::EBADF),
+                        })?;
                     let fo = FileOffset::from_arc(f, file_pos);
                     file_pos += r.size;
                     (Source::Shared(fo.clone()), Some(fo), false)

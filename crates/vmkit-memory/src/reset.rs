@@ -39,6 +39,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
@@ -66,6 +67,24 @@ pub enum ResetError {
 
 fn mem_err(e: impl std::fmt::Display) -> ResetError {
     ResetError::Memory(e.to_string())
+}
+
+/// How many runs ahead of the copy the next pages' first lines are prefetched: dirty pages
+/// are scattered, so each copy otherwise starts with a TLB miss and a cache miss.
+const PREFETCH_DISTANCE: usize = 4;
+
+/// Hints the CPU to load the cache line at `p` (and its translation). Never faults: a
+/// prefetch of any address, mapped or not, is architecturally a no-op apart from caching.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is part of SSE, which every x86_64 CPU has, and it does not access
+    // memory in a way that can fault or be observed; any pointer value is allowed.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// What a reset did.
@@ -147,11 +166,20 @@ impl<H: HypervisorDirtyLog> FastReset<H> {
     pub fn reset(&mut self, mem: &GuestRam) -> Result<ResetStats, ResetError> {
         let dirty = self.tracker.take(mem)?;
         let regions: Vec<_> = mem.iter().collect();
+        let runs: Vec<(usize, u64, u64)> = dirty.iter_runs().collect();
         let mut stats = ResetStats::default();
-        for (r, first, n) in dirty.iter_runs() {
+        for (k, &(r, first, n)) in runs.iter().enumerate() {
             let (Some(region), Some(base)) = (regions.get(r), self.baseline.get(r)) else {
                 continue;
             };
+            if let Some(&(r2, f2, _)) = runs.get(k + PREFETCH_DISTANCE) {
+                if let (Some(g2), Some(b2)) = (regions.get(r2), self.baseline.get(r2)) {
+                    let off = (f2 * PAGE_SIZE) as usize;
+                    let guest: &MmapRegion<AtomicBitmap> = g2;
+                    prefetch(b2.as_ptr().wrapping_add(off));
+                    prefetch(guest.as_ptr().wrapping_add(off));
+                }
+            }
             let off = (first * PAGE_SIZE) as usize;
             let len = (n * PAGE_SIZE) as usize;
             let src = base.get_slice(off, len).map_err(mem_err)?;

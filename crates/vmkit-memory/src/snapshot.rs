@@ -365,6 +365,7 @@ fn read_guest(
 }
 
 /// Writes a full snapshot of `mem` to `file` (truncating it); zero pages become holes.
+/// `file` must be open for writing, and not in append mode (writes are positional).
 ///
 /// The guest should be paused: pages changing during the write give a snapshot whose
 /// checksums still match what was written, but which mixes old and new contents.
@@ -766,6 +767,9 @@ fn read_into(
 
 /// Restores `mem` from a full or incremental snapshot by copying, after validating the whole
 /// file (see the [module docs](self)). On error, guest memory is unchanged.
+///
+/// The data is read with `read(2)` after seeking, so the file's position moves; do not share
+/// the file description with a concurrent reader.
 ///
 /// Restored pages are marked dirty in vm-memory's bitmap (they did change); clear a
 /// [`DirtyTracker`](crate::DirtyTracker) afterwards if the restored state is its new base.
