@@ -1,0 +1,830 @@
+//! The credit scheduler: weighted, capped, two-level fair sharing with a wake-up boost.
+//!
+//! # Model
+//!
+//! The anchors are Xen's credit and credit2 schedulers. Like them, each VM has a **weight**
+//! and an optional **cap**, vCPUs inside a VM share the VM's time, slices have a minimum
+//! length (the **rate limit**) and a vCPU woken by an interrupt is **boosted** so that it runs
+//! soon. Unlike credit1, credit is not handed out and sampled at 10 ms ticks; it is kept as
+//! *virtual time*, which is what credit2 converges to and what makes the accounting exact.
+//!
+//! **Credits as virtual time.** Every VM has a virtual time `vtime`. When one of its tasks
+//! runs for `ran` nanoseconds, the VM's `vtime` advances by `ran * 256 / weight`: a VM of
+//! weight 512 ages half as fast as one of weight 256. The scheduler always prefers the VM
+//! with the smallest `vtime`, so over any busy interval all runnable VMs' virtual times stay
+//! within a small bound of each other and their CPU times stay proportional to their
+//! weights. A VM's *credit* is how far it is behind: `sys_vtime - vtime`, converted back to
+//! nanoseconds with its weight ([`CreditScheduler::vm_credit`]). Positive credit means "has
+//! used less than its share".
+//!
+//! **Two levels.** The same rule applies inside a VM: every task (vCPU) has its own virtual
+//! time (in plain nanoseconds, since vCPUs of one VM are equal) and the VM runs its task
+//! with the least. A VM with four runnable vCPUs does not get more than a VM with one; it
+//! spreads the same share over four.
+//!
+//! **Charging.** When a slice is handed out, the VM and the task are charged the whole slice
+//! in advance (so that other host CPUs picking at the same moment see the VM as served and
+//! pick someone else). When the slice ends, the charge is corrected to the time the task
+//! *actually ran*, measured by the driver from resume to return. There is no sampling: a task
+//! that yields just before a tick is charged exactly what it ran, and one that overruns its
+//! slice is charged the overrun.
+//!
+//! **Sleepers.** A VM or task that sleeps does not bank credit without limit: when it becomes
+//! runnable again its virtual time is raised to at least `sys_vtime - sleep_credit` (where
+//! `sys_vtime` is the system's "now" in virtual time: the largest virtual time the scheduler
+//! has picked, or the progress of a slice still running if that is further). It may therefore be ahead of the others by at most `sleep_credit`
+//! nanoseconds of service, however long it slept. The same clamp applies to tasks inside a
+//! VM.
+//!
+//! **Wake-up boost (and why it cannot be gamed).** A woken task whose VM has positive credit
+//! is put on a boost queue that every host CPU serves before its run queue, and if no host
+//! CPU is idle, the slice of the CPU running the most-served VM is cut (no earlier than the
+//! rate limit allows). That is the latency path. It is not a share path:
+//! - the boost only changes *when* the task runs, never what it is charged: boosted time is
+//!   charged like any other, at the actual length, so a task that sleeps and wakes often only
+//!   spends its credit sooner;
+//! - a boost needs positive credit *after* the sleeper clamp, so the most any sequence of
+//!   sleeps and wakes can gain is the `sleep_credit` bound above, once, not per wake;
+//! - yielding or halting before a tick gains nothing because there are no ticks: charges are
+//!   the measured run time.
+//!
+//! The simulator tests in `tests/` check these claims numerically (gamers get at most 2%
+//! more than their entitlement).
+//!
+//! **Caps.** A cap of `c` percent gives the VM a budget of `c/100 * period` nanoseconds per
+//! **accounting period** (periods are aligned on multiples of `period` on the caller's
+//! clock). A slice given to a capped VM is never longer than the unreserved budget nor than
+//! the time to the end of the period, and slices granted on other CPUs reserve budget, so a
+//! driver that stops tasks on time (the simulator) never exceeds the cap in any period. Time
+//! a task runs past its slice (a real task that was slow to stop) is debt that the next
+//! period's budget pays. A VM without budget leaves the run queues until the next period,
+//! even if CPUs are idle: a cap is an upper bound, not a share.
+//!
+//! **Rate limit.** A slice is never shorter than `ratelimit` (unless the cap budget is
+//! shorter), and a boost never cuts a slice that has run less than `ratelimit`: Xen's
+//! `ratelimit_us`, which bounds the context-switch rate under wake storms.
+//!
+//! **Host CPUs and work stealing.** Each host CPU has its own run queue of VMs, ordered by
+//! virtual time, and each VM has a home CPU (assigned to balance the number of VMs). A host
+//! CPU runs its own best VM unless another CPU's best VM is more than `steal_margin` behind
+//! it, or its own queue is empty: then it *steals* that VM, and takes the VM home if the
+//! victim's queue was longer than its own. Keeping VMs on their home CPU keeps their state
+//! warm in that CPU's caches; the margin bounds the unfairness this affinity may cost.
+//! All queues live in this one state machine, so stealing needs no extra locking: the
+//! executor serialises calls with one lock (a decision costs well under a microsecond).
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::scheduler::{
+    Decision, Nanos, SchedError, SchedStats, Scheduler, TaskId, VmConfig, VmId, WakeAction,
+    DEFAULT_WEIGHT, MAX_WEIGHT,
+};
+use crate::task::Outcome;
+
+/// Tunables of the [`CreditScheduler`]. All times are in nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreditConfig {
+    /// Number of host CPUs to schedule on.
+    pub cpus: usize,
+    /// Length of a full slice.
+    pub timeslice: Nanos,
+    /// Minimum slice: a boost never cuts a slice shorter than this (Xen: 1 ms).
+    pub ratelimit: Nanos,
+    /// Accounting period over which caps are enforced.
+    pub period: Nanos,
+    /// The most credit (in nanoseconds of CPU time) a sleeping VM or task keeps.
+    pub sleep_credit: Nanos,
+    /// How far behind (in nanoseconds of CPU time at the default weight) another CPU's best
+    /// VM must be before a CPU steals it instead of running its own.
+    pub steal_margin: Nanos,
+    /// Whether woken tasks with credit are boosted (and may preempt).
+    pub boost: bool,
+}
+
+impl Default for CreditConfig {
+    fn default() -> Self {
+        CreditConfig {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            timeslice: 10_000_000,
+            ratelimit: 1_000_000,
+            period: 10_000_000,
+            sleep_credit: 5_000_000,
+            steal_margin: 1_000_000,
+            boost: true,
+        }
+    }
+}
+
+impl CreditConfig {
+    /// The defaults for `cpus` host CPUs.
+    pub fn with_cpus(cpus: usize) -> Self {
+        CreditConfig {
+            cpus,
+            ..CreditConfig::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), SchedError> {
+        let bad = |name, value, why| Err(SchedError::InvalidParameter { name, value, why });
+        if self.cpus == 0 {
+            return Err(SchedError::NoCpus);
+        }
+        if self.timeslice == 0 {
+            return bad("timeslice", 0, "must be positive");
+        }
+        if self.ratelimit == 0 || self.ratelimit > self.timeslice {
+            return bad("ratelimit", self.ratelimit, "must be in 1..=timeslice");
+        }
+        if self.period == 0 {
+            return bad("period", 0, "must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Virtual time: nanoseconds of service scaled by `DEFAULT_WEIGHT / weight`. `u128` so that
+/// a weight-1 VM cannot overflow it in any realistic lifetime.
+type VTime = u128;
+
+fn to_vtime(ns: Nanos, weight: u32) -> VTime {
+    // weight >= 1 is validated when the VM is added.
+    VTime::from(ns) * VTime::from(DEFAULT_WEIGHT) / VTime::from(weight.max(1))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskState {
+    Queued,
+    Running,
+    Blocked,
+    Exited,
+}
+
+#[derive(Debug)]
+struct TaskEntry {
+    vm: u32,
+    vtime: Nanos,
+    state: TaskState,
+    service: Nanos,
+    /// When the task was last woken, until it first runs after that.
+    woken_at: Option<Nanos>,
+    /// A wake arrived while the task was running.
+    wake_pending: bool,
+    /// The task sits on the boost queue.
+    boosted: bool,
+}
+
+#[derive(Debug)]
+struct VmEntry {
+    config: VmConfig,
+    vtime: VTime,
+    home: usize,
+    /// Runnable, not running tasks, by (task vtime, task index).
+    queued: BTreeSet<(Nanos, u32)>,
+    /// The key under which the VM sits in its home queue, if it does.
+    queue_key: Option<VTime>,
+    /// Largest task vtime picked in this VM: the VM's own "now" for the task-level clamp.
+    task_floor: Nanos,
+    running: u32,
+    live_tasks: u32,
+    service: Nanos,
+    /// Cap budget per period, if capped.
+    budget: Option<Nanos>,
+    /// Budget used in the current period (can exceed `budget` by overrun debt).
+    used: Nanos,
+    /// Budget promised to slices running in the current period.
+    reserved: Nanos,
+}
+
+impl VmEntry {
+    fn available(&self) -> Option<Nanos> {
+        self.budget
+            .map(|b| b.saturating_sub(self.used.saturating_add(self.reserved)))
+    }
+
+    fn eligible(&self) -> bool {
+        !self.queued.is_empty() && self.available() != Some(0)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Running {
+    task: u32,
+    start: Nanos,
+    slice: Nanos,
+    period: u64,
+    /// The VM's virtual time when the slice began, before the advance charge.
+    vm_vtime: VTime,
+    weight: u32,
+}
+
+impl Running {
+    /// The VM's virtual time as if charged for what this slice has run so far.
+    fn progress(&self, now: Nanos) -> VTime {
+        self.vm_vtime
+            .saturating_add(to_vtime(now.saturating_sub(self.start), self.weight))
+    }
+}
+
+#[derive(Debug, Default)]
+struct CpuEntry {
+    running: Option<Running>,
+    idle: bool,
+    cut_at: Option<Nanos>,
+    homed_vms: usize,
+}
+
+/// A weighted, capped, two-level credit scheduler. See the [module docs](self).
+///
+/// ```
+/// use vmkit_sched::{CreditConfig, CreditScheduler, Decision, Outcome, Scheduler, VmConfig};
+///
+/// let mut s = CreditScheduler::new(CreditConfig::with_cpus(1))?;
+/// let heavy = s.add_vm(VmConfig::weighted(512))?;
+/// let light = s.add_vm(VmConfig::weighted(256))?;
+/// for vm in [heavy, light] {
+///     let t = s.add_task(vm, 0)?;
+///     s.wake(t, 0)?;
+/// }
+/// let mut now = 0;
+/// for _ in 0..300 {
+///     let Decision::Run { slice, .. } = s.pick(0, now)? else { unreachable!() };
+///     now += slice;
+///     s.finish(0, slice, Outcome::SliceEnd, now)?;
+/// }
+/// let (h, l) = (s.vm_service(heavy)?, s.vm_service(light)?);
+/// assert!((h as f64 / l as f64 - 2.0).abs() < 0.05);
+/// # Ok::<(), vmkit_sched::SchedError>(())
+/// ```
+#[derive(Debug)]
+pub struct CreditScheduler {
+    config: CreditConfig,
+    vms: Vec<VmEntry>,
+    tasks: Vec<TaskEntry>,
+    /// Per host CPU: eligible VMs homed there, by (vtime, vm index).
+    queues: Vec<BTreeSet<(VTime, u32)>>,
+    boost_queue: VecDeque<u32>,
+    cpus: Vec<CpuEntry>,
+    sys_vtime: VTime,
+    period_idx: u64,
+    capped: Vec<u32>,
+    stats: SchedStats,
+}
+
+impl CreditScheduler {
+    /// A scheduler with the given tunables.
+    pub fn new(config: CreditConfig) -> Result<Self, SchedError> {
+        config.validate()?;
+        Ok(CreditScheduler {
+            config,
+            vms: Vec::new(),
+            tasks: Vec::new(),
+            queues: (0..config.cpus).map(|_| BTreeSet::new()).collect(),
+            boost_queue: VecDeque::new(),
+            cpus: (0..config.cpus).map(|_| CpuEntry::default()).collect(),
+            sys_vtime: 0,
+            period_idx: 0,
+            capped: Vec::new(),
+            stats: SchedStats::default(),
+        })
+    }
+
+    /// The tunables.
+    pub fn config(&self) -> &CreditConfig {
+        &self.config
+    }
+
+    /// A VM's credit: how many nanoseconds of CPU time it is behind the system (positive:
+    /// it has used less than its share so far; negative: more).
+    pub fn vm_credit(&self, vm: VmId) -> Result<i128, SchedError> {
+        let v = self.vm(vm.0)?;
+        let behind = self.sys_vtime as i128 - v.vtime as i128;
+        Ok(behind * i128::from(v.config.weight) / i128::from(DEFAULT_WEIGHT))
+    }
+
+    /// The host CPU whose run queue holds `vm`.
+    pub fn vm_home(&self, vm: VmId) -> Result<usize, SchedError> {
+        Ok(self.vm(vm.0)?.home)
+    }
+
+    fn vm(&self, vm: u32) -> Result<&VmEntry, SchedError> {
+        self.vms
+            .get(vm as usize)
+            .ok_or(SchedError::UnknownVm(vm as usize))
+    }
+
+    fn task(&self, task: u32) -> Result<&TaskEntry, SchedError> {
+        self.tasks
+            .get(task as usize)
+            .ok_or(SchedError::UnknownTask(task as usize))
+    }
+
+    fn check_cpu(&self, cpu: usize) -> Result<(), SchedError> {
+        if cpu < self.cpus.len() {
+            Ok(())
+        } else {
+            Err(SchedError::CpuOutOfRange {
+                cpu,
+                cpus: self.cpus.len(),
+            })
+        }
+    }
+
+    fn period_end(&self) -> Nanos {
+        self.period_idx
+            .saturating_add(1)
+            .saturating_mul(self.config.period)
+    }
+
+    /// Put `vm` in (or take it out of) its home queue according to its eligibility and
+    /// current virtual time.
+    fn requeue(&mut self, vm: u32) {
+        let Some(v) = self.vms.get_mut(vm as usize) else {
+            return;
+        };
+        let Some(queue) = self.queues.get_mut(v.home) else {
+            return;
+        };
+        if let Some(key) = v.queue_key.take() {
+            queue.remove(&(key, vm));
+        }
+        if v.eligible() {
+            queue.insert((v.vtime, vm));
+            v.queue_key = Some(v.vtime);
+        }
+    }
+
+    /// Start a new accounting period if `now` is past the current one: capped VMs get their
+    /// budget back (minus any overrun debt) and rejoin the queues.
+    fn roll_period(&mut self, now: Nanos) {
+        let idx = now / self.config.period;
+        if idx <= self.period_idx {
+            return;
+        }
+        let elapsed = idx - self.period_idx;
+        self.period_idx = idx;
+        for i in 0..self.capped.len() {
+            let vm = self.capped[i];
+            if let Some(v) = self.vms.get_mut(vm as usize) {
+                let refill = v.budget.unwrap_or(0).saturating_mul(elapsed);
+                v.used = v.used.saturating_sub(refill);
+                v.reserved = 0;
+            }
+            self.requeue(vm);
+        }
+    }
+
+    /// The VM to run on `cpu`, from the boost queue or the run queues.
+    fn choose(&mut self, cpu: usize) -> Option<(u32, u32)> {
+        while let Some(t) = self.boost_queue.pop_front() {
+            let Some(task) = self.tasks.get_mut(t as usize) else {
+                continue;
+            };
+            if !task.boosted {
+                continue;
+            }
+            task.boosted = false;
+            if task.state != TaskState::Queued {
+                continue;
+            }
+            let vm = task.vm;
+            if self.vms.get(vm as usize).is_some_and(VmEntry::eligible) {
+                return Some((vm, t));
+            }
+        }
+        let local = self.queues.get(cpu).and_then(|q| q.first().copied());
+        let mut remote: Option<(VTime, u32, usize)> = None;
+        for (j, q) in self.queues.iter().enumerate() {
+            if j == cpu {
+                continue;
+            }
+            if let Some(&(vt, vm)) = q.first() {
+                if remote.is_none_or(|(best, _, _)| vt < best) {
+                    remote = Some((vt, vm, j));
+                }
+            }
+        }
+        let margin = VTime::from(self.config.steal_margin);
+        let vm = match (local, remote) {
+            (Some((lv, _)), Some((rv, rvm, victim))) if rv.saturating_add(margin) < lv => {
+                self.steal(cpu, rvm, victim);
+                rvm
+            }
+            (Some((_, lvm)), _) => lvm,
+            (None, Some((_, rvm, victim))) => {
+                self.steal(cpu, rvm, victim);
+                rvm
+            }
+            (None, None) => return None,
+        };
+        let task = self.vms.get(vm as usize)?.queued.first()?.1;
+        Some((vm, task))
+    }
+
+    fn steal(&mut self, cpu: usize, vm: u32, victim: usize) {
+        self.stats.steals += 1;
+        let victim_len = self.queues.get(victim).map_or(0, BTreeSet::len);
+        let own_len = self.queues.get(cpu).map_or(0, BTreeSet::len);
+        if victim_len > own_len + 1 {
+            // Take the VM home: remove it from the victim's queue under its old home, then
+            // requeue it under the new one.
+            if let Some(v) = self.vms.get_mut(vm as usize) {
+                if let Some(key) = v.queue_key.take() {
+                    if let Some(q) = self.queues.get_mut(v.home) {
+                        q.remove(&(key, vm));
+                    }
+                }
+                if let Some(c) = self.cpus.get_mut(v.home) {
+                    c.homed_vms = c.homed_vms.saturating_sub(1);
+                }
+                v.home = cpu;
+                if let Some(c) = self.cpus.get_mut(cpu) {
+                    c.homed_vms += 1;
+                }
+            }
+            self.requeue(vm);
+        }
+    }
+
+    /// The system's virtual time at `now`: the largest virtual time picked so far, or the
+    /// progress of a slice still running if that is further (a long slice moves the
+    /// system's time even though nobody picks).
+    fn sys_vtime_at(&self, now: Nanos) -> VTime {
+        self.cpus
+            .iter()
+            .filter_map(|c| c.running.map(|r| r.progress(now)))
+            .fold(self.sys_vtime, VTime::max)
+    }
+
+    /// The host CPU a boosted wake should cut: one whose slice may be cut soonest under the
+    /// rate limit, running a VM that has progressed further than the woken one.
+    fn preempt_target(&self, woken_vtime: VTime, now: Nanos) -> Option<(usize, Nanos)> {
+        let mut best: Option<(Nanos, VTime, usize)> = None;
+        for (i, c) in self.cpus.iter().enumerate() {
+            let Some(r) = c.running else { continue };
+            if c.cut_at.is_some() {
+                continue;
+            }
+            let progress = r.progress(now);
+            if progress <= woken_vtime {
+                continue;
+            }
+            let at = now.max(r.start.saturating_add(self.config.ratelimit));
+            let better = match best {
+                None => true,
+                Some((bat, bvt, _)) => at < bat || (at == bat && progress > bvt),
+            };
+            if better {
+                best = Some((at, progress, i));
+            }
+        }
+        best.map(|(at, _, cpu)| (cpu, at))
+    }
+
+    fn enqueue_task(&mut self, t: u32) {
+        let Some(task) = self.tasks.get_mut(t as usize) else {
+            return;
+        };
+        task.state = TaskState::Queued;
+        let key = (task.vtime, t);
+        if let Some(v) = self.vms.get_mut(task.vm as usize) {
+            v.queued.insert(key);
+        }
+    }
+}
+
+impl Scheduler for CreditScheduler {
+    fn cpus(&self) -> usize {
+        self.cpus.len()
+    }
+
+    fn add_vm(&mut self, config: VmConfig) -> Result<VmId, SchedError> {
+        if config.weight == 0 || config.weight > MAX_WEIGHT {
+            return Err(SchedError::InvalidWeight(config.weight));
+        }
+        let max_cap = u32::try_from(self.cpus.len())
+            .unwrap_or(u32::MAX)
+            .saturating_mul(100);
+        let budget = match config.cap_percent {
+            None => None,
+            Some(cap) if cap == 0 || cap > max_cap => {
+                return Err(SchedError::InvalidCap { cap, max: max_cap })
+            }
+            Some(cap) => Some(self.config.period.saturating_mul(u64::from(cap)) / 100),
+        };
+        let id = u32::try_from(self.vms.len()).map_err(|_| SchedError::TooMany("VMs"))?;
+        let home = (0..self.cpus.len())
+            .min_by_key(|&c| self.cpus.get(c).map_or(usize::MAX, |e| e.homed_vms))
+            .unwrap_or(0);
+        if let Some(c) = self.cpus.get_mut(home) {
+            c.homed_vms += 1;
+        }
+        if budget.is_some() {
+            self.capped.push(id);
+        }
+        self.vms.push(VmEntry {
+            config,
+            vtime: self.sys_vtime,
+            home,
+            queued: BTreeSet::new(),
+            queue_key: None,
+            task_floor: 0,
+            running: 0,
+            live_tasks: 0,
+            service: 0,
+            budget,
+            used: 0,
+            reserved: 0,
+        });
+        Ok(VmId(id))
+    }
+
+    fn add_task(&mut self, vm: VmId, _now: Nanos) -> Result<TaskId, SchedError> {
+        let id = u32::try_from(self.tasks.len()).map_err(|_| SchedError::TooMany("tasks"))?;
+        let v = self
+            .vms
+            .get_mut(vm.index())
+            .ok_or(SchedError::UnknownVm(vm.index()))?;
+        v.live_tasks += 1;
+        let vtime = v.task_floor;
+        self.tasks.push(TaskEntry {
+            vm: vm.0,
+            vtime,
+            state: TaskState::Blocked,
+            service: 0,
+            woken_at: None,
+            wake_pending: false,
+            boosted: false,
+        });
+        Ok(TaskId(id))
+    }
+
+    fn pick(&mut self, cpu: usize, now: Nanos) -> Result<Decision, SchedError> {
+        self.check_cpu(cpu)?;
+        if let Some(r) = self.cpus.get(cpu).and_then(|c| c.running) {
+            return Err(SchedError::CpuBusy {
+                cpu,
+                task: r.task as usize,
+            });
+        }
+        self.roll_period(now);
+        self.stats.decisions += 1;
+        let Some((vm, t)) = self.choose(cpu) else {
+            let throttled = self.capped.iter().any(|&vm| {
+                self.vms
+                    .get(vm as usize)
+                    .is_some_and(|v| !v.queued.is_empty() && !v.eligible())
+            });
+            let until = throttled.then(|| self.period_end());
+            if let Some(c) = self.cpus.get_mut(cpu) {
+                c.idle = true;
+                c.cut_at = None;
+            }
+            return Ok(Decision::Idle { until });
+        };
+        let period_end = self.period_end();
+        let timeslice = self.config.timeslice;
+        let v = self
+            .vms
+            .get_mut(vm as usize)
+            .ok_or(SchedError::UnknownVm(vm as usize))?;
+        let task = self
+            .tasks
+            .get_mut(t as usize)
+            .ok_or(SchedError::UnknownTask(t as usize))?;
+        v.queued.remove(&(task.vtime, t));
+        task.state = TaskState::Running;
+        task.boosted = false;
+        v.running += 1;
+        let mut slice = timeslice;
+        if let Some(avail) = v.available() {
+            slice = slice.min(avail).min(period_end.saturating_sub(now)).max(1);
+            v.reserved = v.reserved.saturating_add(slice);
+        }
+        self.sys_vtime = self.sys_vtime.max(v.vtime);
+        let vm_vtime = v.vtime;
+        let weight = v.config.weight;
+        v.task_floor = v.task_floor.max(task.vtime);
+        v.vtime = v.vtime.saturating_add(to_vtime(slice, v.config.weight));
+        task.vtime = task.vtime.saturating_add(slice);
+        let wake_latency = task.woken_at.take().map(|w| now.saturating_sub(w));
+        self.requeue(vm);
+        let period = self.period_idx;
+        if let Some(c) = self.cpus.get_mut(cpu) {
+            c.running = Some(Running {
+                task: t,
+                start: now,
+                slice,
+                period,
+                vm_vtime,
+                weight,
+            });
+            c.idle = false;
+            c.cut_at = None;
+        }
+        Ok(Decision::Run {
+            task: TaskId(t),
+            slice,
+            wake_latency,
+        })
+    }
+
+    fn finish(
+        &mut self,
+        cpu: usize,
+        ran: Nanos,
+        outcome: Outcome,
+        now: Nanos,
+    ) -> Result<(), SchedError> {
+        self.check_cpu(cpu)?;
+        let r = self
+            .cpus
+            .get_mut(cpu)
+            .and_then(|c| {
+                c.cut_at = None;
+                c.running.take()
+            })
+            .ok_or(SchedError::CpuNotRunning { cpu })?;
+        self.roll_period(now);
+        let period_idx = self.period_idx;
+        let period = self.config.period;
+        let task = self
+            .tasks
+            .get_mut(r.task as usize)
+            .ok_or(SchedError::UnknownTask(r.task as usize))?;
+        let vm = task.vm;
+        let v = self
+            .vms
+            .get_mut(vm as usize)
+            .ok_or(SchedError::UnknownVm(vm as usize))?;
+        // Replace the advance charge by the actual run time.
+        v.vtime = v
+            .vtime
+            .saturating_sub(to_vtime(r.slice, v.config.weight))
+            .saturating_add(to_vtime(ran, v.config.weight));
+        task.vtime = task.vtime.saturating_sub(r.slice).saturating_add(ran);
+        task.service = task.service.saturating_add(ran);
+        v.service = v.service.saturating_add(ran);
+        v.running = v.running.saturating_sub(1);
+        if v.budget.is_some() {
+            if r.period == period_idx {
+                v.reserved = v.reserved.saturating_sub(r.slice);
+                v.used = v.used.saturating_add(ran);
+            } else {
+                // The slice began in an earlier period whose budget was already refilled:
+                // only the part that ran into this period is charged here.
+                let boundary = period_idx.saturating_mul(period);
+                let end = r.start.saturating_add(ran);
+                v.used = v.used.saturating_add(end.saturating_sub(boundary));
+            }
+            if v.available() == Some(0) && !v.queued.is_empty() {
+                self.stats.throttles += 1;
+            }
+        }
+        if outcome != Outcome::Blocked {
+            // A wake that arrived while the task ran was answered by that run.
+            task.wake_pending = false;
+            task.woken_at = None;
+        }
+        let runnable = match outcome {
+            Outcome::SliceEnd => true,
+            Outcome::Yielded => {
+                // Go behind the VM's other runnable vCPUs: the point of a yield is to let a
+                // sibling (the lock holder) run. This never lowers the yielder's charge.
+                if let Some(&(last, _)) = v.queued.last() {
+                    task.vtime = task.vtime.max(last);
+                }
+                true
+            }
+            Outcome::Blocked => {
+                let pending = std::mem::take(&mut task.wake_pending);
+                if !pending {
+                    task.woken_at = None;
+                }
+                pending
+            }
+            Outcome::Exited => {
+                task.state = TaskState::Exited;
+                task.wake_pending = false;
+                v.live_tasks = v.live_tasks.saturating_sub(1);
+                false
+            }
+        };
+        if runnable {
+            self.enqueue_task(r.task);
+        } else if let Some(task) = self.tasks.get_mut(r.task as usize) {
+            if task.state != TaskState::Exited {
+                task.state = TaskState::Blocked;
+            }
+        }
+        self.requeue(vm);
+        Ok(())
+    }
+
+    fn wake(&mut self, task: TaskId, now: Nanos) -> Result<WakeAction, SchedError> {
+        self.roll_period(now);
+        let t = task.0;
+        let entry = self
+            .tasks
+            .get_mut(task.index())
+            .ok_or(SchedError::UnknownTask(task.index()))?;
+        match entry.state {
+            TaskState::Queued | TaskState::Exited => return Ok(WakeAction::None),
+            TaskState::Running => {
+                entry.wake_pending = true;
+                entry.woken_at.get_or_insert(now);
+                return Ok(WakeAction::None);
+            }
+            TaskState::Blocked => {}
+        }
+        let vm = entry.vm;
+        let sys_now = self.sys_vtime_at(now);
+        let entry = self
+            .tasks
+            .get_mut(task.index())
+            .ok_or(SchedError::UnknownTask(task.index()))?;
+        let v = self
+            .vms
+            .get_mut(vm as usize)
+            .ok_or(SchedError::UnknownVm(vm as usize))?;
+        // Sleeper clamps: a sleeping VM (no task queued or running) and a sleeping task keep
+        // at most `sleep_credit` of the credit they did not use.
+        if v.queued.is_empty() && v.running == 0 {
+            let floor = sys_now.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
+            v.vtime = v.vtime.max(floor);
+        }
+        entry.vtime = entry
+            .vtime
+            .max(v.task_floor.saturating_sub(self.config.sleep_credit));
+        entry.woken_at = Some(now);
+        let vtime = v.vtime;
+        let home = v.home;
+        self.enqueue_task(t);
+        self.requeue(vm);
+        // A VM throttled by its cap runs when the next period starts; an idle CPU is still
+        // kicked so that it learns when that is.
+        let eligible = self.vms.get(vm as usize).is_some_and(VmEntry::eligible);
+        let under = eligible && vtime < sys_now;
+        if self.config.boost && under {
+            if let Some(e) = self.tasks.get_mut(task.index()) {
+                if !e.boosted {
+                    e.boosted = true;
+                    self.boost_queue.push_back(t);
+                }
+            }
+            self.stats.boosts += 1;
+        }
+        let idle = if self.cpus.get(home).is_some_and(|c| c.idle) {
+            Some(home)
+        } else {
+            self.cpus.iter().position(|c| c.idle)
+        };
+        if let Some(cpu) = idle {
+            if let Some(c) = self.cpus.get_mut(cpu) {
+                c.idle = false;
+            }
+            return Ok(WakeAction::Kick { cpu });
+        }
+        if self.config.boost && under {
+            if let Some((cpu, at)) = self.preempt_target(vtime, now) {
+                if let Some(c) = self.cpus.get_mut(cpu) {
+                    c.cut_at = Some(at);
+                }
+                self.stats.preemptions += 1;
+                return Ok(WakeAction::Preempt { cpu, at });
+            }
+        }
+        Ok(WakeAction::None)
+    }
+
+    fn vm_of(&self, task: TaskId) -> Result<VmId, SchedError> {
+        Ok(VmId(self.task(task.0)?.vm))
+    }
+
+    fn vm_config(&self, vm: VmId) -> Result<VmConfig, SchedError> {
+        Ok(self.vm(vm.0)?.config)
+    }
+
+    fn vm_service(&self, vm: VmId) -> Result<Nanos, SchedError> {
+        Ok(self.vm(vm.0)?.service)
+    }
+
+    fn task_service(&self, task: TaskId) -> Result<Nanos, SchedError> {
+        Ok(self.task(task.0)?.service)
+    }
+
+    fn vm_count(&self) -> usize {
+        self.vms.len()
+    }
+
+    fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn live_tasks(&self, vm: VmId) -> Result<usize, SchedError> {
+        Ok(self.vm(vm.0)?.live_tasks as usize)
+    }
+
+    fn stats(&self) -> SchedStats {
+        self.stats
+    }
+}
