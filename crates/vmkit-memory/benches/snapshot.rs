@@ -169,6 +169,15 @@ fn bench_snapshot(c: &mut Criterion) {
             plain.write_all_at(&bytes, 4096).unwrap();
         })
     });
+    // The same bytes in 1 MiB writes, in case chunked I/O is the faster plain bound.
+    g.bench_function("baseline_plain_write_1mib_chunks", |b| {
+        b.iter(|| {
+            plain.set_len(0).unwrap();
+            for (i, c) in bytes.chunks(MIB as usize).enumerate() {
+                plain.write_all_at(c, 4096 + i as u64 * MIB).unwrap();
+            }
+        })
+    });
     snapshot::write_full(mem.ram(), &snap).unwrap();
     g.bench_function("restore_copy", |b| {
         b.iter(|| snapshot::restore_copy(mem.ram(), &snap).unwrap())
@@ -177,6 +186,13 @@ fn bench_snapshot(c: &mut Criterion) {
     plain.write_all_at(&bytes, 4096).unwrap();
     g.bench_function("baseline_plain_read", |b| {
         b.iter(|| plain.read_exact_at(&mut bytes, 4096).unwrap())
+    });
+    g.bench_function("baseline_plain_read_1mib_chunks", |b| {
+        b.iter(|| {
+            for (i, c) in bytes.chunks_mut(MIB as usize).enumerate() {
+                plain.read_exact_at(c, 4096 + i as u64 * MIB).unwrap();
+            }
+        })
     });
     g.finish();
 }
