@@ -43,6 +43,7 @@
 //!   request channel; none of the served devices changes its configuration at run time.
 
 use std::io;
+use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -50,7 +51,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmkit_virtio::features::DEVICE_ID_RNG;
+use vmkit_virtio::features::{DEVICE_ID_NET, DEVICE_ID_RNG};
 use vmkit_virtio::VirtioDevice;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -92,14 +93,45 @@ pub enum BackendError {
     },
 }
 
+/// What a queue run asks of the interrupt path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    /// No buffer was returned to the driver.
+    Nothing,
+    /// Buffers were returned: interrupt if the driver wants it (event-idx, NO_INTERRUPT).
+    IfNeeded,
+    /// Interrupt regardless of suppression (several used entries were published at once, as
+    /// virtio-net does for a frame merged over several buffers).
+    Always,
+}
+
+impl Notify {
+    /// [`Notify::IfNeeded`] if `used`, [`Notify::Nothing`] otherwise.
+    pub fn used(used: bool) -> Self {
+        if used {
+            Self::IfNeeded
+        } else {
+            Self::Nothing
+        }
+    }
+
+    fn merge(self, other: Self) -> Self {
+        match (self, other) {
+            (Self::Always, _) | (_, Self::Always) => Self::Always,
+            (Self::IfNeeded, _) | (_, Self::IfNeeded) => Self::IfNeeded,
+            _ => Self::Nothing,
+        }
+    }
+}
+
 /// The data-plane half of a device: runs the device's request loop on a queue it does not own.
 ///
 /// Implementations call the device's free request-loop function (the one its
 /// [`VirtioDevice::queue_notify`] also calls) with the host-side resources they hold (an image
-/// file, an entropy source).
+/// file, an entropy source, a TAP device).
 pub trait QueueHandler: Send + Sync + 'static {
-    /// Processes every available buffer of queue `index`. Returns whether any buffer was
-    /// returned to the driver. `acked_features` are the features the driver accepted.
+    /// Processes every available buffer of queue `index`. `acked_features` are the features
+    /// the driver accepted.
     ///
     /// # Errors
     /// A `virtio_queue::Error` when the queue itself is broken (the device would need a reset).
@@ -109,7 +141,23 @@ pub trait QueueHandler: Send + Sync + 'static {
         queue: &mut Queue,
         mem: &GuestMemoryMmap<()>,
         acked_features: u64,
-    ) -> Result<bool, virtio_queue::Error>;
+    ) -> Result<Notify, virtio_queue::Error>;
+
+    /// The driver accepted `acked` (e.g. a TAP device adjusts its offloads).
+    fn features_acked(&self, _acked: u64) {}
+
+    /// Host file descriptors whose readability means work for the device (TAP, console
+    /// input). They are watched edge-triggered: after an event the handler must read until
+    /// the fd would block or remember that input is left (and consume it on the next run).
+    fn backend_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Backend fd number `index` (position in [`QueueHandler::backend_fds`]) became readable.
+    /// Returns the queues to run now (e.g. the receive queue).
+    fn backend_event(&self, _index: usize) -> Vec<u16> {
+        Vec::new()
+    }
 
     /// Makes completed requests durable (a block device flushes its image). Called when a
     /// frontend disconnects and before the daemon exits.
@@ -168,8 +216,16 @@ impl<H: QueueHandler> VirtioBackend<H> {
         let sizes = device.queue_max_sizes();
         let num_queues = sizes.len();
         let max_queue_size = usize::from(sizes.iter().copied().max().unwrap_or(0));
-        // The frontend learns that vhost-user protocol features exist from this bit.
-        let features = device.device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // The frontend learns that vhost-user protocol features exist from this bit. Not for
+        // net: QEMU's vhost-user netdev sends SET_VRING_ENABLE as soon as the backend *offers*
+        // the bit, before SET_FEATURES acks it, and vhost-user-backend refuses that message;
+        // without the bit the rings are enabled by SET_FEATURES, which is all net needs.
+        let protocol = if device.device_type() == DEVICE_ID_NET {
+            0
+        } else {
+            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        };
+        let features = device.device_features() | protocol;
         Self {
             name,
             control: Mutex::new(device),
@@ -235,6 +291,24 @@ impl<H: QueueHandler> VirtioBackend<H> {
             .and_then(|q| u16::try_from(q).ok())
     }
 
+    /// Position of device queue `queue` among the queues of worker `thread`.
+    fn local_queue(&self, thread: usize, queue: u16) -> Option<usize> {
+        let mask = *self.queues_per_thread().get(thread)?;
+        if (mask >> queue) & 1 == 0 {
+            return None;
+        }
+        Some(
+            (0..usize::from(queue))
+                .filter(|q| (mask >> q) & 1 == 1)
+                .count(),
+        )
+    }
+
+    /// The epoll token under which backend fd `index` is registered.
+    pub fn backend_token(&self, index: usize) -> u64 {
+        (self.num_queues + 1 + index) as u64
+    }
+
     /// Drains queue `index` through the handler, then signals the driver if it asked for it.
     fn run_queue(
         &self,
@@ -255,6 +329,10 @@ impl<H: QueueHandler> VirtioBackend<H> {
         let mem = atomic.memory();
         let acked = self.acked_features();
         let mut state = vring.get_mut();
+        if !state.is_enabled() {
+            // Backend events (TAP input) may arrive while the frontend has the ring disabled.
+            return Ok(());
+        }
         let queue = state.get_queue_mut();
         if !queue.ready() {
             return Ok(());
@@ -264,19 +342,22 @@ impl<H: QueueHandler> VirtioBackend<H> {
             source,
         };
         let result = (|| {
-            let mut used = false;
+            let mut notify = Notify::Nothing;
             loop {
                 queue.disable_notification(&*mem).map_err(qerr)?;
-                used |= self
-                    .handler
-                    .process_queue(index, queue, &mem, acked)
-                    .map_err(qerr)?;
+                let n = self.handler.process_queue(index, queue, &mem, acked);
+                notify = notify.merge(n.map_err(qerr)?);
                 // Re-arm notifications; if the driver added buffers meanwhile, go again.
                 if !queue.enable_notification(&*mem).map_err(qerr)? {
                     break;
                 }
             }
-            Ok(used && queue.needs_notification(&*mem).map_err(qerr)?)
+            match notify {
+                Notify::Nothing => Ok(false),
+                // Still consulted, so the queue's event-idx bookkeeping stays in step.
+                Notify::Always => queue.needs_notification(&*mem).map(|_| true).map_err(qerr),
+                Notify::IfNeeded => queue.needs_notification(&*mem).map_err(qerr),
+            }
         })();
         match result {
             Ok(true) => state
@@ -318,6 +399,7 @@ impl<H: QueueHandler> VhostUserBackend for VirtioBackend<H> {
         let acked = self.with_device(|d| d.acked_features());
         log::info!("{}: driver accepted features {acked:#x}", self.name);
         self.acked.store(acked, Ordering::Release);
+        self.handler.features_acked(acked);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -388,8 +470,20 @@ impl<H: QueueHandler> VhostUserBackend for VirtioBackend<H> {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
+        if !evset.contains(EventSet::IN) {
             log::warn!("{}: unexpected event set {evset:?}", self.name);
+        }
+        // Tokens above the queues (and the library's own exit/enable token) are backend fds.
+        if let Some(fd_index) = usize::from(device_event).checked_sub(self.num_queues + 1) {
+            for q in self.handler.backend_event(fd_index) {
+                let Some(vring) = self.local_queue(thread_id, q).and_then(|l| vrings.get(l)) else {
+                    continue;
+                };
+                if let Err(e) = self.run_queue(q, vring) {
+                    log::error!("{}: {e}", self.name);
+                }
+            }
+            return Ok(());
         }
         let (Some(vring), Some(index)) = (
             vrings.get(usize::from(device_event)),

@@ -19,7 +19,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmkit_virtio::block::{process_queue, Block, BlockConfig, BlockFeatures, DiskError, RawDisk};
 
-use crate::backend::{QueueHandler, Threading, VirtioBackend};
+use crate::backend::{Notify, QueueHandler, Threading, VirtioBackend};
 
 /// Errors building a block backend.
 #[derive(Debug, thiserror::Error)]
@@ -102,10 +102,10 @@ impl QueueHandler for BlkQueues {
         queue: &mut Queue,
         mem: &GuestMemoryMmap<()>,
         acked_features: u64,
-    ) -> Result<bool, virtio_queue::Error> {
+    ) -> Result<Notify, virtio_queue::Error> {
         let features = BlockFeatures::from_acked(acked_features);
         let out = process_queue(queue, mem, &self.disk, &features, None)?;
-        Ok(out.completed > 0)
+        Ok(Notify::used(out.completed > 0))
     }
 
     fn flush(&self) -> io::Result<()> {

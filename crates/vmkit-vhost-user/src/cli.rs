@@ -5,6 +5,8 @@
 //!                      [--queue-size N] [--serial ID] [--logical-block-size 512|4096]
 //!                      [--once] [--log-level LEVEL]
 //! vmkit-vhost-user rng --socket PATH [--once] [--log-level LEVEL]
+//! vmkit-vhost-user net --socket PATH --tap NAME [--mac MAC] [--mtu N] [--queue-size N]
+//!                      [--once] [--log-level LEVEL]
 //! ```
 //!
 //! Flag names follow qemu-storage-daemon's and Cloud Hypervisor's vhost-user backends
@@ -22,6 +24,7 @@ usage: vmkit-vhost-user <device> [options]
 devices:
   blk   virtio-blk over a raw image file
   rng   virtio-rng fed by getrandom(2)
+  net   virtio-net attached to a Linux TAP interface
 
 common options:
   --socket PATH            Unix socket to listen on (required); the frontend connects to it
@@ -38,6 +41,13 @@ blk options:
   --serial ID              serial returned by GET_ID, at most 20 bytes (alias --id)
   --logical-block-size N   512 or 4096 (default 512)
 
+net options:
+  --tap NAME               TAP interface, created if absent (required; alias --ifname)
+  --mac MAC                MAC address shown to the guest (default 52:54:00:12:34:56;
+                           QEMU's virtio-net-pci mac= is what the guest actually uses)
+  --mtu N                  MTU shown to the guest (default 1500)
+  --queue-size N           entries per queue (default 256)
+
 SIGTERM or SIGINT stops the daemon cleanly: in-flight requests complete and the image is
 flushed before it exits.";
 
@@ -45,10 +55,10 @@ flushed before it exits.";
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
     /// No device subcommand.
-    #[error("missing device: expected 'blk' or 'rng'")]
+    #[error("missing device: expected 'blk', 'net' or 'rng'")]
     MissingDevice,
     /// An unknown device subcommand.
-    #[error("unknown device '{0}': expected 'blk' or 'rng'")]
+    #[error("unknown device '{0}': expected 'blk', 'net' or 'rng'")]
     UnknownDevice(String),
     /// An argument the device does not take.
     #[error("unknown argument '{arg}' for '{device}'")]
@@ -91,6 +101,21 @@ pub enum Command {
     Blk(BlkOptions, Common),
     /// Serve an entropy device.
     Rng(Common),
+    /// Serve a network card.
+    Net(NetOptions, Common),
+}
+
+/// Options of the `net` device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetOptions {
+    /// TAP interface to attach (created if absent).
+    pub tap: String,
+    /// MAC address reported to the guest.
+    pub mac: [u8; 6],
+    /// MTU reported to the guest.
+    pub mtu: u16,
+    /// Size of each queue.
+    pub queue_size: u16,
 }
 
 /// Options every device takes.
@@ -112,6 +137,12 @@ const BLK_FLAGS: &[(&[&str], bool)] = &[
     (&["--queue-size"], true),
     (&["--serial", "--id"], true),
     (&["--logical-block-size"], true),
+];
+const NET_FLAGS: &[(&[&str], bool)] = &[
+    (&["--tap", "--ifname"], true),
+    (&["--mac"], true),
+    (&["--mtu"], true),
+    (&["--queue-size"], true),
 ];
 const COMMON_FLAGS: &[(&[&str], bool)] = &[
     (&["--socket"], true),
@@ -253,6 +284,61 @@ fn blk(flags: &[(&'static str, Option<String>)]) -> Result<BlkOptions, CliError>
     Ok(o)
 }
 
+fn parse_mac(v: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = v.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn net(flags: &[(&'static str, Option<String>)]) -> Result<NetOptions, CliError> {
+    let tap = value(flags, "--tap").ok_or(CliError::Required("--tap"))?;
+    if tap.is_empty() || tap.len() > 15 {
+        return Err(CliError::Invalid {
+            flag: "--tap",
+            value: tap.to_string(),
+            problem: "expected an interface name of 1 to 15 bytes",
+        });
+    }
+    let defaults = vmkit_virtio::net::NetConfig::default();
+    let mut o = NetOptions {
+        tap: tap.to_string(),
+        mac: defaults.mac,
+        mtu: defaults.mtu,
+        queue_size: defaults.queue_size,
+    };
+    if let Some(v) = value(flags, "--mac") {
+        o.mac = parse_mac(v).ok_or(CliError::Invalid {
+            flag: "--mac",
+            value: v.to_string(),
+            problem: "expected six hex bytes like 52:54:00:12:34:56",
+        })?;
+    }
+    if let Some(v) = value(flags, "--mtu") {
+        o.mtu = parse_u32(
+            "--mtu",
+            v,
+            |n| (68..=65535).contains(&n),
+            "expected 68 to 65535",
+        )? as u16;
+    }
+    if let Some(v) = value(flags, "--queue-size") {
+        o.queue_size = parse_u32(
+            "--queue-size",
+            v,
+            |n| (2..=32768).contains(&n) && n.is_power_of_two(),
+            "expected a power of two from 2 to 32768",
+        )? as u16;
+    }
+    Ok(o)
+}
+
 /// Parses the arguments after the program name.
 ///
 /// # Errors
@@ -276,6 +362,11 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         "rng" => {
             let flags = split_flags("rng", rest, &[COMMON_FLAGS])?;
             Ok(Command::Rng(common(&flags)?))
+        }
+        "net" => {
+            let flags = split_flags("net", rest, &[COMMON_FLAGS, NET_FLAGS])?;
+            let c = common(&flags)?;
+            Ok(Command::Net(net(&flags)?, c))
         }
         other => Err(CliError::UnknownDevice(other.to_string())),
     }
@@ -334,7 +425,24 @@ mod tests {
     fn errors_name_the_argument() {
         let cases = [
             ("", "missing device"),
-            ("net --socket s", "unknown device 'net'"),
+            ("tap --socket s", "unknown device 'tap'"),
+            ("net --socket s", "missing required argument --tap"),
+            (
+                "net --socket s --tap 0123456789abcdef",
+                "--tap: expected an interface name",
+            ),
+            ("net --socket s --tap t --mac 52:54:00:12:34", "--mac"),
+            ("net --socket s --tap t --mac 52:54:00:12:34:zz", "--mac"),
+            ("net --socket s --tap t --mac 52:54:00:12:34:56:78", "--mac"),
+            (
+                "net --socket s --tap t --mtu 10",
+                "--mtu: expected 68 to 65535, got '10'",
+            ),
+            ("net --socket s --tap t --queue-size 3", "--queue-size"),
+            (
+                "net --socket s --tap t --disk d",
+                "unknown argument '--disk' for 'net'",
+            ),
             ("blk --disk d", "missing required argument --socket"),
             ("blk --socket s", "missing required argument --disk"),
             (
@@ -378,6 +486,24 @@ mod tests {
             let e = parse(&args(line)).unwrap_err().to_string();
             assert!(e.contains(want), "{line:?}: {e:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn parses_net() {
+        let Command::Net(o, c) = parse(&args(
+            "net --socket s --ifname vu0 --mac 02:00:00:aa:BB:0c --mtu 9000 --queue-size 512",
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.tap, "vu0");
+        assert_eq!(o.mac, [2, 0, 0, 0xaa, 0xbb, 0x0c]);
+        assert_eq!((o.mtu, o.queue_size), (9000, 512));
+        assert_eq!(c.socket, PathBuf::from("s"));
+        let Command::Net(o, _) = parse(&args("net --socket s --tap t")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((o.mtu, o.queue_size), (1500, 256));
     }
 
     #[test]

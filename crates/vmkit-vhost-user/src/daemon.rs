@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{QueueHandler, VirtioBackend};
@@ -232,6 +233,20 @@ pub fn serve<H: QueueHandler>(
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(backend.name().to_string(), backend.clone(), mem)
             .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+        // Host fds (TAP, console input) are watched by the worker that owns every queue.
+        for (i, fd) in backend.handler().backend_fds().into_iter().enumerate() {
+            let handlers = daemon.get_epoll_handlers();
+            let worker = handlers
+                .first()
+                .ok_or(DaemonError::Daemon("no worker thread".into()))?;
+            worker
+                .register_listener(
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    backend.backend_token(i),
+                )
+                .map_err(DaemonError::Poll)?;
+        }
         daemon
             .start(&mut listener)
             .map_err(|e| DaemonError::Daemon(e.to_string()))?;

@@ -20,9 +20,13 @@ pub mod blk;
 pub mod cli;
 pub mod daemon;
 pub mod logger;
+pub mod net;
 pub mod rng;
 
-pub use backend::{BackendError, GuestMemoryShared, QueueHandler, Threading, VirtioBackend};
+pub use backend::{
+    BackendError, GuestMemoryShared, Notify, QueueHandler, Threading, VirtioBackend,
+};
 pub use blk::{blk_backend, BlkBackend, BlkError, BlkOptions, BlkQueues};
 pub use daemon::{install_signal_handlers, serve, DaemonError, ServeOptions, Stop};
+pub use net::{net_backend, tap_backend, NetError, NetQueues, NetVhostBackend};
 pub use rng::{rng_backend, rng_backend_with_source, RngBackend, RngQueues};

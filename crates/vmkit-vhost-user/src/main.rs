@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use vmkit_vhost_user::cli::{self, Command, Common};
 use vmkit_vhost_user::{
-    blk_backend, install_signal_handlers, logger, rng_backend, serve, QueueHandler, ServeOptions,
-    Stop, VirtioBackend,
+    blk_backend, install_signal_handlers, logger, rng_backend, serve, tap_backend, QueueHandler,
+    ServeOptions, Stop, VirtioBackend,
 };
 
 fn run<H: QueueHandler>(backend: VirtioBackend<H>, common: &Common, stop: &Stop) -> ExitCode {
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
         }
-        Command::Blk(_, c) | Command::Rng(c) => c.clone(),
+        Command::Blk(_, c) | Command::Rng(c) | Command::Net(_, c) => c.clone(),
     };
     logger::init(common.log_level);
     let stop = match Stop::new() {
@@ -68,6 +68,20 @@ fn main() -> ExitCode {
             }
         },
         Command::Rng(_) => run(rng_backend(), &common, &stop),
+        Command::Net(opts, _) => {
+            let cfg = vmkit_virtio::net::NetConfig {
+                mac: opts.mac,
+                mtu: opts.mtu,
+                queue_size: opts.queue_size,
+            };
+            match tap_backend(&opts.tap, cfg) {
+                Ok(b) => run(b, &common, &stop),
+                Err(e) => {
+                    log::error!("--tap: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Help => ExitCode::SUCCESS,
     }
 }

@@ -10,7 +10,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmkit_virtio::rng::{process_queue, EntropySource, GetRandom, Rng};
 
-use crate::backend::{QueueHandler, Threading, VirtioBackend};
+use crate::backend::{Notify, QueueHandler, Threading, VirtioBackend};
 
 /// The data plane of an rng backend: an entropy source and the virtio-rng request loop.
 pub struct RngQueues {
@@ -30,9 +30,9 @@ impl QueueHandler for RngQueues {
         queue: &mut Queue,
         mem: &GuestMemoryMmap<()>,
         _acked_features: u64,
-    ) -> Result<bool, virtio_queue::Error> {
+    ) -> Result<Notify, virtio_queue::Error> {
         let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
-        process_queue(queue, mem, source.as_mut())
+        process_queue(queue, mem, source.as_mut()).map(Notify::used)
     }
 }
 

@@ -87,8 +87,15 @@ impl TestFrontend {
         let mut fe = fe.expect("backend socket never accepted");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
-        let protocol = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(protocol).unwrap();
+        // Net does not offer VHOST_USER_F_PROTOCOL_FEATURES (see the backend module docs).
+        let has_protocol = offered & (1 << 30) != 0;
+        let protocol = if has_protocol {
+            let p = fe.get_protocol_features().unwrap();
+            fe.set_protocol_features(p).unwrap();
+            p
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
         let features = offered & !drop;
         fe.set_features(features).unwrap();
         let file = memfd(MEM_SIZE);
@@ -132,7 +139,9 @@ impl TestFrontend {
             fe.set_vring_base(q, 0).unwrap();
             fe.set_vring_call(q, &ring.call).unwrap();
             fe.set_vring_kick(q, &ring.kick).unwrap();
-            fe.set_vring_enable(q, true).unwrap();
+            if has_protocol {
+                fe.set_vring_enable(q, true).unwrap();
+            }
             rings.push(ring);
         }
         Self {
@@ -143,6 +152,12 @@ impl TestFrontend {
             features,
             protocol,
         }
+    }
+
+    /// Places a chain without kicking (the driver fills a receive queue ahead of time).
+    pub fn post(&mut self, q: usize, bufs: &[(u64, u32, bool)]) {
+        self.submit(q, bufs);
+        let _ = self.rings[q].kick.read();
     }
 
     /// Places a chain of `(gpa, len, device_writable)` buffers on queue `q` and kicks.
