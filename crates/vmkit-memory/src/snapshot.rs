@@ -617,16 +617,15 @@ pub fn read_info(file: &File) -> Result<SnapshotInfo, SnapshotError> {
                 "guest address or size is not a non-zero multiple of the page size",
             ));
         }
-        let guest_end = r
-            .guest_addr
+        r.guest_addr
             .checked_add(r.size)
             .ok_or(bad("guest range overflows"))?;
+        // Earlier entries passed the overflow check, so their end is representable.
         if let Some(prev) = regions.last().map(|p: &RegionEntry| p.guest_addr + p.size) {
             if r.guest_addr < prev {
                 return Err(bad("guest ranges are unsorted or overlap"));
             }
         }
-        let _ = guest_end;
         if r.data_offset % PAGE_SIZE != 0 || r.data_offset < meta_len {
             return Err(bad("data offset is unaligned or inside the header"));
         }
