@@ -193,6 +193,8 @@ struct VmEntry {
     used: Nanos,
     /// Budget promised to slices running in the current period.
     reserved: Nanos,
+    /// The cap held the VM back in the current period.
+    throttled: bool,
 }
 
 impl VmEntry {
@@ -362,15 +364,51 @@ impl CreditScheduler {
         }
         let elapsed = idx - self.period_idx;
         self.period_idx = idx;
+        let sys = self.sys_vtime_at(now);
         for i in 0..self.capped.len() {
             let vm = self.capped[i];
             if let Some(v) = self.vms.get_mut(vm as usize) {
                 let refill = v.budget.unwrap_or(0).saturating_mul(elapsed);
                 v.used = v.used.saturating_sub(refill);
                 v.reserved = 0;
+                if std::mem::take(&mut v.throttled) {
+                    // Credit the cap kept it from using is not banked: like a sleeper, a
+                    // throttled VM keeps at most `sleep_credit`, or it would take priority
+                    // over VMs that are owed time at the start of every period.
+                    let floor =
+                        sys.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
+                    v.vtime = v.vtime.max(floor);
+                }
             }
             self.requeue(vm);
         }
+    }
+
+    /// How many host CPUs the capped VMs that have runnable tasks but no budget left in
+    /// this period will want when the period ends (the sum of their caps, rounded up).
+    fn throttled_demand(&self) -> usize {
+        let percent: u64 = self
+            .capped
+            .iter()
+            .filter_map(|&vm| self.vms.get(vm as usize))
+            .filter(|v| !v.queued.is_empty() && !v.eligible())
+            .map(|v| u64::from(v.config.cap_percent.unwrap_or(0)))
+            .sum();
+        usize::try_from(percent.div_ceil(100)).unwrap_or(usize::MAX)
+    }
+
+    /// How many host CPUs will be free when the period ends: idle ones, and ones whose slice
+    /// ends exactly then.
+    fn free_at_period_end(&self) -> usize {
+        let end = self.period_end();
+        self.cpus
+            .iter()
+            .filter(|c| {
+                c.idle
+                    || c.running
+                        .is_some_and(|r| r.start.saturating_add(r.slice) == end)
+            })
+            .count()
     }
 
     /// The VM to run on `cpu`, from the boost queue or the run queues.
@@ -534,6 +572,7 @@ impl Scheduler for CreditScheduler {
             budget,
             used: 0,
             reserved: 0,
+            throttled: false,
         });
         Ok(VmId(id))
     }
@@ -568,13 +607,9 @@ impl Scheduler for CreditScheduler {
         }
         self.roll_period(now);
         self.stats.decisions += 1;
+        let demand = self.throttled_demand();
         let Some((vm, t)) = self.choose(cpu) else {
-            let throttled = self.capped.iter().any(|&vm| {
-                self.vms
-                    .get(vm as usize)
-                    .is_some_and(|v| !v.queued.is_empty() && !v.eligible())
-            });
-            let until = throttled.then(|| self.period_end());
+            let until = (demand > 0).then(|| self.period_end());
             if let Some(c) = self.cpus.get_mut(cpu) {
                 c.idle = true;
                 c.cut_at = None;
@@ -583,6 +618,9 @@ impl Scheduler for CreditScheduler {
         };
         let period_end = self.period_end();
         let timeslice = self.config.timeslice;
+        let ratelimit = self.config.ratelimit;
+        let period = self.config.period;
+        let align = demand > 0 && demand > self.free_at_period_end();
         let v = self
             .vms
             .get_mut(vm as usize)
@@ -596,6 +634,19 @@ impl Scheduler for CreditScheduler {
         task.boosted = false;
         v.running += 1;
         let mut slice = timeslice;
+        if align {
+            // Capped VMs wait for the next period and fewer CPUs than they need will be free
+            // then: end this slice at the boundary, so that their budget can be used
+            // (otherwise they start only when some slice happens to end, possibly too late
+            // in the period).
+            let to_end = period_end.saturating_sub(now);
+            let to_end = if to_end >= ratelimit {
+                to_end
+            } else {
+                to_end.saturating_add(period)
+            };
+            slice = slice.min(to_end);
+        }
         if let Some(avail) = v.available() {
             slice = slice.min(avail).min(period_end.saturating_sub(now)).max(1);
             v.reserved = v.reserved.saturating_add(slice);
@@ -676,9 +727,6 @@ impl Scheduler for CreditScheduler {
                 let end = r.start.saturating_add(ran);
                 v.used = v.used.saturating_add(end.saturating_sub(boundary));
             }
-            if v.available() == Some(0) && !v.queued.is_empty() {
-                self.stats.throttles += 1;
-            }
         }
         if outcome != Outcome::Blocked {
             // A wake that arrived while the task ran was answered by that run.
@@ -716,6 +764,12 @@ impl Scheduler for CreditScheduler {
                 task.state = TaskState::Blocked;
             }
         }
+        if let Some(v) = self.vms.get_mut(vm as usize) {
+            if v.available() == Some(0) && !v.queued.is_empty() && !v.throttled {
+                self.stats.throttles += 1;
+                v.throttled = true;
+            }
+        }
         self.requeue(vm);
         Ok(())
     }
@@ -746,9 +800,10 @@ impl Scheduler for CreditScheduler {
             .vms
             .get_mut(vm as usize)
             .ok_or(SchedError::UnknownVm(vm as usize))?;
-        // Sleeper clamps: a sleeping VM (no task queued or running) and a sleeping task keep
-        // at most `sleep_credit` of the credit they did not use.
-        if v.queued.is_empty() && v.running == 0 {
+        // Sleeper clamps: a VM that was not competing for more CPU (no task queued: all
+        // asleep, or all running) and a sleeping task keep at most `sleep_credit` of the
+        // credit they did not use.
+        if v.queued.is_empty() {
             let floor = sys_now.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
             v.vtime = v.vtime.max(floor);
         }
