@@ -1,0 +1,8 @@
+//! Fuzzes virtio-rng request queue over a fuzzed guest memory image. Decoding and invariants live in vmkit_fuzz_common::virtio.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    vmkit_fuzz_common::virtio::rng(data);
+});
