@@ -42,6 +42,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::VirtioDevice;
 use crate::features::*;
 use crate::interrupt::{Interrupt, InterruptReason, IrqTrigger, MmioInterrupt};
+use crate::state::{ByteReader, DeviceState, StateError};
 
 /// `MagicValue`: "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -581,6 +582,110 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             regs::SHM_SEL => self.shm_sel = v,
             _ => log::warn!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
         }
+    }
+}
+
+/// Magic at the start of an encoded transport state.
+pub const MMIO_STATE_MAGIC: [u8; 4] = *b"VKMM";
+/// Version of the transport state encoding.
+pub const MMIO_STATE_VERSION: u32 = 1;
+
+impl<M: GuestAddressSpace> MmioTransport<M> {
+    /// Saves the registers, every queue's configuration and the device's own state, as a
+    /// versioned byte string ([`MmioTransport::restore_state`] reads it back).
+    pub fn save_state(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MMIO_STATE_MAGIC);
+        out.extend_from_slice(&MMIO_STATE_VERSION.to_le_bytes());
+        for v in [
+            self.status,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.queue_sel,
+            self.shm_sel,
+            self.interrupt.status(),
+            self.interrupt.config_generation(),
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.driver_features.to_le_bytes());
+        out.extend_from_slice(&(self.queues.len() as u32).to_le_bytes());
+        for (q, a) in self.queues.iter().zip(&self.queue_addrs) {
+            crate::state::put_queue(&mut out, &q.state());
+            for x in a {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let dev = self.device.save_state().to_bytes();
+        out.extend_from_slice(&(dev.len() as u32).to_le_bytes());
+        out.extend_from_slice(&dev);
+        out
+    }
+
+    /// Restores [`MmioTransport::save_state`] output into this transport (same device type
+    /// and queue layout). On error the transport is left reset.
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let r = self.restore_inner(bytes);
+        if r.is_err() {
+            self.reset();
+        }
+        r
+    }
+
+    fn restore_inner(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let mut r = ByteReader { bytes, pos: 0 };
+        let magic: [u8; 4] = r.array()?;
+        if magic != MMIO_STATE_MAGIC {
+            return Err(StateError::Magic(magic));
+        }
+        let version = r.u32()?;
+        if version != MMIO_STATE_VERSION {
+            return Err(StateError::Version(version));
+        }
+        let mut regs32 = [0u32; 7];
+        for v in &mut regs32 {
+            *v = r.u32()?;
+        }
+        let driver_features = r.u64()?;
+        let nq = r.u32()? as usize;
+        if nq != self.queues.len() {
+            return Err(StateError::QueueCount {
+                expected: self.queues.len(),
+                found: nq,
+            });
+        }
+        let mut queues = Vec::with_capacity(nq);
+        let mut addrs = Vec::with_capacity(nq);
+        for i in 0..nq {
+            let qs = crate::state::read_queue(&mut r)?;
+            if qs.max_size != self.queues[i].max_size() {
+                return Err(StateError::QueueMaxSize(i, qs.max_size));
+            }
+            queues.push(Queue::try_from(qs).map_err(|e| StateError::Queue(i, e))?);
+            addrs.push([r.u64()?, r.u64()?, r.u64()?]);
+        }
+        let dlen = r.u32()? as usize;
+        let device = DeviceState::from_bytes(r.take(dlen)?)?;
+        if r.pos != bytes.len() {
+            return Err(StateError::Trailing(bytes.len() - r.pos));
+        }
+        if device.acked_features & !self.device.device_features() != 0 {
+            return Err(StateError::Features(device.acked_features));
+        }
+        self.reset();
+        let irq: Arc<dyn Interrupt> = self.interrupt.clone();
+        self.device.restore_state(&device, self.mem.clone(), irq)?;
+        let [status, dsel, drsel, qsel, shm, istatus, cgen] = regs32;
+        self.status = status;
+        self.device_features_sel = dsel;
+        self.driver_features_sel = drsel;
+        self.queue_sel = qsel;
+        self.shm_sel = shm;
+        self.driver_features = driver_features;
+        self.queues = queues;
+        self.queue_addrs = addrs;
+        self.interrupt.restore(istatus, cgen);
+        Ok(())
     }
 }
 

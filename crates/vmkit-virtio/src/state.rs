@@ -54,6 +54,14 @@ pub enum StateError {
     /// The device-specific blob is malformed.
     #[error("device-specific state is malformed: {0}")]
     Device(String),
+    /// The snapshot's queue count differs from the device's.
+    #[error("snapshot has {found} queues, the device has {expected}")]
+    QueueCount {
+        /// Queues of this device.
+        expected: usize,
+        /// Queues in the snapshot.
+        found: usize,
+    },
     /// Re-activating the restored device failed.
     #[error("cannot re-activate restored device: {0}")]
     Activate(#[from] crate::device::ActivateError),
@@ -85,15 +93,7 @@ impl DeviceState {
         out.push(u8::from(self.activated));
         out.extend_from_slice(&(self.queues.len() as u32).to_le_bytes());
         for q in &self.queues {
-            out.extend_from_slice(&q.max_size.to_le_bytes());
-            out.extend_from_slice(&q.next_avail.to_le_bytes());
-            out.extend_from_slice(&q.next_used.to_le_bytes());
-            out.push(u8::from(q.event_idx_enabled));
-            out.extend_from_slice(&q.size.to_le_bytes());
-            out.push(u8::from(q.ready));
-            out.extend_from_slice(&q.desc_table.to_le_bytes());
-            out.extend_from_slice(&q.avail_ring.to_le_bytes());
-            out.extend_from_slice(&q.used_ring.to_le_bytes());
+            put_queue(&mut out, q);
         }
         out.extend_from_slice(&(self.device.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.device);
@@ -120,17 +120,7 @@ impl DeviceState {
         }
         let mut queues = Vec::with_capacity(nq);
         for _ in 0..nq {
-            queues.push(QueueState {
-                max_size: r.u16()?,
-                next_avail: r.u16()?,
-                next_used: r.u16()?,
-                event_idx_enabled: r.u8()? != 0,
-                size: r.u16()?,
-                ready: r.u8()? != 0,
-                desc_table: r.u64()?,
-                avail_ring: r.u64()?,
-                used_ring: r.u64()?,
-            });
+            queues.push(read_queue(&mut r)?);
         }
         let dlen = r.u32()? as usize;
         let device = r.take(dlen)?.to_vec();
@@ -145,6 +135,34 @@ impl DeviceState {
             device,
         })
     }
+}
+
+/// Appends one queue state.
+pub(crate) fn put_queue(out: &mut Vec<u8>, q: &QueueState) {
+    out.extend_from_slice(&q.max_size.to_le_bytes());
+    out.extend_from_slice(&q.next_avail.to_le_bytes());
+    out.extend_from_slice(&q.next_used.to_le_bytes());
+    out.push(u8::from(q.event_idx_enabled));
+    out.extend_from_slice(&q.size.to_le_bytes());
+    out.push(u8::from(q.ready));
+    out.extend_from_slice(&q.desc_table.to_le_bytes());
+    out.extend_from_slice(&q.avail_ring.to_le_bytes());
+    out.extend_from_slice(&q.used_ring.to_le_bytes());
+}
+
+/// Reads one queue state written by [`put_queue`].
+pub(crate) fn read_queue(r: &mut ByteReader<'_>) -> Result<QueueState, StateError> {
+    Ok(QueueState {
+        max_size: r.u16()?,
+        next_avail: r.u16()?,
+        next_used: r.u16()?,
+        event_idx_enabled: r.u8()? != 0,
+        size: r.u16()?,
+        ready: r.u8()? != 0,
+        desc_table: r.u64()?,
+        avail_ring: r.u64()?,
+        used_ring: r.u64()?,
+    })
 }
 
 /// Bounds-checked little-endian reader.
@@ -164,7 +182,7 @@ impl<'a> ByteReader<'a> {
         self.pos = end;
         Ok(s)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], StateError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], StateError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)

@@ -363,3 +363,43 @@ fn mut_device_mmio_forwards() {
     t.mmio_write(MmioAddress(0xd000_0000), regs::STATUS, &1u32.to_le_bytes());
     assert_eq!(rd(&mut t, regs::STATUS), 1);
 }
+
+#[test]
+fn transport_state_round_trip_continues_the_ring() {
+    let m = mem();
+    let (mut t, _, vq) = running(&m);
+    let d = RawDescriptor::from(Descriptor::new(0x10_0000, 16, VRING_DESC_F_WRITE, 0));
+    vq.add_desc_chains(&[d], 0).unwrap();
+    wr(&mut t, regs::QUEUE_NOTIFY, 0);
+    let snap = t.save_state();
+    // A fresh transport (the "destination VMM") picks up where the source left off.
+    let (mut t2, irqs2) = transport(&m);
+    t2.restore_state(&snap).unwrap();
+    assert!(t2.is_running());
+    assert_eq!(rd(&mut t2, regs::STATUS), rd(&mut t, regs::STATUS));
+    assert_eq!(rd(&mut t2, regs::INTERRUPT_STATUS), INT_USED_RING);
+    wr(&mut t2, regs::QUEUE_SEL, 0);
+    assert_eq!(
+        rd(&mut t2, regs::QUEUE_DESC_LOW),
+        vq.desc_table_addr().0 as u32
+    );
+    let d = RawDescriptor::from(Descriptor::new(0x10_1000, 16, VRING_DESC_F_WRITE, 0));
+    vq.add_desc_chains(&[d], 1).unwrap();
+    wr(&mut t2, regs::QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(irqs2.load(Ordering::SeqCst), 1);
+    // Corrupt snapshots are refused and leave the transport reset.
+    for cut in [0, 4, 20, snap.len() - 1] {
+        assert!(t2.restore_state(&snap[..cut]).is_err(), "cut {cut}");
+        assert_eq!(rd(&mut t2, regs::STATUS), 0);
+    }
+    let mut bad = snap.clone();
+    bad[0] = b'X';
+    assert!(t2.restore_state(&bad).is_err());
+    let mut bad = snap.clone();
+    bad[4] = 7;
+    assert!(t2.restore_state(&bad).is_err());
+    let mut long = snap.clone();
+    long.push(0);
+    assert!(t2.restore_state(&long).is_err());
+}

@@ -210,3 +210,91 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Rng<M> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::CountingInterrupt;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    struct Failing;
+    impl EntropySource for Failing {
+        fn fill(&mut self, _buf: &mut [u8]) -> io::Result<()> {
+            Err(io::Error::other("no entropy"))
+        }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    #[test]
+    fn readable_buffers_and_source_failures_return_nothing() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        // A device-readable buffer where the device must write; a chain spanning 2 buffers
+        // bigger than one chunk; an invalid chain (outside memory).
+        vq.add_desc_chains(
+            &[
+                desc(0x1000, 8, 0, 0),
+                desc(0x2000, 5000, 2 | 1, 2),
+                desc(0x4000, 10, 2, 0),
+                desc(0x1_0000_0000, 8, 2, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        assert!(process_queue(&mut q, &m, &mut GetRandom).unwrap());
+        let lens: Vec<u32> = (0..3)
+            .map(|i| vq.used().ring().ref_at(i).unwrap().load().len())
+            .collect();
+        assert_eq!(lens, [0, 5010, 0]);
+        vq.add_desc_chains(&[desc(0x1000, 8, 2, 0)], 4).unwrap();
+        assert!(process_queue(&mut q, &m, &mut Failing).unwrap());
+        assert_eq!(vq.used().ring().ref_at(3).unwrap().load().len(), 0);
+        assert!(
+            !process_queue(&mut q, &m, &mut GetRandom).unwrap(),
+            "empty queue"
+        );
+    }
+
+    #[test]
+    fn device_surface() {
+        let m = std::sync::Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
+        let mut dev: Rng<std::sync::Arc<GuestMemoryMmap<()>>> = Rng::default();
+        assert!(dev.queue_notify(0).is_err(), "not activated");
+        dev.ack_features(u64::MAX);
+        assert_eq!(dev.acked_features(), dev.device_features());
+        let vq = MockSplitQueue::new(&*m, 16);
+        let irq = std::sync::Arc::new(CountingInterrupt::default());
+        dev.activate(m.clone(), vec![vq.create_queue().unwrap()], irq.clone())
+            .unwrap();
+        assert!(matches!(
+            dev.activate(m.clone(), vec![vq.create_queue().unwrap()], irq.clone()),
+            Err(ActivateError::AlreadyActive)
+        ));
+        assert!(dev.queue_notify(1).is_err());
+        let s = dev.save_state();
+        let mut other: Rng<std::sync::Arc<GuestMemoryMmap<()>>> = Rng::new();
+        other.restore_state(&s, m.clone(), irq.clone()).unwrap();
+        assert!(other.is_activated());
+        let mut wrong = s.clone();
+        wrong.acked_features |= 1 << 50;
+        assert!(other.restore_state(&wrong, m.clone(), irq.clone()).is_err());
+        let mut wrong = s;
+        wrong.queues[0].max_size = 1024;
+        assert!(other.restore_state(&wrong, m, irq).is_err());
+        assert!(format!("{dev:?}").contains("Rng"));
+        let mut cfg = [1u8; 4];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, [0; 4]);
+        dev.write_config(0, &cfg);
+        dev.reset();
+        assert!(!dev.is_activated());
+    }
+}
