@@ -1,3 +1,41 @@
 //! mini-vmm: a minimal VMM built from the vmkit crates.
+//!
+//! With no arguments it boots the bundled `hello` guest on KVM, shows its serial output and
+//! exits with the status the guest reported. `--help` lists the options.
 
-fn main() {}
+use std::process::ExitCode;
+
+use mini_vmm::args::{self, Args};
+use mini_vmm::vmm::{Outcome, Vmm};
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mini-vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.help {
+        println!("{}", args::USAGE);
+        return ExitCode::SUCCESS;
+    }
+    let result = Vmm::new(&args, std::io::stdout()).and_then(|mut vmm| {
+        let outcome = vmm.run();
+        if args.stats {
+            eprintln!("{}", vmm.stats());
+        }
+        outcome
+    });
+    match result {
+        Ok(Outcome::Exited(status)) => ExitCode::from(status.min(255) as u8),
+        Ok(Outcome::Shutdown) => {
+            eprintln!("mini-vmm: the guest shut down");
+            ExitCode::from(0)
+        }
+        Err(e) => {
+            eprintln!("mini-vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! MMIO instruction emulator (filled in below).

@@ -1,0 +1,1 @@
+//! vCPU state save/restore (filled in below).
