@@ -321,6 +321,34 @@ pub fn pop_chain<MM: GuestMemory>(
     }))
 }
 
+/// Asks the driver to notify once it adds buffers beyond those available *now*, for a device
+/// that is waiting for more room (net RX holding a frame that did not fit).
+///
+/// `Queue::enable_notification` would set `avail_event` to the device's `next_avail`, which
+/// for a device that put chains back lies *behind* the driver's index, so the driver would
+/// never kick. Returns `true` if buffers arrived while arming (the caller retries).
+pub fn notify_on_new_buffers<MM: GuestMemory>(
+    queue: &mut Queue,
+    mem: &MM,
+) -> Result<bool, virtio_queue::Error> {
+    use std::sync::atomic::{fence, Ordering};
+    use vm_memory::{Address, Bytes, GuestAddress};
+    if !queue.event_idx_enabled() {
+        // Without event-idx the driver kicks on every addition unless NO_NOTIFY is set.
+        queue.enable_notification(mem)?;
+        return Ok(false);
+    }
+    let idx = queue.avail_idx(mem, Ordering::Acquire)?;
+    // avail_event sits after the used ring's flags, idx and `size` 8-byte elements.
+    let addr = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    mem.store(u16::to_le(idx.0), addr, Ordering::Relaxed)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    fence(Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, Ordering::Acquire)? != idx)
+}
+
 /// Reads `data.len()` bytes of a config space image at `offset`; bytes outside read as zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);

@@ -403,3 +403,36 @@ fn transport_state_round_trip_continues_the_ring() {
     long.push(0);
     assert!(t2.restore_state(&long).is_err());
 }
+
+#[test]
+fn event_idx_rearms_driver_notifications() {
+    let m = mem();
+    let (mut t, _) = transport(&m);
+    let vq = MockSplitQueue::new(&*m, 16);
+    assert!(negotiate(&mut t, F | (1 << VIRTIO_RING_F_EVENT_IDX)));
+    assert!(setup_queue(
+        &mut t,
+        0,
+        16,
+        vq.desc_table_addr(),
+        vq.avail_addr(),
+        vq.used_addr()
+    ));
+    driver_ok(&mut t);
+    for i in 0..3u16 {
+        let d = RawDescriptor::from(Descriptor::new(
+            0x10_0000 + 0x100 * u64::from(i),
+            16,
+            VRING_DESC_F_WRITE,
+            0,
+        ));
+        vq.add_desc_chains(&[d], i).unwrap();
+    }
+    wr(&mut t, regs::QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 3);
+    // The device wrote avail_event = 3: the driver kicks again when it publishes entry 3.
+    let avail_event: u16 = m
+        .read_obj(GuestAddress(vq.used_addr().0 + 4 + 8 * 16))
+        .unwrap();
+    assert_eq!(avail_event, 3);
+}

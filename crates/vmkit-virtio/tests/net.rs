@@ -375,3 +375,29 @@ mod tap {
         assert!(g.dev.stats().rx_frames >= 1);
     }
 }
+
+#[test]
+fn event_idx_asks_for_a_kick_when_rx_buffers_run_out() {
+    let (ea, eb) = ChannelBackend::pair().unwrap();
+    let mut a = Side::new(Box::new(ea), base());
+    let f = base() | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_RING_F_EVENT_IDX);
+    let mut b = Side::new(Box::new(eb), f);
+    push_chain(b.rxq(), QS, 0, &[(0x20_0000, 100, F_WRITE)]);
+    send(&mut a, 0, [0; NET_HDR_LEN], &packet(250, 6));
+    b.dev.backend_event(0).unwrap();
+    assert_eq!(
+        b.rxq().used().idx().load(),
+        0,
+        "frame held: 100 bytes are not enough"
+    );
+    // avail_event (after the used ring) must name the driver's *current* index (1), so its
+    // next addition triggers a kick; the device's next_avail (0, after putting the chain
+    // back) would suppress every future kick.
+    let avail_event_addr = b.rxq().used_addr().0 + 4 + 8 * u64::from(QS);
+    let avail_event: u16 = b.m.read_obj(GuestAddress(avail_event_addr)).unwrap();
+    assert_eq!(avail_event, 1);
+    push_chain(b.rxq(), QS, 1, &[(0x21_0000, 200, F_WRITE)]);
+    b.dev.queue_notify(0).unwrap();
+    assert_eq!(b.rxq().used().idx().load(), 2);
+    assert_eq!(b.irq.queue_count(), 1);
+}

@@ -191,42 +191,50 @@ pub fn process_queue<MM: GuestMemory>(
         max_dwz_seg: MAX_DWZ_SEG,
     };
     let mut out = QueueOutcome::default();
-    while let Some(popped) = pop_chain(queue, mem)? {
-        let chain = match popped {
-            PoppedChain::Invalid { head, .. } => {
-                queue.add_used(mem, head, 0)?;
+    // Notification-suppression loop: see rng::process_queue.
+    loop {
+        queue.disable_notification(mem)?;
+        while let Some(popped) = pop_chain(queue, mem)? {
+            let chain = match popped {
+                PoppedChain::Invalid { head, .. } => {
+                    queue.add_used(mem, head, 0)?;
+                    out.completed += 1;
+                    continue;
+                }
+                PoppedChain::Valid(c) => c,
+            };
+            let Some(split) = split_status(&chain) else {
+                log::warn!("virtio-blk: request without a writable status byte");
+                queue.add_used(mem, chain.head, 0)?;
                 out.completed += 1;
                 continue;
+            };
+            let parsed = Request::parse(mem, &chain, &split, &limits);
+            if let (Some(l), Parsed::Request(_)) = (limiter.as_deref_mut(), &parsed) {
+                let bytes = chain.readable_len().saturating_sub(HEADER_LEN)
+                    + chain.writable_len().saturating_sub(1);
+                if !l.consume(bytes) {
+                    // Leave the request for the timer to retry.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    out.throttled = true;
+                    // The limiter's timer resumes the queue; driver kicks stay suppressed.
+                    return Ok(out);
+                }
             }
-            PoppedChain::Valid(c) => c,
-        };
-        let Some(split) = split_status(&chain) else {
-            log::warn!("virtio-blk: request without a writable status byte");
-            queue.add_used(mem, chain.head, 0)?;
+            let (status, len) = match parsed {
+                Parsed::Reject(s) => (s, 0),
+                Parsed::Request(req) => execute(mem, disk, features, &req),
+            };
+            // The status segment passed parse_chain, so this write is inside guest memory.
+            if mem.write_obj(status, split.status.addr).is_err() {
+                log::warn!("virtio-blk: cannot write status byte");
+            }
+            queue.add_used(mem, chain.head, len.saturating_add(1))?;
             out.completed += 1;
-            continue;
-        };
-        let parsed = Request::parse(mem, &chain, &split, &limits);
-        if let (Some(l), Parsed::Request(_)) = (limiter.as_deref_mut(), &parsed) {
-            let bytes = chain.readable_len().saturating_sub(HEADER_LEN)
-                + chain.writable_len().saturating_sub(1);
-            if !l.consume(bytes) {
-                // Leave the request for the timer to retry.
-                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                out.throttled = true;
-                break;
-            }
         }
-        let (status, len) = match parsed {
-            Parsed::Reject(s) => (s, 0),
-            Parsed::Request(req) => execute(mem, disk, features, &req),
-        };
-        // The status segment passed parse_chain, so this write is inside guest memory.
-        if mem.write_obj(status, split.status.addr).is_err() {
-            log::warn!("virtio-blk: cannot write status byte");
+        if !queue.enable_notification(mem)? {
+            break;
         }
-        queue.add_used(mem, chain.head, len.saturating_add(1))?;
-        out.completed += 1;
     }
     Ok(out)
 }

@@ -35,27 +35,34 @@ pub fn process_tx<MM: GuestMemory>(
 ) -> Result<bool, virtio_queue::Error> {
     let mut used = false;
     let mut buf = [0u8; CHUNK];
-    while let Some(popped) = pop_chain(queue, mem)? {
-        let head = match popped {
-            PoppedChain::Invalid { head, .. } => head,
-            PoppedChain::Valid(chain) if !chain.writable.is_empty() => chain.head,
-            PoppedChain::Valid(chain) => {
-                let mut r = ChainReader::new(chain.readable);
-                while r.remaining() > 0 {
-                    let n = (r.remaining() as usize).min(CHUNK);
-                    if r.read_exact(mem, &mut buf[..n]).is_err() {
-                        break;
+    // Notification-suppression loop: see rng::process_queue.
+    loop {
+        queue.disable_notification(mem)?;
+        while let Some(popped) = pop_chain(queue, mem)? {
+            let head = match popped {
+                PoppedChain::Invalid { head, .. } => head,
+                PoppedChain::Valid(chain) if !chain.writable.is_empty() => chain.head,
+                PoppedChain::Valid(chain) => {
+                    let mut r = ChainReader::new(chain.readable);
+                    while r.remaining() > 0 {
+                        let n = (r.remaining() as usize).min(CHUNK);
+                        if r.read_exact(mem, &mut buf[..n]).is_err() {
+                            break;
+                        }
+                        if let Err(e) = out(&buf[..n]) {
+                            log::warn!("virtio-console: output failed: {e}");
+                            break;
+                        }
                     }
-                    if let Err(e) = out(&buf[..n]) {
-                        log::warn!("virtio-console: output failed: {e}");
-                        break;
-                    }
+                    chain.head
                 }
-                chain.head
-            }
-        };
-        queue.add_used(mem, head, 0)?;
-        used = true;
+            };
+            queue.add_used(mem, head, 0)?;
+            used = true;
+        }
+        if !queue.enable_notification(mem)? {
+            break;
+        }
     }
     Ok(used)
 }
@@ -69,6 +76,10 @@ pub fn process_rx<MM: GuestMemory>(
     let mut used = false;
     while !pending.is_empty() {
         let Some(popped) = pop_chain(queue, mem)? else {
+            // Out of buffers with input left: ask for a kick when the driver adds some.
+            if queue.enable_notification(mem)? {
+                continue;
+            }
             break;
         };
         let (head, len) = match popped {

@@ -7,7 +7,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
 use crate::chain::{Chain, ChainReader, ChainWriter};
 use crate::device::{
-    pop_chain, read_config_bytes, ActivateError, DeviceCore, DeviceError, PoppedChain, VirtioDevice,
+    notify_on_new_buffers, pop_chain, read_config_bytes, ActivateError, DeviceCore, DeviceError,
+    PoppedChain, VirtioDevice,
 };
 use crate::features::{feature, COMMON_FEATURES, DEVICE_ID_NET};
 use crate::interrupt::{Interrupt, InterruptReason};
@@ -70,55 +71,62 @@ pub fn process_tx<MM: GuestMemory>(
     mut limiter: Option<&mut RateLimiter>,
 ) -> Result<TxOutcome, virtio_queue::Error> {
     let mut out = TxOutcome::default();
-    while let Some(popped) = pop_chain(queue, mem)? {
-        let chain = match popped {
-            PoppedChain::Valid(c) if c.writable.is_empty() => c,
-            PoppedChain::Valid(c) => {
-                log::warn!("virtio-net: TX chain with device-writable buffers");
-                drop_chain(queue, mem, c.head, &mut out)?;
+    // Notification-suppression loop: see rng::process_queue.
+    loop {
+        queue.disable_notification(mem)?;
+        while let Some(popped) = pop_chain(queue, mem)? {
+            let chain = match popped {
+                PoppedChain::Valid(c) if c.writable.is_empty() => c,
+                PoppedChain::Valid(c) => {
+                    log::warn!("virtio-net: TX chain with device-writable buffers");
+                    drop_chain(queue, mem, c.head, &mut out)?;
+                    continue;
+                }
+                PoppedChain::Invalid { head, .. } => {
+                    drop_chain(queue, mem, head, &mut out)?;
+                    continue;
+                }
+            };
+            let len = chain.readable_len();
+            if len > MAX_FRAME as u64 || len < NET_HDR_LEN as u64 {
+                log::warn!("virtio-net: TX frame of {len} bytes");
+                drop_chain(queue, mem, chain.head, &mut out)?;
                 continue;
             }
-            PoppedChain::Invalid { head, .. } => {
-                drop_chain(queue, mem, head, &mut out)?;
-                continue;
-            }
-        };
-        let len = chain.readable_len();
-        if len > MAX_FRAME as u64 || len < NET_HDR_LEN as u64 {
-            log::warn!("virtio-net: TX frame of {len} bytes");
-            drop_chain(queue, mem, chain.head, &mut out)?;
-            continue;
-        }
-        if let Some(l) = limiter.as_deref_mut() {
-            if !l.consume(len - NET_HDR_LEN as u64) {
-                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                out.throttled = true;
-                break;
-            }
-        }
-        // len <= MAX_FRAME, so the cast is lossless.
-        buf.resize(len as usize, 0);
-        let mut r = ChainReader::new(chain.readable);
-        if r.read_exact(mem, buf).is_err() {
-            drop_chain(queue, mem, chain.head, &mut out)?;
-            continue;
-        }
-        match NetHeader::check_tx(buf, acked) {
-            Ok(_) => {
-                if let Err(e) = backend.send(buf) {
-                    log::warn!("virtio-net: backend send failed: {e}");
-                    out.dropped += 1;
-                } else {
-                    out.sent += 1;
+            if let Some(l) = limiter.as_deref_mut() {
+                if !l.consume(len - NET_HDR_LEN as u64) {
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    out.throttled = true;
+                    return Ok(out);
                 }
             }
-            Err(e) => {
-                log::warn!("virtio-net: dropping TX frame: {e}");
-                out.dropped += 1;
+            // len <= MAX_FRAME, so the cast is lossless.
+            buf.resize(len as usize, 0);
+            let mut r = ChainReader::new(chain.readable);
+            if r.read_exact(mem, buf).is_err() {
+                drop_chain(queue, mem, chain.head, &mut out)?;
+                continue;
             }
+            match NetHeader::check_tx(buf, acked) {
+                Ok(_) => {
+                    if let Err(e) = backend.send(buf) {
+                        log::warn!("virtio-net: backend send failed: {e}");
+                        out.dropped += 1;
+                    } else {
+                        out.sent += 1;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("virtio-net: dropping TX frame: {e}");
+                    out.dropped += 1;
+                }
+            }
+            queue.add_used(mem, chain.head, 0)?;
+            out.completed += 1;
         }
-        queue.add_used(mem, chain.head, 0)?;
-        out.completed += 1;
+        if !queue.enable_notification(mem)? {
+            break;
+        }
     }
     Ok(out)
 }
@@ -399,7 +407,14 @@ impl<M: GuestAddressSpace> Net<M> {
             match deliver_frame(q, &*mem, frame, mergeable)
                 .map_err(|source| DeviceError::Queue { queue: RXQ, source })?
             {
-                RxOutcome::NoBuffers => break,
+                RxOutcome::NoBuffers => {
+                    if notify_on_new_buffers(q, &*mem)
+                        .map_err(|source| DeviceError::Queue { queue: RXQ, source })?
+                    {
+                        continue;
+                    }
+                    break;
+                }
                 RxOutcome::Delivered { force_notify, .. } => {
                     self.stats.rx_frames += 1;
                     notify = true;

@@ -59,36 +59,44 @@ pub fn process_queue<MM: GuestMemory>(
 ) -> Result<bool, virtio_queue::Error> {
     let mut used = false;
     let mut buf = [0u8; CHUNK];
-    while let Some(popped) = pop_chain(queue, mem)? {
-        let (head, len) = match popped {
-            PoppedChain::Invalid { head, .. } => (head, 0),
-            PoppedChain::Valid(chain) if !chain.readable.is_empty() => {
-                log::warn!("virtio-rng: request with a device-readable buffer");
-                (chain.head, 0)
-            }
-            PoppedChain::Valid(chain) => {
-                let mut written: u32 = 0;
-                'segs: for seg in &chain.writable {
-                    let mut off = 0u32;
-                    while off < seg.len {
-                        let n = (seg.len - off).min(CHUNK as u32) as usize;
-                        if let Err(e) = source.fill(&mut buf[..n]) {
-                            log::error!("virtio-rng: entropy source failed: {e}");
-                            break 'segs;
-                        }
-                        let addr = seg.addr.unchecked_add_off(off);
-                        if mem.write_slice(&buf[..n], addr).is_err() {
-                            break 'segs;
-                        }
-                        off += n as u32;
-                        written = written.saturating_add(n as u32);
-                    }
+    // Drain with driver kicks suppressed, then re-arm them; re-arming reports buffers that
+    // raced in, which are drained too (the standard virtio notification-suppression loop).
+    loop {
+        queue.disable_notification(mem)?;
+        while let Some(popped) = pop_chain(queue, mem)? {
+            let (head, len) = match popped {
+                PoppedChain::Invalid { head, .. } => (head, 0),
+                PoppedChain::Valid(chain) if !chain.readable.is_empty() => {
+                    log::warn!("virtio-rng: request with a device-readable buffer");
+                    (chain.head, 0)
                 }
-                (chain.head, written)
-            }
-        };
-        queue.add_used(mem, head, len)?;
-        used = true;
+                PoppedChain::Valid(chain) => {
+                    let mut written: u32 = 0;
+                    'segs: for seg in &chain.writable {
+                        let mut off = 0u32;
+                        while off < seg.len {
+                            let n = (seg.len - off).min(CHUNK as u32) as usize;
+                            if let Err(e) = source.fill(&mut buf[..n]) {
+                                log::error!("virtio-rng: entropy source failed: {e}");
+                                break 'segs;
+                            }
+                            let addr = seg.addr.unchecked_add_off(off);
+                            if mem.write_slice(&buf[..n], addr).is_err() {
+                                break 'segs;
+                            }
+                            off += n as u32;
+                            written = written.saturating_add(n as u32);
+                        }
+                    }
+                    (chain.head, written)
+                }
+            };
+            queue.add_used(mem, head, len)?;
+            used = true;
+        }
+        if !queue.enable_notification(mem)? {
+            break;
+        }
     }
     Ok(used)
 }
