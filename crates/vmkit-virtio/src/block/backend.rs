@@ -290,7 +290,7 @@ impl RawDisk {
 mod tests {
     use super::*;
     use std::io::Write;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     #[test]
     fn reads_and_writes_across_regions() {
@@ -337,6 +337,37 @@ mod tests {
         disk.file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, [0; 1024]);
         disk.flush().unwrap();
+    }
+
+    #[test]
+    fn reads_into_guest_mark_pages_dirty() {
+        use vm_memory::bitmap::AtomicBitmap;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8192).unwrap();
+        let disk = RawDisk::from_file(f, false).unwrap();
+        let m =
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let seg = Segment {
+            addr: GuestAddress(0x3000),
+            len: 0x1800,
+        };
+        disk.read_to_guest(&m, &[seg], 0).unwrap();
+        let r = m.find_region(GuestAddress(0)).unwrap();
+        use vm_memory::GuestMemoryRegion;
+        let dirty = |a: usize| r.bitmap().dirty_at(a);
+        assert!(!dirty(0x2000));
+        assert!(
+            dirty(0x3000) && dirty(0x4000),
+            "pages the device wrote are dirty"
+        );
+        assert!(!dirty(0x5000));
+        // Writing guest data to the file only reads guest memory: nothing new is dirty.
+        let seg2 = Segment {
+            addr: GuestAddress(0x8000),
+            len: 512,
+        };
+        disk.write_from_guest(&m, &[seg2], 0).unwrap();
+        assert!(!dirty(0x8000));
     }
 
     #[test]
