@@ -202,6 +202,12 @@ pub trait Vcpu: Send {
     /// Enables or disables single-stepping (each instruction then ends in a
     /// [`VmExit::Debug`]).
     fn set_single_step(&self, enable: bool) -> Result<()>;
+    /// Completes an exit the VMM has answered (e.g. delivers port or MMIO read data into
+    /// the guest's registers) without running further guest code, so the state read next
+    /// is consistent. Call before saving a vCPU.
+    fn complete_pending_exit(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// The backend's file descriptor for the vCPU, if it has one (for polling).
     fn raw_fd(&self) -> Option<RawFd> {
         None

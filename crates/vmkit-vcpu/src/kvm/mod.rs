@@ -744,6 +744,24 @@ impl Vcpu for KvmVcpu {
             .map_err(backend("KVM_SET_GUEST_DEBUG"))
     }
 
+    fn complete_pending_exit(&mut self) -> Result<()> {
+        // With immediate_exit set, KVM_RUN finishes the pending I/O or MMIO emulation and
+        // returns EINTR before entering the guest (the KVM API's documented way).
+        let ie = self.immediate_exit_ptr();
+        // SAFETY: see `clear_immediate_exit`.
+        unsafe { std::sync::atomic::AtomicU8::from_ptr(ie) }
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.clear_immediate_exit();
+        match r {
+            Err(libc::EINTR) | Ok(()) => Ok(()),
+            Err(errno) => Err(Error::Backend {
+                op: "KVM_RUN (complete pending exit)",
+                source: std::io::Error::from_raw_os_error(errno),
+            }),
+        }
+    }
+
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.fd.as_raw_fd())
     }
