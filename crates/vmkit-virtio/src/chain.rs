@@ -350,3 +350,160 @@ impl ChainWriter {
         Ok(segs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+    use vm_memory::GuestMemoryMmap;
+
+    const MEM: u64 = 0x1_0000;
+    const QS: u16 = 8;
+
+    fn setup(descs: &[(u64, u32, u16, u16)], head: u16) -> (GuestMemoryMmap<()>, Queue) {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            m.write_slice(&d, GuestAddress(16 * i as u64)).unwrap();
+        }
+        m.write_obj(head, GuestAddress(0x84)).unwrap();
+        m.write_obj(1u16, GuestAddress(0x82)).unwrap();
+        let mut q = Queue::new(QS).unwrap();
+        q.set_size(QS);
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(0x80), Some(0));
+        q.set_used_ring_address(Some(0xa0), Some(0));
+        q.set_ready(true);
+        (m, q)
+    }
+
+    fn parse(descs: &[(u64, u32, u16, u16)], head: u16) -> Result<Chain, ChainError> {
+        let (m, mut q) = setup(descs, head);
+        let c = q.iter(&m).unwrap().next().unwrap();
+        parse_chain(c, usize::from(QS))
+    }
+
+    #[test]
+    fn each_rejection() {
+        assert!(parse(&[(0x1000, 16, 0, 0)], 0).is_ok());
+        assert!(matches!(
+            parse(&[(0x1000, 16, 1, 0)], 0),
+            Err(ChainError::Truncated { .. })
+        ));
+        assert!(matches!(
+            parse(&[(0x1000, 0, 0, 0)], 0),
+            Err(ChainError::ZeroLength { .. })
+        ));
+        assert!(matches!(
+            parse(&[(MEM - 8, 16, 0, 0)], 0),
+            Err(ChainError::OutsideMemory { .. })
+        ));
+        assert!(matches!(
+            parse(&[(0x1000, 16, 3, 1), (0x2000, 16, 0, 0)], 0),
+            Err(ChainError::ReadableAfterWritable { .. })
+        ));
+        assert!(matches!(
+            parse(&[(0x1000, 16, 1, 1), (0x100f, 16, 2, 0)], 0),
+            Err(ChainError::Overlap { .. })
+        ));
+        assert!(matches!(
+            parse(&[(0x1000, 16, 0, 0)], 9),
+            Err(ChainError::Truncated { .. })
+        ));
+        // Indirect table of 9 entries in an 8-entry queue.
+        let mut descs = vec![(0x4000u64, 9 * 16, 4u16, 0u16)];
+        descs.resize(8, (0, 0, 0, 0));
+        let (m, mut q) = setup(&descs, 0);
+        for i in 0..9u64 {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&(0x5000 + 0x100 * i).to_le_bytes());
+            d[8..12].copy_from_slice(&16u32.to_le_bytes());
+            let (flags, next) = if i < 8 { (1u16, i as u16 + 1) } else { (0, 0) };
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            m.write_slice(&d, GuestAddress(0x4000 + 16 * i)).unwrap();
+        }
+        let c = q.iter(&m).unwrap().next().unwrap();
+        assert!(matches!(parse_chain(c, 8), Err(ChainError::TooLong { .. })));
+        let e = ChainError::OutsideMemory { addr: 0x10, len: 4 };
+        assert!(e.to_string().contains("0x10"));
+    }
+
+    #[test]
+    fn reader_and_writer_cross_segments() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let segs = vec![
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x200),
+                len: 5,
+            },
+        ];
+        let mut w = ChainWriter::new(segs.clone());
+        w.write_all(&m, b"abcd").unwrap();
+        assert_eq!(w.remaining(), 4);
+        assert!(
+            w.write_all(&m, b"12345").is_err(),
+            "too long, nothing written"
+        );
+        w.write_all(&m, b"efgh").unwrap();
+        assert_eq!(w.written(), 8);
+        let mut r = ChainReader::new(segs);
+        let mut buf = [0u8; 6];
+        r.read_exact(&m, &mut buf).unwrap();
+        assert_eq!(&buf, b"abcdef");
+        assert_eq!(
+            r.split(2).unwrap(),
+            vec![Segment {
+                addr: GuestAddress(0x203),
+                len: 2
+            }]
+        );
+        assert!(r.read_exact(&m, &mut [0u8; 1]).is_err());
+        let mut w = ChainWriter::new(vec![Segment {
+            addr: GuestAddress(0x300),
+            len: 4,
+        }]);
+        assert_eq!(w.split(3).unwrap().len(), 1);
+        assert_eq!(w.written(), 3);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+        /// Whatever the guest writes into the descriptor table, parsing terminates without
+        /// panicking, and an accepted chain only names in-memory, non-overlapping, non-empty
+        /// buffers, readable before writable, at most a queue size of them.
+        #[test]
+        fn accepted_chains_are_sane(
+            descs in proptest::collection::vec(
+                (0u64..MEM + 0x100, 0u32..0x3000, 0u16..8, 0u16..10), 8),
+            head in 0u16..10,
+        ) {
+            let descs: Vec<_> = descs.into_iter().map(|(a, l, f, n)| (a + 0x200, l, f, n)).collect();
+            if let Ok(c) = parse(&descs, head) {
+                let all: Vec<_> = c.readable.iter().chain(&c.writable).collect();
+                prop_assert!(!all.is_empty() && all.len() <= usize::from(QS));
+                for s in &all {
+                    prop_assert!(s.len > 0 && s.addr.0 + u64::from(s.len) <= MEM);
+                }
+                for (i, a) in all.iter().enumerate() {
+                    for b in &all[i + 1..] {
+                        let disjoint = a.addr.0 + u64::from(a.len) <= b.addr.0
+                            || b.addr.0 + u64::from(b.len) <= a.addr.0;
+                        prop_assert!(disjoint);
+                    }
+                }
+            }
+        }
+    }
+}
