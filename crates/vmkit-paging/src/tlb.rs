@@ -56,17 +56,42 @@ const SIZES: [PageSize; 4] = [
     PageSize::Size1G,
 ];
 
+const SHIFTS: [u32; 4] = [12, 21, 22, 30];
+
+const F_GLOBAL: u8 = 1;
+const F_DIRTY: u8 = 2;
+const F_WRITABLE: u8 = 4;
+const F_USER: u8 = 8;
+const F_NX: u8 = 16;
+
+/// 24 bytes: small slots keep the arrays cache-friendly.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     /// Page number (address >> size shift).
     vpn: u64,
-    /// Valid only when equal to the TLB's generation.
-    generation: u64,
-    pcid: u16,
-    global: bool,
-    dirty: bool,
-    rights: Rights,
+    /// Guest-physical base of the page.
     base: u64,
+    /// Valid only when equal to the TLB's generation.
+    generation: u32,
+    pcid: u16,
+    flags: u8,
+    pkey: u8,
+}
+
+impl Slot {
+    #[inline]
+    fn global(&self) -> bool {
+        self.flags & F_GLOBAL != 0
+    }
+    #[inline]
+    fn rights(&self) -> Rights {
+        Rights {
+            writable: self.flags & F_WRITABLE != 0,
+            user: self.flags & F_USER != 0,
+            no_execute: self.flags & F_NX != 0,
+            pkey: self.pkey,
+        }
+    }
 }
 
 /// Result of a cached translation.
@@ -94,7 +119,7 @@ pub struct TlbStats {
 pub struct Tlb {
     /// One array per page size, each a power of two long.
     arrays: [Vec<Slot>; 4],
-    generation: u64,
+    generation: u32,
     /// Whether any entry of that size was ever inserted since the last full flush (skips
     /// probes of empty arrays).
     populated: [bool; 4],
@@ -127,7 +152,7 @@ impl Tlb {
 
     #[inline]
     fn shift(class: usize) -> u32 {
-        SIZES[class].bytes().trailing_zeros()
+        SHIFTS[class & 3]
     }
 
     #[inline]
@@ -139,7 +164,9 @@ impl Tlb {
 
     #[inline]
     fn matches(&self, slot: &Slot, pcid: u16, vpn: u64) -> bool {
-        slot.generation == self.generation && slot.vpn == vpn && (slot.global || slot.pcid == pcid)
+        slot.generation == self.generation
+            && slot.vpn == vpn
+            && (slot.global() || slot.pcid == pcid)
     }
 
     /// Finds the entry for `addr` in `pcid`: (size class, index).
@@ -163,7 +190,7 @@ impl Tlb {
         let (class, i) = self.find(pcid, addr)?;
         let slot = &self.arrays[class][i];
         let size = SIZES[class];
-        Some((slot.base | (addr & (size.bytes() - 1)), size, slot.rights))
+        Some((slot.base | (addr & (size.bytes() - 1)), size, slot.rights()))
     }
 
     /// Caches a successful walk of `addr` in `pcid`.
@@ -171,14 +198,25 @@ impl Tlb {
         let class = SIZES.iter().position(|s| *s == t.page_size).unwrap_or(0);
         let vpn = addr >> Self::shift(class);
         let i = self.index(class, vpn);
+        let mut flags = 0;
+        for (on, bit) in [
+            (t.global, F_GLOBAL),
+            (t.dirty, F_DIRTY),
+            (t.rights.writable, F_WRITABLE),
+            (t.rights.user, F_USER),
+            (t.rights.no_execute, F_NX),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
         self.arrays[class][i] = Slot {
             vpn,
+            base: t.page_base,
             generation: self.generation,
             pcid,
-            global: t.global,
-            dirty: t.dirty,
-            rights: t.rights,
-            base: t.page_base,
+            flags,
+            pkey: t.rights.pkey,
         };
         self.populated[class] = true;
     }
@@ -213,9 +251,9 @@ impl Tlb {
     ) -> Result<TlbTranslation, Fault> {
         if let Some((class, i)) = self.find(pcid, addr) {
             let slot = self.arrays[class][i];
-            if !access.is_write() || slot.dirty {
+            if !access.is_write() || slot.flags & F_DIRTY != 0 {
                 self.stats.hits += 1;
-                return match walker.check_rights(slot.rights, access) {
+                return match walker.check_rights(slot.rights(), access) {
                     Ok(()) => {
                         let size = SIZES[class];
                         Ok(TlbTranslation {
@@ -228,9 +266,7 @@ impl Tlb {
                         // The fault invalidates the entry (SDM 4.10.4.1).
                         self.arrays[class][i].generation = 0;
                         let reason = if code.contains(PfErrorCode::PK) {
-                            FaultReason::ProtectionKey {
-                                pkey: slot.rights.pkey,
-                            }
+                            FaultReason::ProtectionKey { pkey: slot.pkey }
                         } else {
                             FaultReason::Protection
                         };
@@ -272,29 +308,29 @@ impl Tlb {
     /// INVLPG executed in `pcid`: drops the entries for the page containing `addr` (any
     /// size) of that PCID, and global entries for it.
     pub fn invlpg(&mut self, pcid: u16, addr: u64) {
-        self.retain(|s, shift| !(Self::covers(s, shift, addr) && (s.global || s.pcid == pcid)));
+        self.retain(|s, shift| !(Self::covers(s, shift, addr) && (s.global() || s.pcid == pcid)));
     }
 
     /// INVPCID type 0 (individual address): drops non-global entries for `addr` in `pcid`.
     pub fn invpcid_address(&mut self, pcid: u16, addr: u64) {
-        self.retain(|s, shift| !(Self::covers(s, shift, addr) && !s.global && s.pcid == pcid));
+        self.retain(|s, shift| !(Self::covers(s, shift, addr) && !s.global() && s.pcid == pcid));
     }
 
     /// INVPCID type 1 (single context): drops all non-global entries of `pcid`.
     pub fn invpcid_single(&mut self, pcid: u16) {
-        self.retain(|s, _| s.global || s.pcid != pcid);
+        self.retain(|s, _| s.global() || s.pcid != pcid);
     }
 
     /// INVPCID type 3 (all contexts, retaining globals).
     pub fn flush_non_global(&mut self) {
-        self.retain(|s, _| s.global);
+        self.retain(|s, _| s.global());
     }
 
     /// INVPCID type 2 / CR4.PGE toggle: drops everything, in O(1).
     pub fn flush_all(&mut self) {
         self.generation = self.generation.wrapping_add(1);
         if self.generation == 0 {
-            // After 2^64 flushes, clear for real so no stale slot can match again.
+            // After 2^32 flushes, clear for real so no stale slot can match again.
             for array in self.arrays.iter_mut() {
                 array.fill(Slot::default());
             }
@@ -486,7 +522,7 @@ mod tests {
         assert!(tlb.lookup(2, 0x60_0000).is_none());
         // Generation wrap clears for real.
         fill(&mut tlb);
-        tlb.generation = u64::MAX;
+        tlb.generation = u32::MAX;
         tlb.flush_all();
         assert_eq!(tlb.generation, 1);
         assert!(tlb.lookup(2, 0x40_1000).is_none());

@@ -596,7 +596,7 @@ impl Walker {
     ///
     /// Returns the error code of the resulting #PF when the access is not allowed. This is
     /// the single place where the permission rules live; the TLB calls it on hits.
-    #[inline]
+    #[inline(always)]
     pub fn check_rights(&self, rights: Rights, access: Access) -> Result<(), PfErrorCode> {
         let cfg = &self.cfg;
         let write = access.is_write();
@@ -669,16 +669,169 @@ impl Walker {
         if !self.canonical(addr) {
             return Err(Fault::NonCanonical { addr });
         }
-        for _ in 0..=MAX_RETRIES {
-            if let Some(result) = self.walk_once(tables, addr, access) {
+        match self.cfg.mode {
+            PagingMode::Level4 => self.retry(|w| w.walk_long::<4, T>(tables, addr, access), addr),
+            PagingMode::Level5 => self.retry(|w| w.walk_long::<5, T>(tables, addr, access), addr),
+            _ => self.retry(|w| w.walk_once(tables, addr, access), addr),
+        }
+    }
+
+    #[inline(always)]
+    fn retry(
+        &self,
+        mut walk: impl FnMut(&Self) -> Option<Result<Translation, Fault>>,
+        addr: u64,
+    ) -> Result<Translation, Fault> {
+        // The first walk almost always completes; restarts only follow lost A/D races.
+        if let Some(result) = walk(self) {
+            return result;
+        }
+        for _ in 0..MAX_RETRIES {
+            if let Some(result) = walk(self) {
                 return result;
             }
         }
         Err(Fault::Contended { addr })
     }
 
+    #[cold]
+    #[inline(never)]
+    fn fault(
+        &self,
+        addr: u64,
+        code: u32,
+        reason: FaultReason,
+    ) -> Option<Result<Translation, Fault>> {
+        Some(Err(Fault::PageFault(PageFault {
+            addr,
+            error_code: PfErrorCode(code),
+            reason,
+        })))
+    }
+
+    /// The 4/5-level walk, specialised: 8-byte entries, 9 index bits per level, large
+    /// pages at levels 2 and 3 only. Same semantics as [`walk_once`](Self::walk_once),
+    /// which the unit tests and the KVM differential test exercise through this path.
+    #[inline(always)]
+    fn walk_long<const LEVELS: u32, T: TableAccess + ?Sized>(
+        &self,
+        tables: &mut T,
+        addr: u64,
+        access: Access,
+    ) -> Option<Result<Translation, Fault>> {
+        let mut path = [(0u64, 0u64); 5];
+        let mut and_bits = u64::MAX;
+        let mut or_bits = 0u64;
+        let mut table = self.root;
+        let mut level = LEVELS;
+        let (leaf, size) = loop {
+            let entry_addr = table + ((addr >> (9 * level)) & 0xff8);
+            let Some(entry) = tables.read_entry(entry_addr, true) else {
+                return self.fault(
+                    addr,
+                    self.access_code(access),
+                    FaultReason::TableOutsideMemory {
+                        level,
+                        addr: entry_addr,
+                    },
+                );
+            };
+            let slot = level as usize - 1;
+            if let Some(p) = path.get_mut(slot) {
+                *p = (entry_addr, entry);
+            }
+            if entry & PRESENT == 0 {
+                return self.fault(
+                    addr,
+                    self.access_code(access),
+                    FaultReason::NotPresent { level },
+                );
+            }
+            let large = entry & PAGE_SIZE != 0 && (level == 2 || level == 3);
+            let masks = if large {
+                &self.rsvd_large
+            } else {
+                &self.rsvd_table
+            };
+            let rsvd = masks.get(slot).copied().unwrap_or(0);
+            if entry & rsvd != 0 {
+                return self.fault(
+                    addr,
+                    self.access_code(access) | PfErrorCode::PRESENT | PfErrorCode::RSVD,
+                    FaultReason::ReservedBits { level, entry },
+                );
+            }
+            and_bits &= entry;
+            or_bits |= entry;
+            if level == 1 {
+                break (entry, PageSize::Size4K);
+            }
+            if large {
+                break (
+                    entry,
+                    if level == 2 {
+                        PageSize::Size2M
+                    } else {
+                        PageSize::Size1G
+                    },
+                );
+            }
+            table = entry & bits(51, 12);
+            level -= 1;
+        };
+        let pkey = ((leaf >> PKEY_SHIFT) & 15) as u8;
+        let rights = Rights {
+            writable: and_bits & WRITABLE != 0,
+            user: and_bits & USER != 0,
+            no_execute: self.cfg.nxe && or_bits & NO_EXECUTE != 0,
+            pkey,
+        };
+        if let Err(code) = self.check_rights(rights, access) {
+            let reason = if code.contains(PfErrorCode::PK) {
+                FaultReason::ProtectionKey { pkey }
+            } else {
+                FaultReason::Protection
+            };
+            return self.fault(addr, code.bits(), reason);
+        }
+        let mut leaf_now = leaf;
+        let need_dirty = access.is_write() && leaf & DIRTY == 0;
+        if self.cfg.set_accessed_dirty && (and_bits & ACCESSED == 0 || need_dirty) {
+            for lvl in (level..=LEVELS).rev() {
+                let (entry_addr, entry) = path.get((lvl - 1) as usize).copied().unwrap_or_default();
+                let mut want = ACCESSED;
+                if lvl == level && access.is_write() {
+                    want |= DIRTY;
+                }
+                if entry & want != want {
+                    // `None`: memory that cannot be written (ROM): nothing to record.
+                    if let Some(Err(())) =
+                        tables.update_entry(entry_addr, true, entry, entry | want)
+                    {
+                        return None;
+                    }
+                    if lvl == level {
+                        leaf_now = entry | want;
+                    }
+                }
+            }
+        }
+        let page_base = leaf & bits(51, 12) & !(size.bytes() - 1);
+        Some(Ok(Translation {
+            gpa: page_base | (addr & (size.bytes() - 1)),
+            page_base,
+            page_size: size,
+            rights,
+            global: leaf_now & GLOBAL != 0,
+            dirty: leaf_now & DIRTY != 0,
+            leaf_entry: leaf_now,
+            leaf_addr: path.get((level - 1) as usize).map_or(0, |p| p.0),
+            memory_refs: LEVELS - level + 1,
+        }))
+    }
+
     /// One walk; `None` when an A/D update lost a race and the walk must restart.
-    #[inline]
+    #[inline(never)]
     fn walk_once<T: TableAccess + ?Sized>(
         &self,
         tables: &mut T,
