@@ -401,3 +401,56 @@ fn event_idx_asks_for_a_kick_when_rx_buffers_run_out() {
     assert_eq!(b.rxq().used().idx().load(), 2);
     assert_eq!(b.irq.queue_count(), 1);
 }
+
+#[test]
+fn tx_rate_limiter_defers_frames_to_its_timer() {
+    use std::time::Duration;
+    use vmkit_virtio::rate_limiter::{RateLimiter, TokenBucket};
+    let (ea, eb) = ChannelBackend::pair().unwrap();
+    let m: &'static Mem = Box::leak(Box::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+    ));
+    let ops = TokenBucket::new(1, Duration::from_millis(20), 0).unwrap();
+    let mut dev = Net::new(
+        Box::new(ea),
+        NetConfig {
+            queue_size: QS,
+            ..NetConfig::default()
+        },
+    )
+    .with_rate_limiters(None, Some(RateLimiter::new(None, Some(ops)).unwrap()));
+    let rx = MockSplitQueue::create(m, GuestAddress(RXQ_AT), QS);
+    let tx = MockSplitQueue::create(m, GuestAddress(TXQ_AT), QS);
+    dev.ack_features(base());
+    dev.activate(
+        m,
+        vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+        Arc::new(CountingInterrupt::default()),
+    )
+    .unwrap();
+    let fds = dev.backend_fds();
+    assert_eq!(fds.len(), 2, "backend fd + tx limiter timer");
+    m.write_slice(&[0u8; NET_HDR_LEN + 60], GuestAddress(0x10_0000))
+        .unwrap();
+    push_chain(&tx, QS, 0, &[(0x10_0000, (NET_HDR_LEN + 60) as u32, 0)]);
+    push_chain(&tx, QS, 1, &[(0x10_0000, (NET_HDR_LEN + 60) as u32, 0)]);
+    dev.queue_notify(1).unwrap();
+    assert_eq!(tx.used().idx().load(), 1, "second frame waits for tokens");
+    dev.queue_notify(1).unwrap();
+    assert_eq!(tx.used().idx().load(), 1);
+    let mut pfd = libc::pollfd {
+        fd: fds[1],
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack.
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 5000) },
+        1,
+        "limiter timer never fired"
+    );
+    dev.backend_event(1).unwrap();
+    assert_eq!(tx.used().idx().load(), 2);
+    assert_eq!(dev.stats().tx_frames, 2);
+    drop(eb);
+}
