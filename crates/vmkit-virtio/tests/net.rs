@@ -444,11 +444,8 @@ fn tx_rate_limiter_defers_frames_to_its_timer() {
         revents: 0,
     };
     // SAFETY: one valid pollfd on the stack.
-    assert_eq!(
-        unsafe { libc::poll(&mut pfd, 1, 5000) },
-        1,
-        "limiter timer never fired"
-    );
+    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(ready, 1, "limiter timer never fired");
     dev.backend_event(1).unwrap();
     assert_eq!(tx.used().idx().load(), 2);
     assert_eq!(dev.stats().tx_frames, 2);
