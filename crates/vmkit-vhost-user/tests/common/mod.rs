@@ -90,7 +90,13 @@ impl TestFrontend {
         // Net does not offer VHOST_USER_F_PROTOCOL_FEATURES (see the backend module docs).
         let has_protocol = offered & (1 << 30) != 0;
         let protocol = if has_protocol {
-            let p = fe.get_protocol_features().unwrap();
+            // Only what a plain frontend needs (other backends may offer more, e.g. inflight
+            // tracking, which would oblige us to send more messages).
+            let p = fe.get_protocol_features().unwrap()
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
             fe.set_protocol_features(p).unwrap();
             p
         } else {
