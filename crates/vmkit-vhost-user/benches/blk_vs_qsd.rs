@@ -46,7 +46,7 @@ fn image(dir: &Path) -> PathBuf {
 }
 
 fn qsd(img: &Path, sock: &Path) -> Child {
-    let child = Command::new("qemu-storage-daemon")
+    let mut child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!("driver=file,node-name=disk,filename={}", img.display()))
         .arg("--export")
@@ -64,6 +64,8 @@ fn qsd(img: &Path, sock: &Path) -> Child {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-storage-daemon did not create {}", sock.display());
 }
 
