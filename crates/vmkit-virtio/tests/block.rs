@@ -57,8 +57,8 @@ struct Rig<'a> {
 
 impl<'a> Rig<'a> {
     fn new(m: &'a Mem, disk: RawDisk) -> Self {
-        let vq = MockSplitQueue::new(m, QS);
-        let q = vq.create_queue().unwrap();
+        let vq = mock_queue(m, 0, QS);
+        let q = device_queue(&vq, QS);
         Self {
             m,
             vq,
@@ -378,13 +378,13 @@ fn device_config_features_and_notify() {
     dev.ack_features(f);
     assert_eq!(dev.acked_features(), f);
 
-    let vq0 = MockSplitQueue::create(&*m, GuestAddress(0), QS);
-    let vq1 = MockSplitQueue::create(&*m, GuestAddress(0x8000), QS);
+    let vq0 = mock_queue(&*m, 0, QS);
+    let vq1 = mock_queue(&*m, 0x8000, QS);
     let irq = Arc::new(CountingInterrupt::default());
     assert!(dev.queue_notify(0).is_err(), "not activated");
     dev.activate(
         m.clone(),
-        vec![vq0.create_queue().unwrap(), vq1.create_queue().unwrap()],
+        vec![device_queue(&vq0, QS), device_queue(&vq1, QS)],
         irq.clone(),
     )
     .unwrap();
@@ -467,9 +467,9 @@ fn rate_limiter_holds_requests_until_its_timer_fires() {
         },
     )
     .with_rate_limiter(RateLimiter::new(None, Some(ops)).unwrap());
-    let vq = MockSplitQueue::create(&*m, GuestAddress(0), QS);
+    let vq = mock_queue(&*m, 0, QS);
     let irq = Arc::new(CountingInterrupt::default());
-    dev.activate(m.clone(), vec![vq.create_queue().unwrap()], irq)
+    dev.activate(m.clone(), vec![device_queue(&vq, QS)], irq)
         .unwrap();
     assert_eq!(dev.backend_fds().len(), 1, "the limiter's timer");
     header(&m, HDR, VIRTIO_BLK_T_IN, 0);
@@ -509,4 +509,19 @@ fn rate_limiter_holds_requests_until_its_timer_fires() {
     assert_eq!(n, 1, "limiter timer never fired");
     dev.backend_event(0).unwrap();
     assert_eq!(vq.used().idx().load(), 2);
+}
+
+#[test]
+fn ring_indices_wrap_over_many_requests() {
+    let m = mem();
+    let (_f, d) = disk(64);
+    let mut rig = Rig::new(&m, d);
+    // Several laps of the 16-entry rings: every request completes with OK and its own head.
+    for i in 0..(3 * u64::from(QS) + 5) {
+        assert_eq!(
+            rig.rw(VIRTIO_BLK_T_IN, i % 64, 512),
+            (513, VIRTIO_BLK_S_OK),
+            "request {i}"
+        );
+    }
 }

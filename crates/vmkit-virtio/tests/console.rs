@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use common::*;
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::console::{Console, ConsoleBackend, MAX_PENDING};
 use vmkit_virtio::features::*;
@@ -32,12 +31,12 @@ fn setup() -> (
 #[test]
 fn transmit_and_receive() {
     let (m, mut dev, mut peer, irq) = setup();
-    let rxq = MockSplitQueue::create(&*m, GuestAddress(0), QS);
-    let txq = MockSplitQueue::create(&*m, GuestAddress(0x8000), QS);
+    let rxq = mock_queue(&*m, 0, QS);
+    let txq = mock_queue(&*m, 0x8000, QS);
     dev.ack_features(dev.device_features());
     dev.activate(
         m.clone(),
-        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+        vec![device_queue(&rxq, QS), device_queue(&txq, QS)],
         irq.clone(),
     )
     .unwrap();
@@ -82,11 +81,11 @@ fn transmit_and_receive() {
 #[test]
 fn hostile_console_chains() {
     let (m, mut dev, mut peer, irq) = setup();
-    let rxq = MockSplitQueue::create(&*m, GuestAddress(0), QS);
-    let txq = MockSplitQueue::create(&*m, GuestAddress(0x8000), QS);
+    let rxq = mock_queue(&*m, 0, QS);
+    let txq = mock_queue(&*m, 0x8000, QS);
     dev.activate(
         m.clone(),
-        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+        vec![device_queue(&rxq, QS), device_queue(&txq, QS)],
         irq,
     )
     .unwrap();
@@ -117,11 +116,11 @@ fn hostile_console_chains() {
 #[test]
 fn console_state_keeps_pending_input() {
     let (m, mut dev, _peer, irq) = setup();
-    let rxq = MockSplitQueue::create(&*m, GuestAddress(0), QS);
-    let txq = MockSplitQueue::create(&*m, GuestAddress(0x8000), QS);
+    let rxq = mock_queue(&*m, 0, QS);
+    let txq = mock_queue(&*m, 0x8000, QS);
     dev.activate(
         m.clone(),
-        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+        vec![device_queue(&rxq, QS), device_queue(&txq, QS)],
         irq.clone(),
     )
     .unwrap();

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::features::*;
 use vmkit_virtio::net::{ChannelBackend, Net, NetBackend, NetConfig};
@@ -43,7 +42,7 @@ fn ioeventfd_notification_runs_the_queue() {
     let t = Arc::new(Mutex::new(
         MmioTransport::new(Box::new(Rng::new()), m, irq).unwrap(),
     ));
-    let vq = MockSplitQueue::new(m, 16);
+    let vq = mock_queue(m, 0, 16);
     {
         let mut g = t.lock().unwrap();
         assert!(negotiate(&mut g, 1 << VIRTIO_F_VERSION_1));
@@ -82,8 +81,8 @@ fn backend_fd_wakes_the_receiving_net_device() {
     let t = Arc::new(Mutex::new(
         MmioTransport::new(Box::new(dev), m, irq).unwrap(),
     ));
-    let rx = MockSplitQueue::create(m, GuestAddress(0), 16);
-    let tx = MockSplitQueue::create(m, GuestAddress(0x8000), 16);
+    let rx = mock_queue(m, 0, 16);
+    let tx = mock_queue(m, 0x8000, 16);
     {
         let mut g = t.lock().unwrap();
         assert!(negotiate(&mut g, 1 << VIRTIO_F_VERSION_1));

@@ -181,7 +181,7 @@ fn feature_negotiation_refuses_what_was_not_offered() {
 fn queue_setup_rules() {
     let m = mem();
     let (mut t, _) = transport(&m);
-    let vq = MockSplitQueue::new(&*m, 16);
+    let vq = mock_queue(&*m, 0, 16);
     // Before FEATURES_OK queue registers are ignored.
     wr(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     wr(&mut t, regs::QUEUE_SEL, 0);
@@ -273,7 +273,7 @@ fn queue_setup_rules() {
 
 fn running(m: &AMem) -> (MmioTransport<AMem>, Arc<AtomicU32>, MockSplitQueue<'_, Mem>) {
     let (mut t, irqs) = transport(m);
-    let vq = MockSplitQueue::new(&**m, 16);
+    let vq = mock_queue(&**m, 0, 16);
     assert!(negotiate(&mut t, F));
     assert!(setup_queue(
         &mut t,
@@ -408,7 +408,7 @@ fn transport_state_round_trip_continues_the_ring() {
 fn event_idx_rearms_driver_notifications() {
     let m = mem();
     let (mut t, _) = transport(&m);
-    let vq = MockSplitQueue::new(&*m, 16);
+    let vq = mock_queue(&*m, 0, 16);
     assert!(negotiate(&mut t, F | (1 << VIRTIO_RING_F_EVENT_IDX)));
     assert!(setup_queue(
         &mut t,

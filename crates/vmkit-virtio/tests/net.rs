@@ -45,11 +45,11 @@ impl Side {
         );
         dev.ack_features(features);
         let irq = Arc::new(CountingInterrupt::default());
-        let rx = MockSplitQueue::create(m, GuestAddress(RXQ_AT), QS);
-        let tx = MockSplitQueue::create(m, GuestAddress(TXQ_AT), QS);
+        let rx = mock_queue(m, RXQ_AT, QS);
+        let tx = mock_queue(m, TXQ_AT, QS);
         dev.activate(
             m,
-            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+            vec![device_queue(&rx, QS), device_queue(&tx, QS)],
             irq.clone(),
         )
         .unwrap();
@@ -179,7 +179,7 @@ fn hostile_tx_chains_are_dropped() {
     let (ea, eb) = ChannelBackend::pair().unwrap();
     let mut a = Side::new(Box::new(ea), base());
     let mut b = Side::new(Box::new(eb), base() | (1 << VIRTIO_NET_F_GUEST_CSUM));
-    let txq = MockSplitQueue::create(a.m, GuestAddress(TXQ_AT), QS);
+    let txq = mock_queue(a.m, TXQ_AT, QS);
     // A second driver-side view of the same (still untouched) TX ring, free of the borrow of `a`.
     // Writable buffer in TX, too short for a header, outside RAM, a loop, a bad GSO type.
     push_chain(&txq, QS, 0, &[(0x10_0000, 64, F_WRITE)]);
@@ -419,12 +419,12 @@ fn tx_rate_limiter_defers_frames_to_its_timer() {
         },
     )
     .with_rate_limiters(None, Some(RateLimiter::new(None, Some(ops)).unwrap()));
-    let rx = MockSplitQueue::create(m, GuestAddress(RXQ_AT), QS);
-    let tx = MockSplitQueue::create(m, GuestAddress(TXQ_AT), QS);
+    let rx = mock_queue(m, RXQ_AT, QS);
+    let tx = mock_queue(m, TXQ_AT, QS);
     dev.ack_features(base());
     dev.activate(
         m,
-        vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+        vec![device_queue(&rx, QS), device_queue(&tx, QS)],
         Arc::new(CountingInterrupt::default()),
     )
     .unwrap();

@@ -145,3 +145,27 @@ pub fn used_entry<M: GuestMemory>(vq: &MockSplitQueue<'_, M>, qsize: u16, i: u16
         .load();
     (e.id(), e.len())
 }
+
+/// The driver side of a queue of `qs` entries at `start`.
+///
+/// virtio-queue 0.18's `MockSplitQueue` places each ring's end at `start + len` (entries, not
+/// bytes), so with `len == qs` its used ring overlaps the upper half of its available ring:
+/// the device's used-flags and used-element writes then clobber available entries (we found
+/// this when notification suppression started writing `used.flags`). Creating the mock with
+/// `2 * qs` entries puts its used ring right after the real `qs`-entry available ring; the
+/// device is given a `qs`-entry queue over the same addresses by [`device_queue`].
+pub fn mock_queue<M: GuestMemory>(mem: &M, start: u64, qs: u16) -> MockSplitQueue<'_, M> {
+    MockSplitQueue::create(mem, GuestAddress(start), 2 * qs)
+}
+
+/// The device-side `Queue` (size `qs`, ready) for a [`mock_queue`].
+pub fn device_queue<M: GuestMemory>(vq: &MockSplitQueue<'_, M>, qs: u16) -> virtio_queue::Queue {
+    use virtio_queue::QueueT;
+    let mut q = virtio_queue::Queue::new(qs).unwrap();
+    q.set_size(qs);
+    q.try_set_desc_table_address(vq.desc_table_addr()).unwrap();
+    q.try_set_avail_ring_address(vq.avail_addr()).unwrap();
+    q.try_set_used_ring_address(vq.used_addr()).unwrap();
+    q.set_ready(true);
+    q
+}
