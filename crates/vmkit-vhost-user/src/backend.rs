@@ -345,10 +345,14 @@ impl<H: QueueHandler> VirtioBackend<H> {
             let mut notify = Notify::Nothing;
             loop {
                 queue.disable_notification(&*mem).map_err(qerr)?;
+                let before = queue.next_avail();
                 let n = self.handler.process_queue(index, queue, &mem, acked);
                 notify = notify.merge(n.map_err(qerr)?);
-                // Re-arm notifications; if the driver added buffers meanwhile, go again.
-                if !queue.enable_notification(&*mem).map_err(qerr)? {
+                // Re-arm notifications; if the driver added buffers meanwhile, go again. A
+                // run that took nothing (a receive queue with buffers but no input) must not
+                // spin on the buffers it left: the next input event runs it again.
+                let progressed = queue.next_avail() != before;
+                if !queue.enable_notification(&*mem).map_err(qerr)? || !progressed {
                     break;
                 }
             }

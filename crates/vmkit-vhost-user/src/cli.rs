@@ -5,6 +5,8 @@
 //!                      [--queue-size N] [--serial ID] [--logical-block-size 512|4096]
 //!                      [--once] [--log-level LEVEL]
 //! vmkit-vhost-user rng --socket PATH [--once] [--log-level LEVEL]
+//! vmkit-vhost-user console --socket PATH [--output FILE [--input FILE] | --connect PATH]
+//!                      [--once] [--log-level LEVEL]
 //! vmkit-vhost-user net --socket PATH --tap NAME [--mac MAC] [--mtu N] [--queue-size N]
 //!                      [--once] [--log-level LEVEL]
 //! ```
@@ -22,9 +24,10 @@ pub const USAGE: &str = "\
 usage: vmkit-vhost-user <device> [options]
 
 devices:
-  blk   virtio-blk over a raw image file
-  rng   virtio-rng fed by getrandom(2)
-  net   virtio-net attached to a Linux TAP interface
+  blk       virtio-blk over a raw image file
+  rng       virtio-rng fed by getrandom(2)
+  net       virtio-net attached to a Linux TAP interface
+  console   virtio-console on stdio, files or a Unix socket
 
 common options:
   --socket PATH            Unix socket to listen on (required); the frontend connects to it
@@ -48,6 +51,11 @@ net options:
   --mtu N                  MTU shown to the guest (default 1500)
   --queue-size N           entries per queue (default 256)
 
+console options (default: the daemon's stdin and stdout):
+  --output FILE            append guest output to FILE
+  --input FILE             read guest input from FILE (with --output)
+  --connect PATH           both directions over the Unix socket PATH
+
 SIGTERM or SIGINT stops the daemon cleanly: in-flight requests complete and the image is
 flushed before it exits.";
 
@@ -55,10 +63,10 @@ flushed before it exits.";
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
     /// No device subcommand.
-    #[error("missing device: expected 'blk', 'net' or 'rng'")]
+    #[error("missing device: expected 'blk', 'console', 'net' or 'rng'")]
     MissingDevice,
     /// An unknown device subcommand.
-    #[error("unknown device '{0}': expected 'blk', 'net' or 'rng'")]
+    #[error("unknown device '{0}': expected 'blk', 'console', 'net' or 'rng'")]
     UnknownDevice(String),
     /// An argument the device does not take.
     #[error("unknown argument '{arg}' for '{device}'")]
@@ -103,6 +111,24 @@ pub enum Command {
     Rng(Common),
     /// Serve a network card.
     Net(NetOptions, Common),
+    /// Serve a console.
+    Console(ConsoleOptions, Common),
+}
+
+/// Where a console's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOptions {
+    /// The daemon's stdin and stdout.
+    Stdio,
+    /// Output appended to a file, input (optional) read from another.
+    File {
+        /// Output file.
+        output: PathBuf,
+        /// Input file.
+        input: Option<PathBuf>,
+    },
+    /// Both directions over a Unix stream socket the daemon connects to.
+    Unix(PathBuf),
 }
 
 /// Options of the `net` device.
@@ -143,6 +169,11 @@ const NET_FLAGS: &[(&[&str], bool)] = &[
     (&["--mac"], true),
     (&["--mtu"], true),
     (&["--queue-size"], true),
+];
+const CONSOLE_FLAGS: &[(&[&str], bool)] = &[
+    (&["--output"], true),
+    (&["--input"], true),
+    (&["--connect"], true),
 ];
 const COMMON_FLAGS: &[(&[&str], bool)] = &[
     (&["--socket"], true),
@@ -339,6 +370,27 @@ fn net(flags: &[(&'static str, Option<String>)]) -> Result<NetOptions, CliError>
     Ok(o)
 }
 
+fn console(flags: &[(&'static str, Option<String>)]) -> Result<ConsoleOptions, CliError> {
+    match (
+        value(flags, "--output"),
+        value(flags, "--input"),
+        value(flags, "--connect"),
+    ) {
+        (None, None, None) => Ok(ConsoleOptions::Stdio),
+        (Some(o), i, None) => Ok(ConsoleOptions::File {
+            output: o.into(),
+            input: i.map(PathBuf::from),
+        }),
+        (None, Some(_), None) => Err(CliError::Required("--output")),
+        (None, None, Some(c)) => Ok(ConsoleOptions::Unix(c.into())),
+        (_, _, Some(c)) => Err(CliError::Invalid {
+            flag: "--connect",
+            value: c.to_string(),
+            problem: "cannot be combined with --output or --input",
+        }),
+    }
+}
+
 /// Parses the arguments after the program name.
 ///
 /// # Errors
@@ -367,6 +419,11 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
             let flags = split_flags("net", rest, &[COMMON_FLAGS, NET_FLAGS])?;
             let c = common(&flags)?;
             Ok(Command::Net(net(&flags)?, c))
+        }
+        "console" => {
+            let flags = split_flags("console", rest, &[COMMON_FLAGS, CONSOLE_FLAGS])?;
+            let c = common(&flags)?;
+            Ok(Command::Console(console(&flags)?, c))
         }
         other => Err(CliError::UnknownDevice(other.to_string())),
     }
@@ -426,6 +483,18 @@ mod tests {
         let cases = [
             ("", "missing device"),
             ("tap --socket s", "unknown device 'tap'"),
+            (
+                "console --socket s --input i",
+                "missing required argument --output",
+            ),
+            (
+                "console --socket s --output o --connect c",
+                "--connect: cannot be combined",
+            ),
+            (
+                "console --socket s --tap t",
+                "unknown argument '--tap' for 'console'",
+            ),
             ("net --socket s", "missing required argument --tap"),
             (
                 "net --socket s --tap 0123456789abcdef",
@@ -504,6 +573,26 @@ mod tests {
             panic!()
         };
         assert_eq!((o.mtu, o.queue_size), (1500, 256));
+    }
+
+    #[test]
+    fn parses_console() {
+        let con = |line: &str| match parse(&args(line)).unwrap() {
+            Command::Console(o, _) => o,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(con("console --socket s"), ConsoleOptions::Stdio);
+        assert_eq!(
+            con("console --socket s --connect /c"),
+            ConsoleOptions::Unix("/c".into())
+        );
+        assert_eq!(
+            con("console --socket s --output o --input i"),
+            ConsoleOptions::File {
+                output: "o".into(),
+                input: Some("i".into())
+            }
+        );
     }
 
     #[test]

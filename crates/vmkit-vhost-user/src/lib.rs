@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod blk;
 pub mod cli;
+pub mod console;
 pub mod daemon;
 pub mod logger;
 pub mod net;
@@ -27,6 +28,7 @@ pub use backend::{
     BackendError, GuestMemoryShared, Notify, QueueHandler, Threading, VirtioBackend,
 };
 pub use blk::{blk_backend, BlkBackend, BlkError, BlkOptions, BlkQueues};
+pub use console::{console_backend, ConsoleQueues, ConsoleVhostBackend};
 pub use daemon::{install_signal_handlers, serve, DaemonError, ServeOptions, Stop};
 pub use net::{net_backend, tap_backend, NetError, NetQueues, NetVhostBackend};
 pub use rng::{rng_backend, rng_backend_with_source, RngBackend, RngQueues};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use vmkit_vhost_user::cli::{self, Command, Common};
 use vmkit_vhost_user::{
-    blk_backend, install_signal_handlers, logger, rng_backend, serve, tap_backend, QueueHandler,
-    ServeOptions, Stop, VirtioBackend,
+    blk_backend, console_backend, install_signal_handlers, logger, rng_backend, serve, tap_backend,
+    QueueHandler, ServeOptions, Stop, VirtioBackend,
 };
 
 fn run<H: QueueHandler>(backend: VirtioBackend<H>, common: &Common, stop: &Stop) -> ExitCode {
@@ -35,7 +35,9 @@ fn main() -> ExitCode {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
         }
-        Command::Blk(_, c) | Command::Rng(c) | Command::Net(_, c) => c.clone(),
+        Command::Blk(_, c) | Command::Rng(c) | Command::Net(_, c) | Command::Console(_, c) => {
+            c.clone()
+        }
     };
     logger::init(common.log_level);
     let stop = match Stop::new() {
@@ -68,6 +70,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Rng(_) => run(rng_backend(), &common, &stop),
+        Command::Console(opts, _) => {
+            use vmkit_virtio::console::ConsoleBackend;
+            let b = match &opts {
+                cli::ConsoleOptions::Stdio => ConsoleBackend::stdio(),
+                cli::ConsoleOptions::File { output, input } => {
+                    ConsoleBackend::file(output, input.as_deref())
+                }
+                cli::ConsoleOptions::Unix(path) => ConsoleBackend::unix_socket(path),
+            };
+            match b {
+                Ok(b) => run(console_backend(b), &common, &stop),
+                Err(e) => {
+                    log::error!("console: cannot open {opts:?}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Net(opts, _) => {
             let cfg = vmkit_virtio::net::NetConfig {
                 mac: opts.mac,

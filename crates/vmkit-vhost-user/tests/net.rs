@@ -100,6 +100,15 @@ fn frames_cross_both_ways() {
     assert_eq!(&merged[10..12], &2u16.to_le_bytes());
     assert_eq!(merged[HDR..], big[HDR..]);
 
+    // Buffers posted (and kicked) long before any frame: the idle receive queue must not keep
+    // the worker busy, so the frame that comes later is delivered.
+    t.submit(RXQ, &[(DATA + 0xa000, 2048, true)]);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let late = frame(100, 5);
+    peer.send(&late).unwrap();
+    let (_, len) = t.wait_used(RXQ);
+    assert_eq!(len as usize, late.len());
+
     // A transmit chain with a device-writable buffer is dropped; the queue keeps going.
     t.submit(TXQ, &[(DATA, 64, true)]);
     assert_eq!(t.wait_used(TXQ).1, 0);
