@@ -83,6 +83,12 @@ pub trait VirtioDevice<M: GuestAddressSpace>: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Features offered to the driver.
     fn device_features(&self) -> u64;
+    /// Whether the device can work with this feature set (beyond being a subset of the offer),
+    /// e.g. virtio-net refuses segmentation offload without checksum offload (5.1.3.1). The
+    /// transport leaves FEATURES_OK clear when this returns `false`.
+    fn features_acceptable(&self, _features: u64) -> bool {
+        true
+    }
     /// Records the features the driver accepted; the transport guarantees they are a subset of
     /// [`VirtioDevice::device_features`].
     fn ack_features(&mut self, features: u64);

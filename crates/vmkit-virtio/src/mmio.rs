@@ -309,6 +309,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
         }
         // A version 2 transport only carries modern devices (4.2.4).
         self.driver_features & feature(VIRTIO_F_VERSION_1) != 0
+            && self.device.features_acceptable(self.driver_features)
     }
 
     fn activate(&mut self) {

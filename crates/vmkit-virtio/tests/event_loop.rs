@@ -114,3 +114,31 @@ fn backend_fd_wakes_the_receiving_net_device() {
     assert_eq!(used_entry(&rx, 16, 0).1, 72);
     assert_eq!(irqs.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn net_feature_dependencies_are_enforced_at_features_ok() {
+    use vmkit_virtio::net::header::bits::*;
+    let m = leak_mem();
+    let (ea, _eb) = ChannelBackend::pair().unwrap();
+    let (_irqs, irq) = counter();
+    let dev = Net::new(Box::new(ea), NetConfig::default());
+    let mut t = MmioTransport::new(Box::new(dev), m, irq).unwrap();
+    let v1 = 1u64 << VIRTIO_F_VERSION_1;
+    // TSO4 towards the guest without GUEST_CSUM, and HOST_ECN without HOST_TSO: refused.
+    assert!(!negotiate(&mut t, v1 | (1 << VIRTIO_NET_F_GUEST_TSO4)));
+    assert!(!negotiate(
+        &mut t,
+        v1 | (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_ECN)
+    ));
+    // With their dependencies: accepted.
+    assert!(negotiate(
+        &mut t,
+        v1 | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    ));
+    assert!(negotiate(
+        &mut t,
+        v1 | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_ECN)
+    ));
+}

@@ -271,6 +271,27 @@ pub fn deliver_frame<MM: GuestMemory>(
     })
 }
 
+/// The feature dependencies of virtio 1.2, 5.1.3.1: segmentation offload needs checksum
+/// offload in the same direction, and ECN needs TSO.
+pub fn net_features_consistent(f: u64) -> bool {
+    let has = |bit| f & feature(bit) != 0;
+    let needs = |bit, dep: &[u32]| !has(bit) || dep.iter().any(|&d| has(d));
+    needs(VIRTIO_NET_F_GUEST_TSO4, &[VIRTIO_NET_F_GUEST_CSUM])
+        && needs(VIRTIO_NET_F_GUEST_TSO6, &[VIRTIO_NET_F_GUEST_CSUM])
+        && needs(VIRTIO_NET_F_GUEST_UFO, &[VIRTIO_NET_F_GUEST_CSUM])
+        && needs(
+            VIRTIO_NET_F_GUEST_ECN,
+            &[VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6],
+        )
+        && needs(VIRTIO_NET_F_HOST_TSO4, &[VIRTIO_NET_F_CSUM])
+        && needs(VIRTIO_NET_F_HOST_TSO6, &[VIRTIO_NET_F_CSUM])
+        && needs(VIRTIO_NET_F_HOST_UFO, &[VIRTIO_NET_F_CSUM])
+        && needs(
+            VIRTIO_NET_F_HOST_ECN,
+            &[VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6],
+        )
+}
+
 /// Counters of a [`Net`] device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetStats {
@@ -481,6 +502,9 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Net<M> {
     }
     fn device_features(&self) -> u64 {
         self.core.avail_features
+    }
+    fn features_acceptable(&self, f: u64) -> bool {
+        net_features_consistent(f)
     }
     fn ack_features(&mut self, features: u64) {
         self.core.acked_features = features & self.core.avail_features;

@@ -16,5 +16,8 @@ pub mod header;
 pub mod tap;
 
 pub use backend::{ChannelBackend, NetBackend};
-pub use device::{deliver_frame, process_tx, Net, NetConfig, NetStats, RxOutcome, TxOutcome};
+pub use device::{
+    deliver_frame, net_features_consistent, process_tx, Net, NetConfig, NetStats, RxOutcome,
+    TxOutcome,
+};
 pub use tap::Tap;
