@@ -436,3 +436,79 @@ fn event_idx_rearms_driver_notifications() {
         .unwrap();
     assert_eq!(avail_event, 3);
 }
+
+#[test]
+fn multiqueue_block_with_one_queue_left_disabled() {
+    use vmkit_virtio::block::{Block, BlockConfig, RawDisk};
+    let m = mem();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(64 * 512).unwrap();
+    let dev = Block::new(
+        RawDisk::open(f.path(), false).unwrap(),
+        BlockConfig {
+            num_queues: 2,
+            queue_size: 16,
+            blk_size: 512,
+        },
+    );
+    let mut t = MmioTransport::new(
+        Box::new(dev),
+        m.clone(),
+        Box::new(CallbackIrq::new(|| Ok(()))),
+    )
+    .unwrap();
+    wr(&mut t, regs::QUEUE_SEL, 1);
+    assert_eq!(rd(&mut t, regs::QUEUE_NUM_MAX), 16);
+    let vq = mock_queue(&*m, 0x8000, 16);
+    assert!(negotiate(&mut t, F));
+    // Only queue 1 is set up; queue 0 stays disabled — but blk needs queue 0.
+    assert!(setup_queue(
+        &mut t,
+        1,
+        16,
+        vq.desc_table_addr(),
+        vq.avail_addr(),
+        vq.used_addr()
+    ));
+    driver_ok(&mut t);
+    assert_ne!(rd(&mut t, regs::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    // Start over: queue 0 ready, queue 1 disabled. Requests on queue 0 work, kicks on the
+    // disabled queue 1 are ignored.
+    let vq0 = mock_queue(&*m, 0, 16);
+    assert!(negotiate(&mut t, F));
+    assert!(setup_queue(
+        &mut t,
+        0,
+        16,
+        vq0.desc_table_addr(),
+        vq0.avail_addr(),
+        vq0.used_addr()
+    ));
+    driver_ok(&mut t);
+    assert!(t.is_running());
+    let mut h = [0u8; 16];
+    h[8..16].copy_from_slice(&3u64.to_le_bytes());
+    m.write_slice(&h, GuestAddress(0x10_0000)).unwrap();
+    push_chain(
+        &vq0,
+        16,
+        0,
+        &[
+            (0x10_0000, 16, 0),
+            (0x20_0000, 512, F_WRITE),
+            (0x30_0000, 1, F_WRITE),
+        ],
+    );
+    wr(&mut t, regs::QUEUE_NOTIFY, 1);
+    assert_eq!(vq0.used().idx().load(), 0);
+    wr(&mut t, regs::QUEUE_NOTIFY, 0);
+    assert_eq!(vq0.used().idx().load(), 1);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), 0);
+    // Config space through the transport: capacity 64 sectors, num_queues 2.
+    let mut cap = [0u8; 8];
+    t.read(regs::CONFIG, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 64);
+    let mut nq = [0u8; 2];
+    t.read(regs::CONFIG + 34, &mut nq);
+    assert_eq!(u16::from_le_bytes(nq), 2);
+}
