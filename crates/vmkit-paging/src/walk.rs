@@ -669,26 +669,28 @@ impl Walker {
         if !self.canonical(addr) {
             return Err(Fault::NonCanonical { addr });
         }
+        // No closures here: the walk is inlined so the translation is built in place.
         match self.cfg.mode {
-            PagingMode::Level4 => self.retry(|w| w.walk_long::<4, T>(tables, addr, access), addr),
-            PagingMode::Level5 => self.retry(|w| w.walk_long::<5, T>(tables, addr, access), addr),
-            _ => self.retry(|w| w.walk_once(tables, addr, access), addr),
-        }
-    }
-
-    #[inline(always)]
-    fn retry(
-        &self,
-        mut walk: impl FnMut(&Self) -> Option<Result<Translation, Fault>>,
-        addr: u64,
-    ) -> Result<Translation, Fault> {
-        // The first walk almost always completes; restarts only follow lost A/D races.
-        if let Some(result) = walk(self) {
-            return result;
-        }
-        for _ in 0..MAX_RETRIES {
-            if let Some(result) = walk(self) {
-                return result;
+            PagingMode::Level4 => {
+                for _ in 0..=MAX_RETRIES {
+                    if let Some(result) = self.walk_long::<4, T>(tables, addr, access) {
+                        return result;
+                    }
+                }
+            }
+            PagingMode::Level5 => {
+                for _ in 0..=MAX_RETRIES {
+                    if let Some(result) = self.walk_long::<5, T>(tables, addr, access) {
+                        return result;
+                    }
+                }
+            }
+            _ => {
+                for _ in 0..=MAX_RETRIES {
+                    if let Some(result) = self.walk_once(tables, addr, access) {
+                        return result;
+                    }
+                }
             }
         }
         Err(Fault::Contended { addr })
@@ -719,7 +721,10 @@ impl Walker {
         addr: u64,
         access: Access,
     ) -> Option<Result<Translation, Fault>> {
-        let mut path = [(0u64, 0u64); 5];
+        // Entries by level (index level-1); their addresses are recomputed on the rare A/D
+        // update path instead of being stored on every walk.
+        let mut path = [0u64; 5];
+        let mut leaf_addr: u64;
         let mut and_bits = u64::MAX;
         let mut or_bits = 0u64;
         let mut table = self.root;
@@ -738,8 +743,9 @@ impl Walker {
             };
             let slot = level as usize - 1;
             if let Some(p) = path.get_mut(slot) {
-                *p = (entry_addr, entry);
+                *p = entry;
             }
+            leaf_addr = entry_addr;
             if entry & PRESENT == 0 {
                 return self.fault(
                     addr,
@@ -797,8 +803,11 @@ impl Walker {
         let mut leaf_now = leaf;
         let need_dirty = access.is_write() && leaf & DIRTY == 0;
         if self.cfg.set_accessed_dirty && (and_bits & ACCESSED == 0 || need_dirty) {
+            let mut table = self.root;
             for lvl in (level..=LEVELS).rev() {
-                let (entry_addr, entry) = path.get((lvl - 1) as usize).copied().unwrap_or_default();
+                let entry = path.get((lvl - 1) as usize).copied().unwrap_or_default();
+                let entry_addr = table + ((addr >> (9 * lvl)) & 0xff8);
+                table = entry & bits(51, 12);
                 let mut want = ACCESSED;
                 if lvl == level && access.is_write() {
                     want |= DIRTY;
@@ -825,7 +834,7 @@ impl Walker {
             global: leaf_now & GLOBAL != 0,
             dirty: leaf_now & DIRTY != 0,
             leaf_entry: leaf_now,
-            leaf_addr: path.get((level - 1) as usize).map_or(0, |p| p.0),
+            leaf_addr,
             memory_refs: LEVELS - level + 1,
         }))
     }
