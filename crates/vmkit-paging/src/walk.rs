@@ -503,6 +503,38 @@ pub struct Walker {
     /// Reserved bits per level for large-page leaves.
     rsvd_large: [u64; 5],
     root: u64,
+    /// Precomputed U/S, R/W, XD, SMEP, SMAP rules (as KVM's `permissions[]`): for access
+    /// index `kind * 3 + privilege`, bit `rights_index(rights)` is set when denied.
+    denied: [u8; 9],
+    /// Protection keys can apply (4/5-level paging with CR4.PKE or CR4.PKS).
+    pk_active: bool,
+}
+
+const KINDS: [AccessKind; 3] = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch];
+const PRIVILEGES: [Privilege; 3] = [
+    Privilege::User,
+    Privilege::Supervisor,
+    Privilege::ImplicitSupervisor,
+];
+
+#[inline(always)]
+fn access_index(access: Access) -> usize {
+    let k = match access.kind {
+        AccessKind::Read => 0,
+        AccessKind::Write => 1,
+        AccessKind::Fetch => 2,
+    };
+    let p = match access.privilege {
+        Privilege::User => 0,
+        Privilege::Supervisor => 1,
+        Privilege::ImplicitSupervisor => 2,
+    };
+    k * 3 + p
+}
+
+#[inline(always)]
+fn rights_index(rights: Rights) -> u32 {
+    u32::from(rights.writable) | u32::from(rights.user) << 1 | u32::from(rights.no_execute) << 2
 }
 
 impl Walker {
@@ -556,11 +588,52 @@ impl Walker {
         // Level-4/5 "large" entries do not exist: PS is reserved there, use the same mask.
         l[3] = t[3];
         l[4] = t[4];
-        Walker {
+        let mut w = Walker {
             cfg,
             rsvd_table: t,
             rsvd_large: l,
             root,
+            denied: [0; 9],
+            pk_active: matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5)
+                && (cfg.pke || cfg.pks),
+        };
+        for kind in KINDS {
+            for privilege in PRIVILEGES {
+                let access = Access::new(kind, privilege);
+                let mut bitmap = 0u8;
+                for r in 0..8u32 {
+                    let rights = Rights {
+                        writable: r & 1 != 0,
+                        user: r & 2 != 0,
+                        no_execute: r & 4 != 0,
+                        pkey: 0,
+                    };
+                    if w.denied_by_rights(rights, access) {
+                        bitmap |= 1 << r;
+                    }
+                }
+                w.denied[access_index(access)] = bitmap;
+            }
+        }
+        w
+    }
+
+    /// The U/S, R/W + WP, XD, SMEP and SMAP rules (SDM 4.6.1), spelled out; evaluated once
+    /// per configuration to fill the `denied` table.
+    fn denied_by_rights(&self, rights: Rights, access: Access) -> bool {
+        let cfg = &self.cfg;
+        let user_page = rights.user;
+        match (access.privilege, access.kind) {
+            (Privilege::User, AccessKind::Read) => !user_page,
+            (Privilege::User, AccessKind::Write) => !user_page || !rights.writable,
+            (Privilege::User, AccessKind::Fetch) => !user_page || rights.no_execute,
+            (_, AccessKind::Fetch) => rights.no_execute || (user_page && cfg.smep),
+            (privilege, kind) => {
+                let smap = user_page
+                    && cfg.smap
+                    && !(privilege == Privilege::Supervisor && cfg.alignment_check);
+                smap || (kind == AccessKind::Write && !rights.writable && cfg.write_protect)
+            }
         }
     }
 
@@ -601,20 +674,9 @@ impl Walker {
         let cfg = &self.cfg;
         let write = access.is_write();
         let user_page = rights.user;
-        let denied = match (access.privilege, access.kind) {
-            (Privilege::User, AccessKind::Read) => !user_page,
-            (Privilege::User, AccessKind::Write) => !user_page || !rights.writable,
-            (Privilege::User, AccessKind::Fetch) => !user_page || rights.no_execute,
-            (_, AccessKind::Fetch) => rights.no_execute || (user_page && cfg.smep),
-            (privilege, kind) => {
-                let smap = user_page
-                    && cfg.smap
-                    && !(privilege == Privilege::Supervisor && cfg.alignment_check);
-                smap || (kind == AccessKind::Write && !rights.writable && cfg.write_protect)
-            }
-        };
+        let denied = (self.denied[access_index(access)] >> rights_index(rights)) & 1 != 0;
         let mut pk = false;
-        if !access.is_fetch() && matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5) {
+        if self.pk_active && !access.is_fetch() {
             let keys = if user_page && cfg.pke {
                 Some(cfg.pkru)
             } else if !user_page && cfg.pks && !access.is_user() {
