@@ -326,6 +326,16 @@ impl LoadedKernel {
 /// One E820 memory-map entry (address, size, type: 1 = RAM, 2 = reserved).
 pub type E820 = (u64, u64, u32);
 
+/// The E820 map of a `vmkit-memory` layout (RAM, reserved ranges such as the EBDA and the
+/// legacy video/BIOS hole, ACPI ranges).
+pub fn e820_of_layout(layout: &vmkit_memory::MemoryLayout) -> Vec<E820> {
+    layout
+        .e820()
+        .iter()
+        .map(|e| (e.addr, e.size, e.kind.as_u32()))
+        .collect()
+}
+
 /// The E820 map of `mem`: each region as RAM.
 pub fn e820_of<M: GuestMemoryBackend>(mem: &M) -> Vec<E820> {
     use vm_memory::GuestMemoryRegion;
@@ -543,6 +553,16 @@ mod tests {
             write_cmdline(&m, &"x".repeat(5000)),
             Err(BootError::Cmdline(_))
         ));
+    }
+
+    #[test]
+    fn layout_e820_marks_the_legacy_holes_reserved() {
+        let layout = vmkit_memory::MemoryLayout::x86_pc(64 << 20).unwrap();
+        let e820 = e820_of_layout(&layout);
+        assert!(e820.contains(&(0xa_0000, 0x6_0000, 2)), "{e820:x?}");
+        assert!(e820
+            .iter()
+            .any(|&(a, s, t)| t == 1 && a <= 0x10_0000 && a + s >= 64 << 20));
     }
 
     #[test]

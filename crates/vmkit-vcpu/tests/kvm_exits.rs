@@ -51,6 +51,57 @@ fn hello_prints_makes_a_port_hypercall_and_halts() {
     assert!(again.iter().all(|w| *w == 0));
 }
 
+#[test]
+fn kvm_dirty_log_feeds_vmkit_memory_dirty_tracking() {
+    use vmkit_memory::{DirtyTracker, GuestRam};
+    use vmkit_vcpu::{Hypervisor, MemoryFlags};
+    let hv = vmkit_vcpu::kvm::KvmHypervisor::new().unwrap();
+    let ram = GuestRam::from_ranges(&[(vm_memory::GuestAddress(0), 8 << 20)]).unwrap();
+    let vm = hv.create_vm().unwrap();
+    vm.register_memory(
+        &ram,
+        0,
+        MemoryFlags {
+            log_dirty: true,
+            read_only: false,
+        },
+    )
+    .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut img = std::io::Cursor::new(guests::HELLO);
+    let k = vmkit_vcpu::boot::load_kernel(
+        &ram,
+        &mut img,
+        vmkit_vcpu::boot::KernelFormat::PlainElf,
+        None,
+        &[],
+    )
+    .unwrap();
+    k.setup_vcpu(&ram, &vcpu).unwrap();
+    let mut tracker = DirtyTracker::with_hypervisor(&ram, &vm);
+    // Start clean: forget the VMM's own writes (image, tables) and KVM's initial log.
+    tracker.sync(&ram).unwrap();
+    let _ = tracker.take(&ram).unwrap();
+    let _w = Watchdog::new(vcpu.kick_handle(), 20);
+    let mut d = vmkit_vcpu::dispatch::Dispatcher::default();
+    d.set_hypercall_port(0x500, ram.clone());
+    assert_eq!(d.run(&mut vcpu).unwrap(), Action::Halt);
+    tracker.sync(&ram).unwrap();
+    let dirty = tracker.take(&ram).unwrap();
+    // Only the guest wrote since: its stack and hypercall block near 1 MiB, and the CPU's
+    // Accessed bits in the boot page tables.
+    let pages: Vec<u64> = dirty.iter_addrs().map(|a| a.0).collect();
+    let image = 0x10_0000..0x11_0000;
+    let tables = vmkit_vcpu::boot::PAGE_TABLES_START..vmkit_vcpu::boot::PAGE_TABLES_END;
+    assert!(pages.iter().any(|a| image.contains(a)), "{pages:x?}");
+    assert!(
+        pages
+            .iter()
+            .all(|a| image.contains(a) || tables.contains(a)),
+        "{pages:x?}"
+    );
+}
+
 struct MmioScratch {
     writes: Vec<(u64, Vec<u8>)>,
 }

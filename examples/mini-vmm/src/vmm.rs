@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmkit_memory::{GuestRam, MemoryLayout};
 use vmkit_vcpu::boot::{self, KernelFormat};
 use vmkit_vcpu::dispatch::{Action, DispatchError, Dispatcher, UnclaimedPolicy};
 use vmkit_vcpu::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
@@ -30,6 +30,9 @@ pub enum VmmError {
     /// Guest memory could not be allocated.
     #[error("cannot allocate {0} bytes of guest memory")]
     Memory(u64),
+    /// The memory size does not make a valid PC layout.
+    #[error("invalid memory layout: {0}")]
+    Layout(#[from] vmkit_memory::LayoutError),
     /// The hypervisor failed.
     #[error("hypervisor: {0}")]
     Hypervisor(#[from] vmkit_vcpu::Error),
@@ -55,8 +58,10 @@ pub enum Outcome {
 
 /// A VM ready to run.
 pub struct Vmm<W: Write + Send + 'static> {
-    /// Guest RAM.
-    pub memory: GuestMemoryMmap,
+    /// The guest-physical layout (RAM, MMIO hole, reserved ranges, E820).
+    pub layout: MemoryLayout,
+    /// Guest RAM (with vmkit-memory's dirty bitmap).
+    pub memory: GuestRam,
     /// The KVM VM.
     pub vm: KvmVm,
     /// Its vCPU.
@@ -70,8 +75,13 @@ pub struct Vmm<W: Write + Send + 'static> {
 impl<W: Write + Send + 'static> Vmm<W> {
     /// Builds a VM for `args`, with serial output going to `out`.
     pub fn new(args: &Args, out: W) -> Result<Self, VmmError> {
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)])
-            .map_err(|_| VmmError::Memory(args.memory))?;
+        let layout = MemoryLayout::x86_pc(args.memory)?;
+        let ranges: Vec<_> = layout
+            .ram_regions()
+            .iter()
+            .map(|r| (r.guest_addr, r.size as usize))
+            .collect();
+        let memory = GuestRam::from_ranges(&ranges).map_err(|_| VmmError::Memory(args.memory))?;
         let hv = KvmHypervisor::new()?;
         let vm = hv.create_vm()?;
         vm.register_memory(&memory, 0, MemoryFlags::default())?;
@@ -93,7 +103,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     path: path.display().to_string(),
                     source,
                 })?;
-                let e820 = boot::e820_of(&memory);
+                let e820 = boot::e820_of_layout(&layout);
                 boot::load_kernel(
                     &memory,
                     &mut f,
@@ -126,6 +136,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
             Box::new(|_nr: u64, args: &[u64; 6]| args[0].wrapping_add(1)),
         );
         Ok(Vmm {
+            layout,
             memory,
             vm,
             vcpu,

@@ -66,3 +66,46 @@ fn a_triple_fault_is_a_shutdown() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("shut down"), "{stderr}");
 }
+
+#[test]
+fn kernel_option_boots_an_elf_with_boot_params_and_the_e820_map() {
+    let path = std::env::temp_dir().join(format!("mini-vmm-kernel-{}", std::process::id()));
+    std::fs::write(&path, vmkit_test_guests::HELLO).unwrap();
+    let out = mini_vmm(&[
+        "--kernel",
+        path.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "size=32M",
+    ]);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello from a vmkit guest!"));
+}
+
+#[test]
+fn the_library_vmm_reports_layout_and_stats() {
+    use mini_vmm::args::Args;
+    use mini_vmm::vmm::{Outcome, Vmm};
+    let args = Args::parse(["--guest".to_string(), "mmio".to_string()]).unwrap();
+    let mut vmm = Vmm::new(&args, Vec::new()).unwrap();
+    assert_eq!(vmm.run().unwrap(), Outcome::Exited(0));
+    assert_eq!(vmm.layout.ram_bytes(), 64 << 20);
+    let stats = vmm.stats();
+    assert!(
+        stats.contains("mmio_write") && stats.contains("mmio_read"),
+        "{stats}"
+    );
+    // No MMIO device in mini-vmm yet: every MMIO access was unclaimed.
+    assert_eq!(vmm.dispatcher.metrics().unclaimed_mmio_writes, 4);
+    assert_eq!(
+        vmm.devices.test.data.lock().unwrap().last(),
+        Some(&0xffff_ffff)
+    );
+}

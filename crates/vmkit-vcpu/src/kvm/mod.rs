@@ -307,6 +307,16 @@ impl Vm for KvmVm {
     }
 }
 
+/// KVM's dirty log feeds `vmkit-memory`'s dirty tracking (slot `i` = region `i` when the
+/// memory was registered with `first_slot` 0).
+impl vmkit_memory::HypervisorDirtyLog for KvmVm {
+    type Error = Error;
+
+    fn get_and_clear_dirty(&self, slot: u32, len: usize) -> Result<Vec<u64>> {
+        self.dirty_log(slot, len)
+    }
+}
+
 /// A KVM vCPU.
 #[derive(Debug)]
 pub struct KvmVcpu {
@@ -327,6 +337,13 @@ impl KvmVcpu {
     /// The underlying `kvm-ioctls` vCPU handle.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// Mutable access to the `kvm-ioctls` vCPU, e.g. to run it directly. Running it this way
+    /// bypasses the kick handshake: a kick then only takes effect at the next
+    /// [`Vcpu::run`].
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 
     fn immediate_exit_ptr(&self) -> *mut u8 {
