@@ -364,7 +364,7 @@ impl CreditScheduler {
         }
         let elapsed = idx - self.period_idx;
         self.period_idx = idx;
-        let sys = self.sys_vtime_at(now);
+        let sys = self.sys_vtime;
         for i in 0..self.capped.len() {
             let vm = self.capped[i];
             if let Some(v) = self.vms.get_mut(vm as usize) {
@@ -792,6 +792,7 @@ impl Scheduler for CreditScheduler {
         }
         let vm = entry.vm;
         let sys_now = self.sys_vtime_at(now);
+        let sys_vtime = self.sys_vtime;
         let entry = self
             .tasks
             .get_mut(task.index())
@@ -804,7 +805,12 @@ impl Scheduler for CreditScheduler {
         // asleep, or all running) and a sleeping task keep at most `sleep_credit` of the
         // credit they did not use.
         if v.queued.is_empty() {
-            let floor = sys_now.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
+            // The floor uses picked virtual time only, not the progress of running slices:
+            // that progress is estimated from wall time, while what slices are finally
+            // charged may be less (CPU-time accounting), and a floor above the other VMs'
+            // real virtual time would make the sleeper wait instead of run.
+            let floor =
+                sys_vtime.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
             v.vtime = v.vtime.max(floor);
         }
         entry.vtime = entry
