@@ -889,3 +889,178 @@ impl Scheduler for CreditScheduler {
         self.stats
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(cpus: usize) -> CreditScheduler {
+        CreditScheduler::new(CreditConfig::with_cpus(cpus)).unwrap()
+    }
+
+    fn run(s: &mut CreditScheduler, cpu: usize, now: Nanos) -> (TaskId, Nanos) {
+        match s.pick(cpu, now).unwrap() {
+            Decision::Run { task, slice, .. } => (task, slice),
+            Decision::Idle { .. } => panic!("idle"),
+        }
+    }
+
+    #[test]
+    fn config_and_vm_validation() {
+        let bad = |f: fn(&mut CreditConfig)| {
+            let mut c = CreditConfig::with_cpus(2);
+            f(&mut c);
+            CreditScheduler::new(c).unwrap_err()
+        };
+        assert_eq!(bad(|c| c.cpus = 0), SchedError::NoCpus);
+        assert!(matches!(
+            bad(|c| c.timeslice = 0),
+            SchedError::InvalidParameter {
+                name: "timeslice",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.ratelimit = c.timeslice + 1),
+            SchedError::InvalidParameter {
+                name: "ratelimit",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(|c| c.period = 0),
+            SchedError::InvalidParameter { name: "period", .. }
+        ));
+        let mut s = sched(2);
+        assert_eq!(
+            s.add_vm(VmConfig::weighted(0)),
+            Err(SchedError::InvalidWeight(0))
+        );
+        assert_eq!(
+            s.add_vm(VmConfig::weighted(70_000)),
+            Err(SchedError::InvalidWeight(70_000))
+        );
+        assert_eq!(
+            s.add_vm(VmConfig::default().with_cap(201)),
+            Err(SchedError::InvalidCap { cap: 201, max: 200 })
+        );
+        assert_eq!(
+            s.add_vm(VmConfig::default().with_cap(0)),
+            Err(SchedError::InvalidCap { cap: 0, max: 200 })
+        );
+        assert_eq!(s.add_task(VmId(5), 0), Err(SchedError::UnknownVm(5)));
+        assert_eq!(s.wake(TaskId(9), 0), Err(SchedError::UnknownTask(9)));
+        assert_eq!(s.vm_of(TaskId(9)), Err(SchedError::UnknownTask(9)));
+        assert_eq!(s.vm_service(VmId(1)), Err(SchedError::UnknownVm(1)));
+        assert_eq!(s.task_service(TaskId(1)), Err(SchedError::UnknownTask(1)));
+        assert_eq!(s.vm_config(VmId(1)), Err(SchedError::UnknownVm(1)));
+        assert_eq!(s.live_tasks(VmId(1)), Err(SchedError::UnknownVm(1)));
+        assert_eq!(s.vm_credit(VmId(1)), Err(SchedError::UnknownVm(1)));
+    }
+
+    #[test]
+    fn protocol_errors() {
+        let mut s = sched(2);
+        let vm = s.add_vm(VmConfig::default()).unwrap();
+        let t = s.add_task(vm, 0).unwrap();
+        assert_eq!(
+            s.pick(2, 0),
+            Err(SchedError::CpuOutOfRange { cpu: 2, cpus: 2 })
+        );
+        assert_eq!(
+            s.finish(0, 1, Outcome::SliceEnd, 0),
+            Err(SchedError::CpuNotRunning { cpu: 0 })
+        );
+        // Halted until woken.
+        assert_eq!(s.pick(0, 0), Ok(Decision::Idle { until: None }));
+        assert_eq!(s.wake(t, 0), Ok(WakeAction::Kick { cpu: 0 }));
+        let (task, _) = run(&mut s, 0, 0);
+        assert_eq!(task, t);
+        assert_eq!(s.pick(0, 1), Err(SchedError::CpuBusy { cpu: 0, task: 0 }));
+        s.finish(0, 100, Outcome::Exited, 100).unwrap();
+        assert_eq!(s.live_tasks(vm), Ok(0));
+        assert_eq!(s.wake(t, 200), Ok(WakeAction::None));
+        assert_eq!(s.task_service(t), Ok(100));
+        assert_eq!(s.vm_of(t), Ok(vm));
+        assert_eq!((s.vm_count(), s.task_count(), s.cpus()), (1, 1, 2));
+        assert!(s.vm_home(vm).unwrap() < 2);
+    }
+
+    #[test]
+    fn wake_while_running_is_not_lost() {
+        let mut s = sched(1);
+        let vm = s.add_vm(VmConfig::default()).unwrap();
+        let t = s.add_task(vm, 0).unwrap();
+        s.wake(t, 0).unwrap();
+        run(&mut s, 0, 0);
+        assert_eq!(s.wake(t, 50), Ok(WakeAction::None));
+        s.finish(0, 100, Outcome::Blocked, 100).unwrap();
+        let Decision::Run {
+            task, wake_latency, ..
+        } = s.pick(0, 100).unwrap()
+        else {
+            panic!("the wake was lost")
+        };
+        assert_eq!((task, wake_latency), (t, Some(50)));
+        // Without a wake, a halt sticks.
+        s.finish(0, 10, Outcome::Blocked, 110).unwrap();
+        assert_eq!(s.pick(0, 110), Ok(Decision::Idle { until: None }));
+    }
+
+    #[test]
+    fn yield_lets_a_sibling_run_and_costs_what_ran() {
+        let mut s = sched(1);
+        let vm = s.add_vm(VmConfig::default()).unwrap();
+        let a = s.add_task(vm, 0).unwrap();
+        let b = s.add_task(vm, 0).unwrap();
+        s.wake(a, 0).unwrap();
+        s.wake(b, 0).unwrap();
+        let (first, _) = run(&mut s, 0, 0);
+        s.finish(0, 10, Outcome::Yielded, 10).unwrap();
+        let (second, _) = run(&mut s, 0, 10);
+        assert_ne!(first, second);
+        assert_eq!(s.task_service(first), Ok(10));
+    }
+
+    #[test]
+    fn credit_is_positive_for_a_vm_that_waited() {
+        let mut s = sched(1);
+        let a = s.add_vm(VmConfig::default()).unwrap();
+        let b = s.add_vm(VmConfig::default()).unwrap();
+        let t = s.add_task(a, 0).unwrap();
+        s.add_task(b, 0).unwrap();
+        s.wake(t, 0).unwrap();
+        let mut now = 0;
+        for _ in 0..3 {
+            let (_, slice) = run(&mut s, 0, now);
+            now += slice;
+            s.finish(0, slice, Outcome::SliceEnd, now).unwrap();
+        }
+        // B never ran: it is owed two slices' worth; A is one slice ahead.
+        assert_eq!(s.vm_credit(b), Ok(2 * 10_000_000));
+        assert_eq!(s.vm_credit(a), Ok(-10_000_000));
+        assert_eq!(s.stats().decisions, 3);
+        assert_eq!(s.config().cpus, 1);
+    }
+
+    #[test]
+    fn overrun_becomes_cap_debt() {
+        let mut c = CreditConfig::with_cpus(1);
+        c.period = 1_000;
+        c.timeslice = 1_000;
+        c.ratelimit = 1;
+        let mut s = CreditScheduler::new(c).unwrap();
+        let vm = s.add_vm(VmConfig::default().with_cap(50)).unwrap();
+        let t = s.add_task(vm, 0).unwrap();
+        s.wake(t, 0).unwrap();
+        let (_, slice) = run(&mut s, 0, 0);
+        assert_eq!(slice, 500);
+        // The task overran into the next period: 700 of debt against a 500 budget.
+        s.finish(0, 1_700, Outcome::SliceEnd, 1_700).unwrap();
+        assert_eq!(s.pick(0, 1_700), Ok(Decision::Idle { until: Some(2_000) }));
+        // Next period: 700 - 500 = 200 of debt left, 300 to use.
+        let (_, slice) = run(&mut s, 0, 2_000);
+        assert_eq!(slice, 300);
+        assert!(s.stats().throttles >= 1);
+    }
+}

@@ -294,3 +294,44 @@ fn finite_tasks_exit_and_free_their_share() {
     assert_eq!(r.vm_service[b.index()], 2 * SEC - 100 * MS);
     assert_eq!(s.scheduler().config().cpus, 2);
 }
+
+#[test]
+fn simulator_rejects_bad_input_and_takes_external_wakes() {
+    use vmkit_sched::{SchedError, SimError};
+    let mut s = sim(1);
+    let vm = s.add_vm(VmConfig::default()).unwrap();
+    let bad = Behaviour::YieldBeforeTick {
+        tick: 10,
+        margin: 10,
+    };
+    assert_eq!(s.add_task(vm, bad), Err(SimError::InvalidBehaviour(bad)));
+    assert!(matches!(
+        s.add_vm(VmConfig::weighted(0)),
+        Err(SimError::Sched {
+            source: SchedError::InvalidWeight(0),
+            ..
+        })
+    ));
+    // Runs 1 ms, then halts "forever" (an hour); an interrupt at 5 ms brings it back.
+    let t = s
+        .add_task(
+            vm,
+            Behaviour::Bursty {
+                run: MS,
+                sleep: 3_600 * SEC,
+            },
+        )
+        .unwrap();
+    s.run_until(4 * MS).unwrap();
+    assert_eq!(s.report().task_service[t.index()], MS);
+    s.schedule_wake(t, 5 * MS).unwrap();
+    assert!(matches!(
+        s.schedule_wake(t, MS),
+        Err(SimError::WakeInPast { .. })
+    ));
+    s.run_until(10 * MS).unwrap();
+    let r = s.report();
+    assert_eq!(r.task_service[t.index()], 2 * MS);
+    assert_eq!(r.vm_latency[vm.index()].max(), 0);
+    assert_eq!(s.now(), 10 * MS);
+}
