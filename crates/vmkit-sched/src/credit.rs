@@ -195,6 +195,8 @@ struct VmEntry {
     reserved: Nanos,
     /// The cap held the VM back in the current period.
     throttled: bool,
+    /// Counted in `CreditScheduler::waiting_cap_percent`: runnable but out of budget.
+    waiting: bool,
 }
 
 impl VmEntry {
@@ -269,6 +271,9 @@ pub struct CreditScheduler {
     sys_vtime: VTime,
     period_idx: u64,
     capped: Vec<u32>,
+    /// Sum of the caps (percent) of capped VMs that are runnable but out of budget, kept
+    /// up to date by `requeue` so that `pick` need not scan the capped VMs.
+    waiting_cap_percent: u64,
     stats: SchedStats,
 }
 
@@ -286,6 +291,7 @@ impl CreditScheduler {
             sys_vtime: 0,
             period_idx: 0,
             capped: Vec::new(),
+            waiting_cap_percent: 0,
             stats: SchedStats::default(),
         })
     }
@@ -353,6 +359,16 @@ impl CreditScheduler {
             queue.insert((v.vtime, vm));
             v.queue_key = Some(v.vtime);
         }
+        let waiting = v.budget.is_some() && !v.queued.is_empty() && !v.eligible();
+        if waiting != v.waiting {
+            v.waiting = waiting;
+            let cap = u64::from(v.config.cap_percent.unwrap_or(0));
+            self.waiting_cap_percent = if waiting {
+                self.waiting_cap_percent.saturating_add(cap)
+            } else {
+                self.waiting_cap_percent.saturating_sub(cap)
+            };
+        }
     }
 
     /// Start a new accounting period if `now` is past the current one: capped VMs get their
@@ -387,14 +403,17 @@ impl CreditScheduler {
     /// How many host CPUs the capped VMs that have runnable tasks but no budget left in
     /// this period will want when the period ends (the sum of their caps, rounded up).
     fn throttled_demand(&self) -> usize {
-        let percent: u64 = self
-            .capped
-            .iter()
-            .filter_map(|&vm| self.vms.get(vm as usize))
-            .filter(|v| !v.queued.is_empty() && !v.eligible())
-            .map(|v| u64::from(v.config.cap_percent.unwrap_or(0)))
-            .sum();
-        usize::try_from(percent.div_ceil(100)).unwrap_or(usize::MAX)
+        // Debug builds (all tests) check the running sum against a full scan.
+        debug_assert_eq!(
+            self.waiting_cap_percent,
+            self.capped
+                .iter()
+                .filter_map(|&vm| self.vms.get(vm as usize))
+                .filter(|v| !v.queued.is_empty() && !v.eligible())
+                .map(|v| u64::from(v.config.cap_percent.unwrap_or(0)))
+                .sum::<u64>()
+        );
+        usize::try_from(self.waiting_cap_percent.div_ceil(100)).unwrap_or(usize::MAX)
     }
 
     /// How many host CPUs will be free when the period ends: idle ones, and ones whose slice
@@ -573,6 +592,7 @@ impl Scheduler for CreditScheduler {
             used: 0,
             reserved: 0,
             throttled: false,
+            waiting: false,
         });
         Ok(VmId(id))
     }
