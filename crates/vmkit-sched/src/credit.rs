@@ -383,20 +383,25 @@ impl CreditScheduler {
         let sys = self.sys_vtime;
         for i in 0..self.capped.len() {
             let vm = self.capped[i];
-            if let Some(v) = self.vms.get_mut(vm as usize) {
-                let refill = v.budget.unwrap_or(0).saturating_mul(elapsed);
-                v.used = v.used.saturating_sub(refill);
-                v.reserved = 0;
-                if std::mem::take(&mut v.throttled) {
-                    // Credit the cap kept it from using is not banked: like a sleeper, a
-                    // throttled VM keeps at most `sleep_credit`, or it would take priority
-                    // over VMs that are owed time at the start of every period.
-                    let floor =
-                        sys.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
-                    v.vtime = v.vtime.max(floor);
-                }
+            let Some(v) = self.vms.get_mut(vm as usize) else {
+                continue;
+            };
+            let refill = v.budget.unwrap_or(0).saturating_mul(elapsed);
+            v.used = v.used.saturating_sub(refill);
+            v.reserved = 0;
+            let before = v.vtime;
+            if std::mem::take(&mut v.throttled) {
+                // Credit the cap kept it from using is not banked: like a sleeper, a
+                // throttled VM keeps at most `sleep_credit`, or it would take priority
+                // over VMs that are owed time at the start of every period.
+                let floor = sys.saturating_sub(to_vtime(self.config.sleep_credit, v.config.weight));
+                v.vtime = v.vtime.max(floor);
             }
-            self.requeue(vm);
+            // Only VMs whose queue position or eligibility can have changed need the
+            // (tree-updating) requeue: this runs once per period for every capped VM.
+            if v.vtime != before || v.waiting || (v.queue_key.is_none() && !v.queued.is_empty()) {
+                self.requeue(vm);
+            }
         }
     }
 
