@@ -39,6 +39,12 @@
 //!   driver wants a notification at all (`VIRTIO_F_EVENT_IDX`, `VRING_AVAIL_F_NO_INTERRUPT`).
 //! * While a queue is being drained, notifications are suppressed and re-enabled afterwards;
 //!   if buffers arrived in between, the loop runs again, so no kick is lost.
+//! * Virtio-net publishes a frame merged over several receive buffers with one used-index
+//!   update and must then interrupt regardless of suppression: handlers say so with
+//!   [`Notify::Always`].
+//! * Host fds (a TAP, console input) join the worker's epoll set under tokens above the queue
+//!   tokens; when one becomes readable the handler names the queues to run
+//!   ([`QueueHandler::backend_event`]).
 //! * A configuration-change interrupt would travel as a `CONFIG_CHANGE_MSG` on the backend
 //!   request channel; none of the served devices changes its configuration at run time.
 
@@ -190,6 +196,7 @@ pub struct VirtioBackend<H: QueueHandler> {
     broken: Vec<AtomicBool>,
     threading: Threading,
     has_config: bool,
+    early_enable_shim: bool,
 }
 
 impl<H: QueueHandler> std::fmt::Debug for VirtioBackend<H> {
@@ -216,15 +223,10 @@ impl<H: QueueHandler> VirtioBackend<H> {
         let sizes = device.queue_max_sizes();
         let num_queues = sizes.len();
         let max_queue_size = usize::from(sizes.iter().copied().max().unwrap_or(0));
-        // The frontend learns that vhost-user protocol features exist from this bit. Not for
-        // net: QEMU's vhost-user netdev sends SET_VRING_ENABLE as soon as the backend *offers*
-        // the bit, before SET_FEATURES acks it, and vhost-user-backend refuses that message;
-        // without the bit the rings are enabled by SET_FEATURES, which is all net needs.
-        let protocol = if device.device_type() == DEVICE_ID_NET {
-            0
-        } else {
-            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-        };
+        // The frontend learns that vhost-user protocol features exist from this bit.
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // QEMU's vhost-user netdev enables rings before SET_FEATURES; see early_enable.rs.
+        let early_enable_shim = device.device_type() == DEVICE_ID_NET;
         let features = device.device_features() | protocol;
         Self {
             name,
@@ -240,7 +242,14 @@ impl<H: QueueHandler> VirtioBackend<H> {
             threading,
             // virtio-rng has no configuration space; QEMU warns if CONFIG is offered for it.
             has_config,
+            early_enable_shim,
         }
+    }
+
+    /// Whether [`crate::daemon::serve`] puts the [`crate::early_enable`] shim between the
+    /// frontend and the request handler (virtio-net, for QEMU's netdev).
+    pub fn needs_early_enable_shim(&self) -> bool {
+        self.early_enable_shim
     }
 
     /// The data-plane half.
@@ -474,6 +483,7 @@ impl<H: QueueHandler> VhostUserBackend for VirtioBackend<H> {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        log::trace!("{}: event {device_event} on worker {thread_id}", self.name);
         if !evset.contains(EventSet::IN) {
             log::warn!("{}: unexpected event set {evset:?}", self.name);
         }

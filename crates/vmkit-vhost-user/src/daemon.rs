@@ -197,6 +197,35 @@ fn wait_for_frontend(listener: &Listener, stop: &Stop) -> Result<bool, DaemonErr
     }
 }
 
+/// Accepts the frontend on `listener` and connects `daemon` to it through the
+/// [`crate::early_enable`] shim (over a private socket next to `socket`, removed at once).
+fn start_behind_shim<H: QueueHandler>(
+    daemon: &mut VhostUserDaemon<Arc<VirtioBackend<H>>>,
+    listener: &Listener,
+    socket: &Path,
+) -> Result<(), DaemonError> {
+    let io = DaemonError::Poll;
+    let frontend = loop {
+        match listener.accept() {
+            Ok(Some(s)) => break s,
+            Ok(None) => continue,
+            Err(e) => return Err(DaemonError::Daemon(e.to_string())),
+        }
+    };
+    frontend.set_nonblocking(false).map_err(io)?;
+    let inner_path = socket.with_extension("shim");
+    let mut inner = Listener::new(&inner_path, true).map_err(|source| DaemonError::Listen {
+        path: inner_path.display().to_string(),
+        source,
+    })?;
+    let ours = std::os::unix::net::UnixStream::connect(&inner_path).map_err(io)?;
+    let started = daemon.start(&mut inner);
+    let _ = std::fs::remove_file(&inner_path);
+    started.map_err(|e| DaemonError::Daemon(e.to_string()))?;
+    crate::early_enable::spawn(frontend, ours).map_err(io)?;
+    Ok(())
+}
+
 /// How [`serve`] behaves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServeOptions {
@@ -247,9 +276,13 @@ pub fn serve<H: QueueHandler>(
                 )
                 .map_err(DaemonError::Poll)?;
         }
-        daemon
-            .start(&mut listener)
-            .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+        if backend.needs_early_enable_shim() {
+            start_behind_shim(&mut daemon, &listener, socket)?;
+        } else {
+            daemon
+                .start(&mut listener)
+                .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+        }
         served += 1;
         log::info!("{}: frontend connected", backend.name());
         let result = if stop.attach(daemon.shutdown_handle()) {

@@ -10,6 +10,7 @@
 //! | guest memory              | the VMM's `GuestMemory`             | memfd regions from `SET_MEM_TABLE`, swapped atomically |
 //! | driver -> device notify   | `QueueNotify` write -> `queue_notify` | kick eventfd -> epoll worker -> request loop        |
 //! | device -> driver interrupt | `Interrupt::trigger` -> irqfd       | call eventfd (after event-idx suppression check)     |
+//! | host input (TAP, console) | `backend_fds` -> `backend_event`    | fds in the vring worker's epoll (edge-triggered) -> receive queue run |
 //! | reset                     | status 0 -> `reset`                 | `RESET_DEVICE` / disconnect -> flush + `reset`        |
 //!
 //! [`backend`] explains the split in detail: the [`vmkit_virtio::VirtioDevice`] stays the
@@ -20,6 +21,7 @@ pub mod blk;
 pub mod cli;
 pub mod console;
 pub mod daemon;
+pub mod early_enable;
 pub mod logger;
 pub mod net;
 pub mod rng;

@@ -116,6 +116,7 @@ impl QueueHandler for NetQueues {
                     &mut st.tx_buf,
                     None,
                 )?;
+                log::trace!("vhost-user-net: TX {out:?}");
                 Ok(Notify::used(out.completed > 0))
             }
             _ => Ok(Notify::Nothing),
