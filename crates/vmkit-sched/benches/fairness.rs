@@ -213,6 +213,12 @@ fn inject(irqs: &[Arc<Irq>], wake: impl Fn(usize)) -> u64 {
 }
 
 fn merged(irqs: &[Arc<Irq>]) -> LatencyHistogram {
+    let counts: Vec<u64> = irqs.iter().map(|i| i.latency.lock().unwrap().count()).collect();
+    let pending: Vec<u64> = irqs
+        .iter()
+        .map(|i| i.stamp.load(Ordering::Relaxed).min(1))
+        .collect();
+    println!("  served wakes per task {counts:?}, wake pending at the end {pending:?}");
     let mut h = LatencyHistogram::new();
     for irq in irqs {
         h.merge(&irq.latency.lock().unwrap());
