@@ -213,7 +213,10 @@ fn inject(irqs: &[Arc<Irq>], wake: impl Fn(usize)) -> u64 {
 }
 
 fn merged(irqs: &[Arc<Irq>]) -> LatencyHistogram {
-    let counts: Vec<u64> = irqs.iter().map(|i| i.latency.lock().unwrap().count()).collect();
+    let counts: Vec<u64> = irqs
+        .iter()
+        .map(|i| i.latency.lock().unwrap().count())
+        .collect();
     let pending: Vec<u64> = irqs
         .iter()
         .map(|i| i.stamp.load(Ordering::Relaxed).min(1))
