@@ -268,13 +268,22 @@ pub fn serve<H: QueueHandler>(
             let worker = handlers
                 .first()
                 .ok_or(DaemonError::Daemon("no worker thread".into()))?;
-            worker
-                .register_listener(
-                    fd,
-                    EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    backend.backend_token(i),
-                )
-                .map_err(DaemonError::Poll)?;
+            match worker.register_listener(
+                fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                backend.backend_token(i),
+            ) {
+                Ok(()) => {}
+                // A regular file cannot be polled; it is always readable, and the handler
+                // reads it whenever its queue runs.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    log::info!(
+                        "{}: host fd {fd} is not pollable; read on queue runs",
+                        backend.name()
+                    );
+                }
+                Err(e) => return Err(DaemonError::Poll(e)),
+            }
         }
         if backend.needs_early_enable_shim() {
             start_behind_shim(&mut daemon, &listener, socket)?;

@@ -151,3 +151,60 @@ fn rng_once_exits_after_the_frontend_leaves() {
     drop(t);
     assert_eq!(wait_exit(&mut child), 0);
 }
+
+#[test]
+fn console_writes_guest_output_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("con.sock");
+    let out = dir.path().join("console.txt");
+    let input = dir.path().join("input.txt");
+    std::fs::write(&input, b"typed\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args(["console", "--socket", sock.to_str().unwrap()])
+        .args([
+            "--output",
+            out.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args(["--once", "--log-level", "warn"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut t = TestFrontend::connect(&sock, 2, 64, 0);
+    // The input file is read into the guest's receive buffer.
+    t.submit(0, &[(DATA + 0x2000, 64, true)]);
+    let (_, n) = t.wait_used(0);
+    assert_eq!(t.read(DATA + 0x2000, n as usize), b"typed\n");
+    t.write(DATA, b"guest says hi\n");
+    t.submit(1, &[(DATA, 14, false)]);
+    t.wait_used(1);
+    drop(t);
+    assert_eq!(wait_exit(&mut child), 0);
+    assert_eq!(std::fs::read(&out).unwrap(), b"guest says hi\n");
+}
+
+#[test]
+fn net_and_console_open_errors_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let (rc, text) = run(&[
+        "net",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--tap",
+        "x",
+        "--mtu",
+        "9",
+    ]);
+    assert_eq!(rc, 2, "{text}");
+    let (rc, text) = run(&[
+        "console",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--connect",
+        "/nonexistent/console.sock",
+    ]);
+    assert_eq!(rc, 1);
+    assert!(text.contains("console: cannot open"), "{text}");
+}
