@@ -525,3 +525,93 @@ fn ring_indices_wrap_over_many_requests() {
         );
     }
 }
+
+#[test]
+fn seg_max_and_size_max_are_enforced_with_ioerr() {
+    use vmkit_virtio::block::device::{seg_max_for, SIZE_MAX};
+    let m = mem();
+    // 4 MiB disk: room for a SIZE_MAX transfer.
+    let (file, d) = disk(8192);
+    let mut rig = Rig::new(&m, d);
+    let seg_max = seg_max_for(QS);
+    assert_eq!(seg_max, u32::from(QS) - 2);
+    let pattern: Vec<u8> = (0..512 * (seg_max + 1))
+        .map(|i| (i * 13 + 5) as u8)
+        .collect();
+    m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+
+    // Exactly seg_max separate data descriptors (header + seg_max + status == QS): accepted.
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+    let mut descs = vec![(HDR, 16, 0)];
+    descs.extend((0..u64::from(seg_max)).map(|i| (DATA + 512 * i, 512u32, 0u16)));
+    descs.push((STATUS, 1, F_WRITE));
+    rig.next_desc = 0;
+    push_chain(&rig.vq, QS, 0, &descs);
+    assert_eq!(rig.run(), 1);
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+    let mut host = vec![0u8; 512 * seg_max as usize];
+    file.as_file().read_exact_at(&mut host, 0).unwrap();
+    assert_eq!(host, pattern[..host.len()]);
+
+    // seg_max + 1 data segments in QS descriptors: the header descriptor also carries the
+    // first data sector. IOERR, and the disk is untouched.
+    let hdr_and_data = 0x50_0000u64;
+    header(&m, hdr_and_data, VIRTIO_BLK_T_OUT, 100);
+    m.write_slice(&pattern[..512], GuestAddress(hdr_and_data + 16))
+        .unwrap();
+    let mut descs = vec![(hdr_and_data, 16 + 512, 0)];
+    descs.extend((0..u64::from(seg_max)).map(|i| (DATA + 512 * i, 512u32, 0u16)));
+    descs.push((STATUS, 1, F_WRITE));
+    m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    push_chain(&rig.vq, QS, 0, &descs);
+    assert_eq!(rig.run(), 1);
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+    let mut host = vec![0u8; 512 * (seg_max as usize + 1)];
+    file.as_file().read_exact_at(&mut host, 100 * 512).unwrap();
+    assert!(host.iter().all(|&b| b == 0));
+
+    // A read whose last data descriptor also holds the status byte: seg_max + 1 data
+    // segments, IOERR, and no data lands in guest memory.
+    header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    let rd_at = 0x60_0000u64;
+    m.write_slice(&vec![0xaau8; 512 * 16], GuestAddress(rd_at))
+        .unwrap();
+    let mut descs = vec![(HDR, 16, 0)];
+    descs.extend((0..u64::from(seg_max)).map(|i| (rd_at + 512 * i, 512u32, F_WRITE)));
+    let last = rd_at + 512 * u64::from(seg_max);
+    descs.push((last, 513, F_WRITE));
+    push_chain(&rig.vq, QS, 0, &descs);
+    assert_eq!(rig.run(), 1);
+    let st: u8 = m.read_obj(GuestAddress(last + 512)).unwrap();
+    assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    let mut got = vec![0u8; 512 * 15];
+    m.read_slice(&mut got, GuestAddress(rd_at)).unwrap();
+    assert!(got.iter().all(|&b| b == 0xaa));
+
+    // size_max: one segment of exactly SIZE_MAX works, one sector more is IOERR.
+    let big = 0x80_0000u64;
+    header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    rig.next_desc = 0;
+    let n = rig.submit(&[(HDR, 16, 0), (big, SIZE_MAX, F_WRITE), (STATUS, 1, F_WRITE)]);
+    assert_eq!((n, status(&m)), (SIZE_MAX + 1, VIRTIO_BLK_S_OK));
+    let mut got = vec![0u8; 512 * seg_max as usize];
+    m.read_slice(&mut got, GuestAddress(big)).unwrap();
+    assert_eq!(got, pattern[..got.len()]);
+    let n = rig.submit(&[
+        (HDR, 16, 0),
+        (big, SIZE_MAX + 512, F_WRITE),
+        (STATUS, 1, F_WRITE),
+    ]);
+    assert_eq!((n, status(&m)), (1, VIRTIO_BLK_S_IOERR));
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+    let n = rig.submit(&[(HDR, 16, 0), (big, SIZE_MAX + 512, 0), (STATUS, 1, F_WRITE)]);
+    assert_eq!((n, status(&m)), (1, VIRTIO_BLK_S_IOERR));
+    // The same bytes split into two segments within size_max are fine.
+    let n = rig.submit(&[
+        (HDR, 16, 0),
+        (big, SIZE_MAX, 0),
+        (big + u64::from(SIZE_MAX), 512, 0),
+        (STATUS, 1, F_WRITE),
+    ]);
+    assert_eq!((n, status(&m)), (1, VIRTIO_BLK_S_OK));
+}

@@ -39,6 +39,12 @@ pub const MAX_DWZ_SEG: u32 = 16;
 /// Size of the configuration space this device exposes.
 pub const CONFIG_LEN: usize = 60;
 
+/// The `seg_max` advertised (and enforced) for a queue of `queue_size` entries: every chain
+/// also carries a header and a status descriptor.
+pub fn seg_max_for(queue_size: u16) -> u32 {
+    u32::from(queue_size.max(2) - 2)
+}
+
 /// How to build a [`Block`] device.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockConfig {
@@ -190,6 +196,12 @@ pub fn process_queue<MM: GuestMemory>(
         max_dwz_sectors: MAX_DWZ_SECTORS,
         max_dwz_seg: MAX_DWZ_SEG,
     };
+    // The same values `Block::new` advertises: `size_max` and `seg_max = queue size - 2` (the
+    // queue's maximum size is the one the device was built with).
+    let seg_limits = SegmentLimits {
+        seg_max: seg_max_for(queue.max_size()),
+        size_max: SIZE_MAX,
+    };
     let mut out = QueueOutcome::default();
     // Notification-suppression loop: see rng::process_queue.
     loop {
@@ -209,7 +221,13 @@ pub fn process_queue<MM: GuestMemory>(
                 out.completed += 1;
                 continue;
             };
-            let parsed = Request::parse(mem, &chain, &split, &limits);
+            let parsed = match Request::parse(mem, &chain, &split, &limits) {
+                Parsed::Request(r) if r.exceeds(&seg_limits) => {
+                    log::warn!("virtio-blk: request exceeds seg_max/size_max");
+                    Parsed::Reject(VIRTIO_BLK_S_IOERR)
+                }
+                p => p,
+            };
             if let (Some(l), Parsed::Request(_)) = (limiter.as_deref_mut(), &parsed) {
                 let bytes = chain.readable_len().saturating_sub(HEADER_LEN)
                     + chain.writable_len().saturating_sub(1);
@@ -279,7 +297,7 @@ impl<M: GuestAddressSpace> Block<M> {
         config[0..8].copy_from_slice(&disk.capacity().to_le_bytes());
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         // Two descriptors of every chain are header and status.
-        config[12..16].copy_from_slice(&u32::from(queue_size - 2).to_le_bytes());
+        config[12..16].copy_from_slice(&seg_max_for(queue_size).to_le_bytes());
         config[20..24].copy_from_slice(&cfg.blk_size.to_le_bytes());
         config[34..36].copy_from_slice(&num_queues.to_le_bytes());
         config[36..40].copy_from_slice(&MAX_DWZ_SECTORS.to_le_bytes());

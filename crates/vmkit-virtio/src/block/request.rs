@@ -12,6 +12,12 @@
 //! * discard / write-zeroes segment lists have a whole number of 16-byte entries, at most
 //!   `max_*_seg` of them, each inside the disk and within `max_*_sectors`, with no unknown flags.
 //!
+//! * read, write and get-ID data honour the advertised `seg_max` and `size_max` (5.2.4): at
+//!   most `seg_max` data segments, none longer than `size_max` bytes ([`SegmentLimits`],
+//!   checked by [`Request::exceeds`]). Data segments are the buffers between the header and
+//!   the status byte *as the device sees them*: a descriptor holding both the header and the
+//!   start of the data contributes one data segment, as does one holding data and status.
+//!
 //! What fails is answered with a status instead of an error: `IOERR` for malformed or
 //! out-of-range requests, `UNSUPP` for unknown types and features the driver did not negotiate.
 
@@ -110,6 +116,16 @@ pub struct DiskLimits {
     pub max_dwz_seg: u32,
 }
 
+/// The data-segment limits the device advertises in its configuration space (5.2.4): a driver
+/// must not send more than `seg_max` data segments, nor one segment longer than `size_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentLimits {
+    /// Most data segments per request (`seg_max`).
+    pub seg_max: u32,
+    /// Longest single data segment in bytes (`size_max`).
+    pub size_max: u32,
+}
+
 /// A request ready to execute, with where to put its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -169,6 +185,25 @@ fn in_disk(sector: u64, len: u64, capacity: u64) -> bool {
 }
 
 impl Request {
+    /// The guest data buffers of a read, write or get-ID request (empty for the others, whose
+    /// payload is a header or a segment list with limits of its own).
+    pub fn data_segments(&self) -> &[Segment] {
+        match &self.kind {
+            RequestKind::Read { data, .. }
+            | RequestKind::Write { data, .. }
+            | RequestKind::GetId { data } => data,
+            RequestKind::Flush | RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => &[],
+        }
+    }
+
+    /// Whether the request breaks the advertised `seg_max` / `size_max`; the device answers
+    /// such a request with `IOERR` (the driver violated a MUST NOT of 5.2.6.1).
+    pub fn exceeds(&self, limits: &SegmentLimits) -> bool {
+        let data = self.data_segments();
+        !u32::try_from(data.len()).is_ok_and(|n| n <= limits.seg_max)
+            || data.iter().any(|s| s.len > limits.size_max)
+    }
+
     /// Parses `chain`, whose writable part was already split by [`split_status`].
     pub fn parse<M: GuestMemory + ?Sized>(
         mem: &M,
