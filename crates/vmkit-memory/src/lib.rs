@@ -25,7 +25,8 @@ pub use layout::{
 };
 pub use reset::{FastReset, ResetError, ResetStats};
 pub use snapshot::{
-    MmapRestoreOptions, RegionEntry, RestoreStats, SnapshotError, SnapshotInfo, SnapshotKind,
+    Lineage, MmapRestoreOptions, RegionEntry, RestoreStats, SnapshotError, SnapshotInfo,
+    SnapshotKind,
 };
 
 /// Guest memory as every vmkit crate sees it: vm-memory's mmap backend with its atomic dirty

@@ -46,6 +46,51 @@
 //! exactly as it was and the error says what was wrong. (The file must not change while a
 //! restore runs: the data is read twice, once to check and once to copy.)
 //!
+//! # Lineage: incremental snapshots apply only on their base
+//!
+//! An incremental snapshot holds only the pages that changed since its base; applied on
+//! memory holding anything else, it silently produces a state that never existed. The file
+//! records `base_id`, but the memory does not know which snapshot it holds, so the caller has
+//! to say it:
+//!
+//! * [`restore_incremental`] takes the id of the snapshot the memory currently holds and
+//!   fails with [`SnapshotError::BaseMismatch`] (memory untouched) unless it is the file's
+//!   `base_id`;
+//! * [`Lineage`] remembers that id for you: it learns it from every snapshot it writes or
+//!   restores, and refuses an incremental restore it cannot prove is on the right base. Use it
+//!   unless you track ids yourself.
+//!
+//! [`restore_copy`] does not check the base (it predates the check and stays as it was): it
+//! is the right call for full snapshots and for callers that established the lineage by
+//! other means.
+//!
+//! ```
+//! use vm_memory::{Bytes, GuestAddress};
+//! use vmkit_memory::{snapshot, Backing, DirtyBitmap, MemoryLayout};
+//! use vmkit_memory::snapshot::{Lineage, SnapshotError};
+//!
+//! let layout = MemoryLayout::x86_pc(4 << 20).unwrap();
+//! let mem = Backing::anonymous().build(&layout).unwrap();
+//! let mut lineage = Lineage::new();
+//!
+//! let base = snapshot::in_memory_file().unwrap();
+//! let full = lineage.write_full(mem.ram(), &base).unwrap();
+//! // The guest changes one page (a DirtyTracker would report it).
+//! mem.ram().write_obj(7u32, GuestAddress(0x20_0000)).unwrap();
+//! let mut dirty = DirtyBitmap::new(mem.ram());
+//! dirty.mark(GuestAddress(0x20_0000), 4).unwrap();
+//! let incr = snapshot::in_memory_file().unwrap();
+//! lineage.write_incremental(mem.ram(), &dirty, &incr).unwrap();
+//!
+//! // The memory holds `incr` now; applying `incr` again is on the wrong base.
+//! assert!(matches!(
+//!     lineage.restore(mem.ram(), &incr),
+//!     Err(SnapshotError::BaseMismatch { expected, .. }) if expected == full.id
+//! ));
+//! lineage.restore(mem.ram(), &base).unwrap(); // back to the full one
+//! lineage.restore(mem.ram(), &incr).unwrap(); // now on its base
+//! ```
+//!
 //! # Lazy restore
 //!
 //! [`restore_mmap`] builds *new* guest memory whose regions are private copy-on-write
@@ -184,6 +229,14 @@ pub enum SnapshotError {
     NotFull {
         /// The base the incremental snapshot applies on.
         base_id: u64,
+    },
+    /// An incremental snapshot was to be applied on memory that does not hold its base.
+    #[error("incremental snapshot applies on base {expected:#x}, but the memory holds {found:#x} (0: unknown)")]
+    BaseMismatch {
+        /// The snapshot's `base_id`: what the memory must hold.
+        expected: u64,
+        /// What the caller said the memory holds (0 for "unknown").
+        found: u64,
     },
     /// The dirty bitmap does not fit the memory.
     #[error(transparent)]
@@ -772,9 +825,21 @@ fn read_into(
 ///
 /// Restored pages are marked dirty in vm-memory's bitmap (they did change); clear a
 /// [`DirtyTracker`](crate::DirtyTracker) afterwards if the restored state is its new base.
-/// An incremental snapshot must be applied on memory holding its base.
+/// An incremental snapshot must be applied on memory holding its base, which this function
+/// does **not** check: use [`restore_incremental`] or [`Lineage`] for incremental snapshots.
 pub fn restore_copy(mem: &GuestRam, file: &File) -> Result<RestoreStats, SnapshotError> {
+    restore_checked(mem, file, |_| Ok(())).map(|(stats, _)| stats)
+}
+
+/// The restore behind [`restore_copy`] and [`restore_incremental`]: `check` sees the validated
+/// header before anything else is read or written. Returns the stats and the restored id.
+fn restore_checked(
+    mem: &GuestRam,
+    file: &File,
+    check: impl FnOnce(&SnapshotInfo) -> Result<(), SnapshotError>,
+) -> Result<(RestoreStats, u64), SnapshotError> {
     let info = read_info(file)?;
+    check(&info)?;
     let memory = memory_layout(mem);
     if info.layout() != memory {
         return Err(SnapshotError::LayoutMismatch {
@@ -811,7 +876,104 @@ pub fn restore_copy(mem: &GuestRam, file: &File) -> Result<RestoreStats, Snapsho
             }
         }
     }
-    Ok(stats)
+    Ok((stats, info.id))
+}
+
+/// Restores `mem` from `file` like [`restore_copy`], but first proves the lineage: an
+/// incremental snapshot is applied only if `held_id` (the id of the snapshot `mem` holds now)
+/// is its `base_id`; otherwise [`SnapshotError::BaseMismatch`] and memory is untouched. A full
+/// snapshot needs no base and is restored whatever `held_id` is. Pass 0 when the memory's
+/// state is unknown: every incremental snapshot is then refused.
+pub fn restore_incremental(
+    mem: &GuestRam,
+    file: &File,
+    held_id: u64,
+) -> Result<RestoreStats, SnapshotError> {
+    restore_checked(mem, file, |info| check_base(info, held_id)).map(|(stats, _)| stats)
+}
+
+fn check_base(info: &SnapshotInfo, held_id: u64) -> Result<(), SnapshotError> {
+    match info.kind {
+        SnapshotKind::Full => Ok(()),
+        SnapshotKind::Incremental if held_id != 0 && held_id == info.base_id => Ok(()),
+        SnapshotKind::Incremental => Err(SnapshotError::BaseMismatch {
+            expected: info.base_id,
+            found: held_id,
+        }),
+    }
+}
+
+/// Which snapshot guest memory holds, so incremental snapshots are written against and
+/// restored onto the right base (see [Lineage](self#lineage-incremental-snapshots-apply-only-on-their-base)).
+///
+/// It starts "unknown": the first restore must be a full snapshot (or call
+/// [`Lineage::assume`]). Writing or restoring through it updates the id; a failed restore
+/// leaves memory and the id unchanged. Changing memory behind its back (a [`FastReset`](crate::FastReset)
+/// to another baseline, a restore with [`restore_copy`]) makes the id stale: call
+/// [`Lineage::assume`] or [`Lineage::forget`] then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lineage {
+    held: u64,
+}
+
+impl Lineage {
+    /// Memory in an unknown state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id of the snapshot the memory holds (0: unknown).
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Declares that the memory holds snapshot `id` (0: unknown).
+    pub fn assume(&mut self, id: u64) {
+        self.held = id;
+    }
+
+    /// Declares the memory's state unknown (e.g. after the guest ran without dirty tracking).
+    pub fn forget(&mut self) {
+        self.held = 0;
+    }
+
+    /// [`write_full`], then the memory holds the new snapshot.
+    pub fn write_full(
+        &mut self,
+        mem: &GuestRam,
+        file: &File,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let info = write_full(mem, file)?;
+        self.held = info.id;
+        Ok(info)
+    }
+
+    /// [`write_incremental`] on the snapshot the memory held, then the memory holds the new
+    /// one. `dirty` must cover every page changed since that snapshot. Refused with
+    /// [`SnapshotError::BaseMismatch`] when the held snapshot is unknown.
+    pub fn write_incremental(
+        &mut self,
+        mem: &GuestRam,
+        dirty: &DirtyBitmap,
+        file: &File,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        if self.held == 0 {
+            return Err(SnapshotError::BaseMismatch {
+                expected: 0,
+                found: 0,
+            });
+        }
+        let info = write_incremental(mem, dirty, self.held, file)?;
+        self.held = info.id;
+        Ok(info)
+    }
+
+    /// [`restore_incremental`] with the held id; on success the memory holds `file`'s snapshot.
+    pub fn restore(&mut self, mem: &GuestRam, file: &File) -> Result<RestoreStats, SnapshotError> {
+        let (stats, id) = restore_checked(mem, file, |info| check_base(info, self.held))?;
+        self.held = id;
+        Ok(stats)
+    }
 }
 
 /// Creates an anonymous in-memory file (a memfd) to hold a snapshot without touching a
@@ -1006,6 +1168,121 @@ mod tests {
             restore_mmap(&inc, &MmapRestoreOptions::default()),
             Err(SnapshotError::NotFull { .. })
         ));
+    }
+
+    #[test]
+    fn incremental_on_the_wrong_base_is_refused_and_memory_untouched() {
+        let m = mem();
+        fill(m.ram());
+        let full = tempfile::tempfile().unwrap();
+        let mut tracker = DirtyTracker::new(m.ram());
+        let base = write_full(m.ram(), &full).unwrap();
+        tracker.clear(m.ram()).unwrap();
+        m.write_slice(&[0xbb; 0x2000], GuestAddress(0x8000))
+            .unwrap();
+        let after = contents(m.ram());
+        let inc = tempfile::tempfile().unwrap();
+        let info =
+            write_incremental(m.ram(), &tracker.take(m.ram()).unwrap(), base.id, &inc).unwrap();
+
+        // Memory holding something else (here: unknown, then another id) is refused.
+        let other = mem();
+        other
+            .write_slice(&[0x11; 64], GuestAddress(0x1000))
+            .unwrap();
+        let before = contents(other.ram());
+        for held in [0, base.id ^ 2, info.id] {
+            match restore_incremental(other.ram(), &inc, held) {
+                Err(SnapshotError::BaseMismatch { expected, found }) => {
+                    assert_eq!((expected, found), (base.id, held));
+                }
+                r => panic!("held {held:#x}: {r:?}"),
+            }
+            assert_eq!(contents(other.ram()), before);
+        }
+        let msg = restore_incremental(other.ram(), &inc, 7)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(&format!("{:#x}", base.id)) && msg.contains("0x7"),
+            "{msg}"
+        );
+        // A full snapshot needs no base; then the increment applies.
+        restore_incremental(other.ram(), &full, 0).unwrap();
+        assert_eq!(
+            restore_incremental(other.ram(), &inc, base.id)
+                .unwrap()
+                .pages,
+            2
+        );
+        assert_eq!(contents(other.ram()), after);
+    }
+
+    #[test]
+    fn lineage_tracks_the_held_snapshot() {
+        let m = mem();
+        fill(m.ram());
+        let mut lineage = Lineage::new();
+        assert_eq!(lineage.held(), 0);
+        let (full, i1, i2) = (
+            tempfile::tempfile().unwrap(),
+            tempfile::tempfile().unwrap(),
+            tempfile::tempfile().unwrap(),
+        );
+        let mut tracker = DirtyTracker::new(m.ram());
+        // No base known: an incremental write is refused.
+        assert!(matches!(
+            lineage.write_incremental(m.ram(), &DirtyBitmap::new(m.ram()), &i1),
+            Err(SnapshotError::BaseMismatch {
+                expected: 0,
+                found: 0
+            })
+        ));
+        let b = lineage.write_full(m.ram(), &full).unwrap();
+        assert_eq!(lineage.held(), b.id);
+        tracker.clear(m.ram()).unwrap();
+        m.write_obj(1u64, GuestAddress(0x4000)).unwrap();
+        let s1 = contents(m.ram());
+        let x1 = lineage
+            .write_incremental(m.ram(), &tracker.take(m.ram()).unwrap(), &i1)
+            .unwrap();
+        assert_eq!((x1.base_id, lineage.held()), (b.id, x1.id));
+        m.write_obj(2u64, GuestAddress(0x100_000)).unwrap();
+        let s2 = contents(m.ram());
+        let x2 = lineage
+            .write_incremental(m.ram(), &tracker.take(m.ram()).unwrap(), &i2)
+            .unwrap();
+        assert_eq!(x2.base_id, x1.id);
+
+        // Fresh memory: only full first, then the chain in order.
+        let other = mem();
+        let mut l2 = Lineage::new();
+        let before = contents(other.ram());
+        for f in [&i1, &i2] {
+            assert!(matches!(
+                l2.restore(other.ram(), f),
+                Err(SnapshotError::BaseMismatch { .. })
+            ));
+        }
+        assert_eq!(contents(other.ram()), before);
+        l2.restore(other.ram(), &full).unwrap();
+        // Skipping i1 is refused, and leaves memory at the full snapshot.
+        let at_full = contents(other.ram());
+        assert!(matches!(
+            l2.restore(other.ram(), &i2),
+            Err(SnapshotError::BaseMismatch { expected, found }) if expected == x1.id && found == b.id
+        ));
+        assert_eq!(contents(other.ram()), at_full);
+        l2.restore(other.ram(), &i1).unwrap();
+        assert_eq!(contents(other.ram()), s1);
+        l2.restore(other.ram(), &i2).unwrap();
+        assert_eq!((contents(other.ram()), l2.held()), (s2.clone(), x2.id));
+        // assume / forget.
+        l2.forget();
+        assert!(l2.restore(other.ram(), &i2).is_err());
+        l2.assume(x1.id);
+        l2.restore(other.ram(), &i2).unwrap();
+        assert_eq!(contents(other.ram()), s2);
     }
 
     #[test]
