@@ -722,6 +722,7 @@ impl Walker {
     }
 
     /// Translates `addr` for `access`, reading tables through `tables`.
+    #[inline]
     pub fn translate_with<T: TableAccess + ?Sized>(
         &self,
         tables: &mut T,
@@ -731,19 +732,22 @@ impl Walker {
         if !self.canonical(addr) {
             return Err(Fault::NonCanonical { addr });
         }
-        // No closures here: the walk is inlined so the translation is built in place.
+        // No closures here: the walk is inlined so the translation is built in place. The
+        // 4/5-level walks report a lost accessed/dirty race as `Contended` and are retried.
         match self.cfg.mode {
             PagingMode::Level4 => {
-                for _ in 0..=MAX_RETRIES {
-                    if let Some(result) = self.walk_long::<4, T>(tables, addr, access) {
-                        return result;
+                for _ in 0..MAX_RETRIES + 1 {
+                    match self.walk_long::<4, T>(tables, addr, access) {
+                        Err(Fault::Contended { .. }) => continue,
+                        result => return result,
                     }
                 }
             }
             PagingMode::Level5 => {
-                for _ in 0..=MAX_RETRIES {
-                    if let Some(result) = self.walk_long::<5, T>(tables, addr, access) {
-                        return result;
+                for _ in 0..MAX_RETRIES + 1 {
+                    match self.walk_long::<5, T>(tables, addr, access) {
+                        Err(Fault::Contended { .. }) => continue,
+                        result => return result,
                     }
                 }
             }
@@ -758,95 +762,131 @@ impl Walker {
         Err(Fault::Contended { addr })
     }
 
+    /// Builds the #PF of a failed table step out of line, so the hot walk only carries a
+    /// branch per check; `extra` are the error-code bits beyond the access's own.
     #[cold]
     #[inline(never)]
-    fn fault(
-        &self,
-        addr: u64,
-        code: u32,
-        reason: FaultReason,
-    ) -> Option<Result<Translation, Fault>> {
-        Some(Err(Fault::PageFault(PageFault {
+    fn step_fault(&self, addr: u64, access: Access, extra: u32, reason: FaultReason) -> Fault {
+        Fault::PageFault(PageFault {
             addr,
-            error_code: PfErrorCode(code),
+            error_code: PfErrorCode(self.access_code(access) | extra),
             reason,
-        })))
+        })
     }
 
-    /// The 4/5-level walk, specialised: 8-byte entries, 9 index bits per level, large
-    /// pages at levels 2 and 3 only. Same semantics as [`walk_once`](Self::walk_once),
-    /// which the unit tests and the KVM differential test exercise through this path.
+    /// Builds a protection #PF (the code from [`check_rights`](Self::check_rights)) out of
+    /// line.
+    #[cold]
+    #[inline(never)]
+    fn rights_fault(addr: u64, error_code: PfErrorCode, reason: FaultReason) -> Fault {
+        Fault::PageFault(PageFault {
+            addr,
+            error_code,
+            reason,
+        })
+    }
+
+    /// One level of the 4/5-level walk: reads the entry for `LEVEL` in `table` and checks
+    /// P and the reserved bits (large-page masks at levels 2 and 3 when PS is set). The
+    /// level is a constant, so the mask lookups and the PS test fold away.
+    #[inline(always)]
+    fn step<const LEVEL: u32, T: TableAccess + ?Sized>(
+        &self,
+        tables: &mut T,
+        addr: u64,
+        table: u64,
+        access: Access,
+    ) -> Result<u64, Fault> {
+        let entry_addr = table + ((addr >> (9 * LEVEL)) & 0xff8);
+        let Some(entry) = tables.read_entry(entry_addr, true) else {
+            return Err(self.step_fault(
+                addr,
+                access,
+                0,
+                FaultReason::TableOutsideMemory {
+                    level: LEVEL,
+                    addr: entry_addr,
+                },
+            ));
+        };
+        if entry & PRESENT == 0 {
+            return Err(self.step_fault(addr, access, 0, FaultReason::NotPresent { level: LEVEL }));
+        }
+        let slot = LEVEL as usize - 1;
+        let rsvd = if (LEVEL == 2 || LEVEL == 3) && entry & PAGE_SIZE != 0 {
+            self.rsvd_large.get(slot).copied().unwrap_or(0)
+        } else {
+            self.rsvd_table.get(slot).copied().unwrap_or(0)
+        };
+        if entry & rsvd != 0 {
+            return Err(self.step_fault(
+                addr,
+                access,
+                PfErrorCode::PRESENT | PfErrorCode::RSVD,
+                FaultReason::ReservedBits {
+                    level: LEVEL,
+                    entry,
+                },
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// The 4/5-level walk, specialised and unrolled: 8-byte entries, 9 index bits per
+    /// level, large pages at levels 2 and 3 only. Same semantics as
+    /// [`walk_once`](Self::walk_once), which the unit tests and the KVM differential test
+    /// exercise through this path. A lost accessed/dirty race returns `Contended`, which
+    /// [`translate_with`](Self::translate_with) retries.
     #[inline(always)]
     fn walk_long<const LEVELS: u32, T: TableAccess + ?Sized>(
         &self,
         tables: &mut T,
         addr: u64,
         access: Access,
-    ) -> Option<Result<Translation, Fault>> {
-        // Entries by level (index level-1); their addresses are recomputed on the rare A/D
-        // update path instead of being stored on every walk.
+    ) -> Result<Translation, Fault> {
+        const NEXT: u64 = bits(51, 12);
+        // Entries by level (index level-1), kept for the rare A/D update path, which
+        // recomputes their addresses.
         let mut path = [0u64; 5];
-        let mut leaf_addr: u64;
+        let mut table = self.root;
         let mut and_bits = u64::MAX;
         let mut or_bits = 0u64;
-        let mut table = self.root;
-        let mut level = LEVELS;
-        let (leaf, size) = loop {
-            let entry_addr = table + ((addr >> (9 * level)) & 0xff8);
-            let Some(entry) = tables.read_entry(entry_addr, true) else {
-                return self.fault(
-                    addr,
-                    self.access_code(access),
-                    FaultReason::TableOutsideMemory {
-                        level,
-                        addr: entry_addr,
-                    },
-                );
-            };
-            let slot = level as usize - 1;
-            if let Some(p) = path.get_mut(slot) {
-                *p = entry;
-            }
-            leaf_addr = entry_addr;
-            if entry & PRESENT == 0 {
-                return self.fault(
-                    addr,
-                    self.access_code(access),
-                    FaultReason::NotPresent { level },
-                );
-            }
-            let large = entry & PAGE_SIZE != 0 && (level == 2 || level == 3);
-            let masks = if large {
-                &self.rsvd_large
+        if LEVELS == 5 {
+            let e = self.step::<5, T>(tables, addr, table, access)?;
+            path[4] = e;
+            and_bits = e;
+            or_bits = e;
+            table = e & NEXT;
+        }
+        let e = self.step::<4, T>(tables, addr, table, access)?;
+        path[3] = e;
+        and_bits &= e;
+        or_bits |= e;
+        table = e & NEXT;
+        let e = self.step::<3, T>(tables, addr, table, access)?;
+        path[2] = e;
+        and_bits &= e;
+        or_bits |= e;
+        let (leaf, level, size) = if e & PAGE_SIZE != 0 {
+            (e, 3, PageSize::Size1G)
+        } else {
+            table = e & NEXT;
+            let e = self.step::<2, T>(tables, addr, table, access)?;
+            path[1] = e;
+            and_bits &= e;
+            or_bits |= e;
+            if e & PAGE_SIZE != 0 {
+                (e, 2, PageSize::Size2M)
             } else {
-                &self.rsvd_table
-            };
-            let rsvd = masks.get(slot).copied().unwrap_or(0);
-            if entry & rsvd != 0 {
-                return self.fault(
-                    addr,
-                    self.access_code(access) | PfErrorCode::PRESENT | PfErrorCode::RSVD,
-                    FaultReason::ReservedBits { level, entry },
-                );
+                table = e & NEXT;
+                let e = self.step::<1, T>(tables, addr, table, access)?;
+                path[0] = e;
+                and_bits &= e;
+                or_bits |= e;
+                (e, 1, PageSize::Size4K)
             }
-            and_bits &= entry;
-            or_bits |= entry;
-            if level == 1 {
-                break (entry, PageSize::Size4K);
-            }
-            if large {
-                break (
-                    entry,
-                    if level == 2 {
-                        PageSize::Size2M
-                    } else {
-                        PageSize::Size1G
-                    },
-                );
-            }
-            table = entry & bits(51, 12);
-            level -= 1;
         };
+        let leaf_addr = table + ((addr >> (9 * level)) & 0xff8);
         let pkey = ((leaf >> PKEY_SHIFT) & 15) as u8;
         let rights = Rights {
             writable: and_bits & WRITABLE != 0,
@@ -860,7 +900,7 @@ impl Walker {
             } else {
                 FaultReason::Protection
             };
-            return self.fault(addr, code.bits(), reason);
+            return Err(Self::rights_fault(addr, code, reason));
         }
         let mut leaf_now = leaf;
         let need_dirty = access.is_write() && leaf & DIRTY == 0;
@@ -869,7 +909,7 @@ impl Walker {
             for lvl in (level..=LEVELS).rev() {
                 let entry = path.get((lvl - 1) as usize).copied().unwrap_or_default();
                 let entry_addr = table + ((addr >> (9 * lvl)) & 0xff8);
-                table = entry & bits(51, 12);
+                table = entry & NEXT;
                 let mut want = ACCESSED;
                 if lvl == level && access.is_write() {
                     want |= DIRTY;
@@ -879,7 +919,7 @@ impl Walker {
                     if let Some(Err(())) =
                         tables.update_entry(entry_addr, true, entry, entry | want)
                     {
-                        return None;
+                        return Err(Fault::Contended { addr });
                     }
                     if lvl == level {
                         leaf_now = entry | want;
@@ -887,8 +927,8 @@ impl Walker {
                 }
             }
         }
-        let page_base = leaf & bits(51, 12) & !(size.bytes() - 1);
-        Some(Ok(Translation {
+        let page_base = leaf & NEXT & !(size.bytes() - 1);
+        Ok(Translation {
             gpa: page_base | (addr & (size.bytes() - 1)),
             page_base,
             page_size: size,
@@ -898,7 +938,7 @@ impl Walker {
             leaf_entry: leaf_now,
             leaf_addr,
             memory_refs: LEVELS - level + 1,
-        }))
+        })
     }
 
     /// One walk; `None` when an A/D update lost a race and the walk must restart.
