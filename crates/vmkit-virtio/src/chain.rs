@@ -110,6 +110,9 @@ impl Chain {
     }
 }
 
+/// Chains up to this many descriptors are checked without a heap allocation.
+const SMALL_CHAIN: usize = 16;
+
 /// Walks `chain` completely and validates it (see the module documentation).
 pub fn parse_chain<M>(mut chain: DescriptorChain<M>, max_len: usize) -> Result<Chain, ChainError>
 where
@@ -123,7 +126,6 @@ where
     };
     let mut walked = 0usize;
     let mut ended = false;
-    let mut all: Vec<Segment> = Vec::new();
     for desc in chain.by_ref() {
         if walked >= max_len {
             return Err(ChainError::TooLong { head, max: max_len });
@@ -145,13 +147,32 @@ where
         } else {
             return Err(ChainError::ReadableAfterWritable { head, position });
         }
-        all.push(seg);
     }
     if !ended {
         return Err(ChainError::Truncated { head, walked });
     }
     let mem = chain.memory();
-    for seg in &all {
+    // Most chains are a handful of descriptors: check them in a stack array rather than a
+    // heap list (this runs for every request).
+    let mut small = [Segment {
+        addr: GuestAddress(0),
+        len: 0,
+    }; SMALL_CHAIN];
+    let mut large = Vec::new();
+    let total = out.readable.len() + out.writable.len();
+    let all: &mut [Segment] = if total <= SMALL_CHAIN {
+        for (dst, src) in small
+            .iter_mut()
+            .zip(out.readable.iter().chain(out.writable.iter()))
+        {
+            *dst = *src;
+        }
+        small.get_mut(..total).unwrap_or_default()
+    } else {
+        large.extend(out.readable.iter().chain(out.writable.iter()).copied());
+        &mut large
+    };
+    for seg in all.iter() {
         // `len` is a u32, so the cast to usize is lossless on every supported host.
         if !mem.check_range(seg.addr, seg.len as usize, Permissions::Read) {
             return Err(ChainError::OutsideMemory {
@@ -283,14 +304,40 @@ impl ChainReader {
         mem: &M,
         buf: &mut [u8],
     ) -> Result<(), IoError> {
-        let segs = self.cursor.split(buf.len() as u64)?;
-        let mut done = 0usize;
-        for s in segs {
-            let n = s.len as usize;
-            mem.read_slice(&mut buf[done..done + n], s.addr)?;
-            done += n;
+        let available = self.cursor.remaining();
+        let wanted = buf.len() as u64;
+        if wanted > available {
+            return Err(IoError::TooShort { available, wanted });
+        }
+        // Piece by piece straight from the cursor: no segment list is built (this runs for
+        // every request header).
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let Some((addr, n)) = self.cursor.take(rest.len()) else {
+                break;
+            };
+            let (now, later) = rest.split_at_mut(n);
+            mem.read_slice(now, addr)?;
+            rest = later;
         }
         Ok(())
+    }
+
+    /// The segments not yet consumed, reusing this reader's list (no allocation): what
+    /// follows a request header, for zero-copy I/O.
+    pub fn into_remaining(self) -> Vec<Segment> {
+        let Cursor {
+            mut segments,
+            index,
+            offset,
+        } = self.cursor;
+        segments.drain(..index.min(segments.len()));
+        if let Some(first) = segments.first_mut() {
+            // The cursor keeps `offset < len` of its current segment.
+            first.addr = GuestAddress(first.addr.0 + u64::from(offset));
+            first.len -= offset;
+        }
+        segments
     }
 
     /// Consumes the next `n` bytes and returns them as segments (for zero-copy I/O).
@@ -386,6 +433,95 @@ mod tests {
         let (m, mut q) = setup(descs, head);
         let c = q.iter(&m).unwrap().next().unwrap();
         parse_chain(c, usize::from(QS))
+    }
+
+    #[test]
+    fn reader_remaining_after_a_header_reuses_the_list() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        m.write_slice(&(0..64u8).collect::<Vec<_>>(), GuestAddress(0x100))
+            .unwrap();
+        let seg = |a: u64, l: u32| Segment {
+            addr: GuestAddress(a),
+            len: l,
+        };
+        // Header spans the first segment and 6 bytes of the second.
+        let mut r = ChainReader::new(vec![seg(0x100, 10), seg(0x110, 20), seg(0x130, 8)]);
+        let mut h = [0u8; 16];
+        r.read_exact(&m, &mut h).unwrap();
+        assert_eq!(&h[..10], &(0..10).collect::<Vec<u8>>()[..]);
+        assert_eq!(&h[10..], &[16, 17, 18, 19, 20, 21]);
+        assert_eq!(r.remaining(), 22);
+        let mut too_long = [0u8; 23];
+        assert!(matches!(
+            r.read_exact(&m, &mut too_long),
+            Err(IoError::TooShort {
+                available: 22,
+                wanted: 23
+            })
+        ));
+        assert_eq!(r.into_remaining(), vec![seg(0x116, 14), seg(0x130, 8)]);
+        // Consumed exactly to a segment boundary, and completely.
+        let mut r = ChainReader::new(vec![seg(0x100, 16), seg(0x110, 4)]);
+        r.read_exact(&m, &mut h).unwrap();
+        assert_eq!(r.into_remaining(), vec![seg(0x110, 4)]);
+        let mut r = ChainReader::new(vec![seg(0x100, 16)]);
+        r.read_exact(&m, &mut h).unwrap();
+        assert!(r.into_remaining().is_empty());
+    }
+
+    #[test]
+    fn long_chains_are_checked_like_short_ones() {
+        // More descriptors than the stack array holds: the heap path finds overlaps and
+        // out-of-memory buffers too.
+        let n = SMALL_CHAIN + 4;
+        let (m, mut q) = setup(&[], 0);
+        let table = 0x4000u64;
+        let put = |i: u64, addr: u64, last: bool| {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&16u32.to_le_bytes());
+            let flags: u16 = if last { 0 } else { 1 };
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+            m.write_slice(&d, GuestAddress(table + 16 * i)).unwrap();
+        };
+        let run = |q: &mut Queue| {
+            let c = q.iter(&m).unwrap().next().unwrap();
+            parse_chain(c, 64)
+        };
+        // Head 0 is an indirect descriptor pointing at `table`.
+        let indirect = |q: &mut Queue, m: &GuestMemoryMmap<()>| {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&table.to_le_bytes());
+            d[8..12].copy_from_slice(&((16 * n) as u32).to_le_bytes());
+            d[12..14].copy_from_slice(&4u16.to_le_bytes());
+            m.write_slice(&d, GuestAddress(0)).unwrap();
+            q.set_next_avail(0);
+        };
+        for i in 0..n as u64 {
+            put(i, 0x8000 + 32 * i, i + 1 == n as u64);
+        }
+        indirect(&mut q, &m);
+        let c = run(&mut q).unwrap();
+        assert_eq!(c.readable.len(), n);
+        put(3, 0x8000 + 32 * 2 + 8, false);
+        indirect(&mut q, &m);
+        assert_eq!(
+            run(&mut q),
+            Err(ChainError::Overlap {
+                first: 0x8040,
+                second: 0x8048
+            })
+        );
+        put(3, MEM - 8, false);
+        indirect(&mut q, &m);
+        assert_eq!(
+            run(&mut q),
+            Err(ChainError::OutsideMemory {
+                addr: MEM - 8,
+                len: 16
+            })
+        );
     }
 
     #[test]

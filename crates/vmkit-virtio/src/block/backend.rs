@@ -15,8 +15,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
+use vm_memory::{GuestMemory, Permissions, VolatileSlice};
 
 use crate::block::request::{SectorRange, ID_LEN, SECTOR_SIZE};
 use crate::chain::Segment;
@@ -37,8 +38,9 @@ pub enum DiskError {
     Metadata(io::Error),
 }
 
-/// Most iovecs one `preadv`/`pwritev` call accepts (Linux `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
+/// Guest slices per `preadv`/`pwritev` call, held in stack arrays (well under `IOV_MAX`).
+/// A 4 KiB request is one or two slices; larger scatter lists take several calls.
+const BATCH: usize = 32;
 
 /// A raw disk image file.
 #[derive(Debug)]
@@ -128,6 +130,10 @@ impl RawDisk {
         self.vectored(mem, segs, offset, true)
     }
 
+    /// Gathers the guest slices of `segs` into batches of at most [`BATCH`] and hands each
+    /// batch to one `preadv`/`pwritev` loop. The batch lives on the stack: a request costs no
+    /// heap allocation here (per-request allocations were most of the device's fixed cost at
+    /// 4 KiB).
     fn vectored<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
@@ -141,60 +147,97 @@ impl RawDisk {
         } else {
             Permissions::Write
         };
-        let mut slices = Vec::with_capacity(segs.len());
+        let mut batch: [Option<_>; BATCH] = Default::default();
+        let mut n = 0usize;
+        let mut off = offset;
         for s in segs {
             for slice in mem
                 .get_slices(s.addr, s.len as usize, perm)
                 .map_err(to_io)?
             {
-                slices.push(slice.map_err(to_io)?);
+                let slice = slice.map_err(to_io)?;
+                if n == BATCH {
+                    off = self.transfer(&batch, off, to_file)?;
+                    n = 0;
+                }
+                if let Some(entry) = batch.get_mut(n) {
+                    *entry = Some(slice);
+                    n += 1;
+                }
             }
         }
-        let mut iovs = Vec::with_capacity(slices.len());
-        let mut read_guards = Vec::new();
-        let mut write_guards = Vec::new();
-        for s in &slices {
+        if let Some(rest) = batch.get(..n).filter(|r| !r.is_empty()) {
+            self.transfer(rest, off, to_file)?;
+        }
+        Ok(())
+    }
+
+    /// Transfers `slices` (at most [`BATCH`], `None` entries are skipped) from or to the file
+    /// at `offset`, retrying short transfers; returns the offset after them.
+    fn transfer<B: BitmapSlice>(
+        &self,
+        slices: &[Option<VolatileSlice<'_, B>>],
+        offset: u64,
+        to_file: bool,
+    ) -> io::Result<u64> {
+        const EMPTY: libc::iovec = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iovs = [EMPTY; BATCH];
+        let mut read_guards: [Option<PtrGuard>; BATCH] = Default::default();
+        let mut write_guards: [Option<PtrGuardMut>; BATCH] = Default::default();
+        let mut count = 0usize;
+        for (i, ((s, iov), (rg, wg))) in slices
+            .iter()
+            .flatten()
+            .zip(iovs.iter_mut())
+            .zip(read_guards.iter_mut().zip(write_guards.iter_mut()))
+            .enumerate()
+        {
             let base = if to_file {
                 let g = s.ptr_guard();
                 let p = g.as_ptr() as *mut libc::c_void;
-                read_guards.push(g);
+                *rg = Some(g);
                 p
             } else {
                 let g = s.ptr_guard_mut();
                 let p = g.as_ptr() as *mut libc::c_void;
-                write_guards.push(g);
+                *wg = Some(g);
                 p
             };
-            iovs.push(libc::iovec {
+            *iov = libc::iovec {
                 iov_base: base,
                 iov_len: s.len(),
-            });
+            };
+            count = i + 1;
         }
         let mut idx = 0usize;
         let mut off = offset;
-        while idx < iovs.len() {
-            let cnt = (iovs.len() - idx).min(IOV_MAX);
+        while idx < count {
+            let cnt = count - idx;
             let file_off = libc::off_t::try_from(off)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+            let rest = iovs.get(idx..count).unwrap_or_default();
             let n = if to_file {
-                // SAFETY: `iovs[idx..idx + cnt]` describe guest memory slices that stay mapped
-                // while `read_guards`/`slices` live (until the end of this function); the kernel
-                // only reads from them.
+                // SAFETY: `rest` (`cnt` entries) describes guest memory slices that stay mapped
+                // while `slices` and `read_guards` live (until the end of this function); the
+                // kernel only reads from them.
                 unsafe {
                     libc::pwritev(
                         self.file.as_raw_fd(),
-                        iovs[idx..].as_ptr(),
+                        rest.as_ptr(),
                         cnt as libc::c_int,
                         file_off,
                     )
                 }
             } else {
-                // SAFETY: as above; these slices were obtained with write permission and the
-                // kernel writes at most `iov_len` bytes into each.
+                // SAFETY: as above (`write_guards`); these slices were obtained with write
+                // permission and the kernel writes at most `iov_len` bytes into each.
                 unsafe {
                     libc::preadv(
                         self.file.as_raw_fd(),
-                        iovs[idx..].as_ptr(),
+                        rest.as_ptr(),
                         cnt as libc::c_int,
                         file_off,
                     )
@@ -212,8 +255,10 @@ impl RawDisk {
             }
             let mut n = n as usize;
             off += n as u64;
-            while n > 0 && idx < iovs.len() {
-                let iov = &mut iovs[idx];
+            while n > 0 {
+                let Some(iov) = iovs.get_mut(idx) else {
+                    break;
+                };
                 if n >= iov.iov_len {
                     n -= iov.iov_len;
                     idx += 1;
@@ -226,11 +271,11 @@ impl RawDisk {
             }
         }
         if !to_file {
-            for s in &slices {
+            for s in slices.iter().flatten() {
                 s.bitmap().mark_dirty(0, s.len());
             }
         }
-        Ok(())
+        Ok(off)
     }
 
     /// Makes written data durable.
@@ -290,7 +335,54 @@ impl RawDisk {
 mod tests {
     use super::*;
     use std::io::Write;
+    use vm_memory::bitmap::Bitmap;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    #[test]
+    fn scatter_lists_longer_than_one_batch() {
+        // 3 * BATCH + 5 segments of 100 bytes, every other one 100 bytes apart: several
+        // preadv/pwritev calls, the last batch partial, order preserved across calls.
+        let n = 3 * BATCH + 5;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(64 * 1024).unwrap();
+        let disk = RawDisk::from_file(f, false).unwrap();
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let segs: Vec<Segment> = (0..n as u64)
+            .map(|i| Segment {
+                addr: GuestAddress(200 * i),
+                len: 100,
+            })
+            .collect();
+        let pattern: Vec<u8> = (0..n * 100).map(|i| (i * 31 + 7) as u8).collect();
+        for (s, chunk) in segs.iter().zip(pattern.chunks(100)) {
+            m.write_slice(chunk, s.addr).unwrap();
+        }
+        disk.write_from_guest(&m, &segs, 1024).unwrap();
+        let mut host = vec![0u8; n * 100];
+        disk.file.read_exact_at(&mut host, 1024).unwrap();
+        assert_eq!(host, pattern);
+        // Read back into the gaps.
+        let gaps: Vec<Segment> = segs
+            .iter()
+            .map(|s| Segment {
+                addr: GuestAddress(s.addr.0 + 100),
+                len: 100,
+            })
+            .collect();
+        disk.read_to_guest(&m, &gaps, 1024).unwrap();
+        for (s, chunk) in gaps.iter().zip(pattern.chunks(100)) {
+            let mut got = [0u8; 100];
+            m.read_slice(&mut got, s.addr).unwrap();
+            assert_eq!(&got[..], chunk);
+        }
+        // A bad segment after the first batch fails the request.
+        let mut bad = segs.clone();
+        bad.push(Segment {
+            addr: GuestAddress(0x20000),
+            len: 1,
+        });
+        assert!(disk.write_from_guest(&m, &bad, 0).is_err());
+    }
 
     #[test]
     fn reads_and_writes_across_regions() {

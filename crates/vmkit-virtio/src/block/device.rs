@@ -215,13 +215,19 @@ pub fn process_queue<MM: GuestMemory>(
                 }
                 PoppedChain::Valid(c) => c,
             };
-            let Some(split) = split_status(&chain) else {
+            let head = chain.head;
+            // Transfer size for the rate limiter (header and status byte excluded).
+            let bytes = chain.readable_len().saturating_sub(HEADER_LEN)
+                + chain.writable_len().saturating_sub(1);
+            // The chain's lists move into the request: no copies on the per-request path.
+            let Some(split) = split_writable(chain.writable) else {
                 log::warn!("virtio-blk: request without a writable status byte");
-                queue.add_used(mem, chain.head, 0)?;
+                queue.add_used(mem, head, 0)?;
                 out.completed += 1;
                 continue;
             };
-            let parsed = match Request::parse(mem, &chain, &split, &limits) {
+            let status_addr = split.status.addr;
+            let parsed = match Request::parse_owned(mem, chain.readable, split.data, &limits) {
                 Parsed::Request(r) if r.exceeds(&seg_limits) => {
                     log::warn!("virtio-blk: request exceeds seg_max/size_max");
                     Parsed::Reject(VIRTIO_BLK_S_IOERR)
@@ -229,8 +235,6 @@ pub fn process_queue<MM: GuestMemory>(
                 p => p,
             };
             if let (Some(l), Parsed::Request(_)) = (limiter.as_deref_mut(), &parsed) {
-                let bytes = chain.readable_len().saturating_sub(HEADER_LEN)
-                    + chain.writable_len().saturating_sub(1);
                 if !l.consume(bytes) {
                     // Leave the request for the timer to retry.
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
@@ -244,10 +248,10 @@ pub fn process_queue<MM: GuestMemory>(
                 Parsed::Request(req) => execute(mem, disk, features, &req),
             };
             // The status segment passed parse_chain, so this write is inside guest memory.
-            if mem.write_obj(status, split.status.addr).is_err() {
+            if mem.write_obj(status, status_addr).is_err() {
                 log::warn!("virtio-blk: cannot write status byte");
             }
-            queue.add_used(mem, chain.head, len.saturating_add(1))?;
+            queue.add_used(mem, head, len.saturating_add(1))?;
             out.completed += 1;
         }
         if !queue.enable_notification(mem)? {

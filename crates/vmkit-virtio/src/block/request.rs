@@ -156,7 +156,12 @@ pub struct WritableSplit {
 /// Splits the writable buffers into data and the final status byte; `None` if there is no
 /// writable byte at all (nothing can be reported to the guest then).
 pub fn split_status(chain: &Chain) -> Option<WritableSplit> {
-    let mut data = chain.writable.clone();
+    split_writable(chain.writable.clone())
+}
+
+/// [`split_status`] on the writable segments themselves, reusing their list for the data part
+/// (no allocation).
+pub fn split_writable(mut data: Vec<Segment>) -> Option<WritableSplit> {
     let last = data.pop()?;
     // parse_chain guarantees len >= 1 and that the segment lies in guest memory.
     let status = Segment {
@@ -211,7 +216,19 @@ impl Request {
         writable: &WritableSplit,
         limits: &DiskLimits,
     ) -> Parsed {
-        let mut reader = ChainReader::new(chain.readable.clone());
+        Self::parse_owned(mem, chain.readable.clone(), writable.data.clone(), limits)
+    }
+
+    /// [`Request::parse`] taking the readable segments and the writable data segments (what
+    /// [`split_status`] left besides the status byte) by value: the request's data list *is*
+    /// one of them, so parsing allocates nothing for reads, writes and flushes.
+    pub fn parse_owned<M: GuestMemory + ?Sized>(
+        mem: &M,
+        readable: Vec<Segment>,
+        writable_data_segments: Vec<Segment>,
+        limits: &DiskLimits,
+    ) -> Parsed {
+        let mut reader = ChainReader::new(readable);
         let mut header = [0u8; HEADER_LEN as usize];
         if reader.read_exact(mem, &mut header).is_err() {
             return Parsed::Reject(VIRTIO_BLK_S_IOERR);
@@ -221,7 +238,7 @@ impl Request {
         sector_bytes.copy_from_slice(&header[8..16]);
         let sector = u64::from_le_bytes(sector_bytes);
         let readable_data = reader.remaining();
-        let writable_data = total(&writable.data);
+        let writable_data = total(&writable_data_segments);
         let reject = Parsed::Reject(VIRTIO_BLK_S_IOERR);
         let kind = match request_type {
             VIRTIO_BLK_T_IN => {
@@ -230,7 +247,7 @@ impl Request {
                 }
                 RequestKind::Read {
                     sector,
-                    data: writable.data.clone(),
+                    data: writable_data_segments,
                 }
             }
             VIRTIO_BLK_T_OUT => {
@@ -240,9 +257,9 @@ impl Request {
                 if writable_data != 0 || !in_disk(sector, readable_data, limits.capacity) {
                     return reject;
                 }
-                match reader.split(readable_data) {
-                    Ok(data) => RequestKind::Write { sector, data },
-                    Err(_) => return reject,
+                RequestKind::Write {
+                    sector,
+                    data: reader.into_remaining(),
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -259,7 +276,7 @@ impl Request {
                     return reject;
                 }
                 RequestKind::GetId {
-                    data: writable.data.clone(),
+                    data: writable_data_segments,
                 }
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
