@@ -279,20 +279,6 @@ impl Tlb {
                 };
             }
         }
-        self.miss(walker, tables, pcid, addr, access)
-    }
-
-    /// The miss path (walk and fill), out of line so that the hit path stays a small leaf
-    /// function that saves no callee-saved registers.
-    #[inline(never)]
-    fn miss<T: TableAccess + ?Sized>(
-        &mut self,
-        walker: &Walker,
-        tables: &mut T,
-        pcid: u16,
-        addr: u64,
-        access: Access,
-    ) -> Result<TlbTranslation, Fault> {
         self.stats.misses += 1;
         let t = walker.translate_with(tables, addr, access)?;
         self.insert(pcid, addr, &t);
