@@ -17,11 +17,8 @@ pub const SNAPSHOT_RESTORE: &str = "memory_snapshot_restore";
 
 /// The guest the target restores into: two small regions, so region-table checks matter.
 pub fn fuzz_layout() -> MemoryLayout {
-    MemoryLayout::new(&[
-        (GuestAddress(0), 0x4000),
-        (GuestAddress(0x10_0000), 0x2000),
-    ])
-    .expect("static layout is valid")
+    MemoryLayout::new(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10_0000), 0x2000)])
+        .expect("static layout is valid")
 }
 
 fn patterned_memory() -> OwnedGuestRam {
@@ -139,7 +136,12 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         write_seeds(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join(SNAPSHOT_RESTORE)).unwrap().count(), 2);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(SNAPSHOT_RESTORE))
+                .unwrap()
+                .count(),
+            2
+        );
     }
 
     #[test]

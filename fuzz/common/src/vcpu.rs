@@ -41,7 +41,10 @@ impl EmulatorPlatform for FuzzPlatform<'_> {
     }
     fn read(&mut self, gpa: u64, data: &mut [u8]) -> Result<(), AccessError> {
         let start = usize::try_from(gpa).unwrap_or(usize::MAX);
-        match start.checked_add(data.len()).and_then(|end| self.image.get(start..end)) {
+        match start
+            .checked_add(data.len())
+            .and_then(|end| self.image.get(start..end))
+        {
             Some(s) => data.copy_from_slice(s),
             None => {
                 for (i, b) in data.iter_mut().enumerate() {
@@ -53,7 +56,10 @@ impl EmulatorPlatform for FuzzPlatform<'_> {
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
         let start = usize::try_from(gpa).unwrap_or(usize::MAX);
-        if let Some(s) = start.checked_add(data.len()).and_then(|end| self.image.get_mut(start..end)) {
+        if let Some(s) = start
+            .checked_add(data.len())
+            .and_then(|end| self.image.get_mut(start..end))
+        {
             s.copy_from_slice(data);
         }
         Ok(())
@@ -74,7 +80,11 @@ pub fn emulate_bytes(data: &[u8]) -> bool {
         return false;
     }
     let bitness = [16, 32, 64][usize::from(data[0] % 3)];
-    let mut regs = Regs { rip: 0x100, rflags: 2 | (u64::from(data[1] & 1) << 10), ..Default::default() };
+    let mut regs = Regs {
+        rip: 0x100,
+        rflags: 2 | (u64::from(data[1] & 1) << 10),
+        ..Default::default()
+    };
     for i in 0..16 {
         let mut b = [0u8; 8];
         b.copy_from_slice(&data[2 + i * 8..10 + i * 8]);
@@ -86,16 +96,32 @@ pub fn emulate_bytes(data: &[u8]) -> bool {
     let mut image = data[HEADER..].to_vec();
     image.truncate(MAX_IMAGE);
     let fs_base = if data[1] & 2 != 0 { 0x1000 } else { 0 };
-    let mut platform = FuzzPlatform { image: &mut image, fs_base };
+    let mut platform = FuzzPlatform {
+        image: &mut image,
+        fs_base,
+    };
     let rip = regs.rip;
     match emulate(bitness, code, &mut regs, &mut platform) {
         Ok(e) if e.complete => {
-            let mask = if bitness == 64 { u64::MAX } else if bitness == 32 { 0xffff_ffff } else { 0xffff };
-            assert_eq!(regs.rip, rip.wrapping_add(e.len as u64) & mask, "RIP must move past the instruction");
+            let mask = if bitness == 64 {
+                u64::MAX
+            } else if bitness == 32 {
+                0xffff_ffff
+            } else {
+                0xffff
+            };
+            assert_eq!(
+                regs.rip,
+                rip.wrapping_add(e.len as u64) & mask,
+                "RIP must move past the instruction"
+            );
             true
         }
         Ok(_) => {
-            assert_eq!(regs.rip, rip, "an unfinished REP leaves RIP on the instruction");
+            assert_eq!(
+                regs.rip, rip,
+                "an unfinished REP leaves RIP on the instruction"
+            );
             false
         }
         Err(_) => false,
@@ -126,24 +152,79 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     const RDI: usize = 7;
     let mmio = 0xd000_0000;
     vec![
-        ("mov_store", input(2, 0, &[(RAX, mmio), (RBX, 0x1234)], &[0x89, 0x18])),
-        ("mov_load_r8", input(2, 0, &[(RAX, 0x2000)], &[0x4c, 0x8b, 0x00])),
-        ("mov_sib", input(2, 0, &[(RAX, 0x2000), (RCX, 3)], &[0x66, 0x89, 0x54, 0x88, 0x08])),
-        ("mov_rip_rel", input(2, 0, &[], &[0x8b, 0x05, 0x10, 0, 0, 0])),
-        ("mov_imm", input(2, 0, &[(RAX, 0x2000)], &[0x48, 0xc7, 0x00, 0xff, 0xff, 0xff, 0xff])),
+        (
+            "mov_store",
+            input(2, 0, &[(RAX, mmio), (RBX, 0x1234)], &[0x89, 0x18]),
+        ),
+        (
+            "mov_load_r8",
+            input(2, 0, &[(RAX, 0x2000)], &[0x4c, 0x8b, 0x00]),
+        ),
+        (
+            "mov_sib",
+            input(
+                2,
+                0,
+                &[(RAX, 0x2000), (RCX, 3)],
+                &[0x66, 0x89, 0x54, 0x88, 0x08],
+            ),
+        ),
+        (
+            "mov_rip_rel",
+            input(2, 0, &[], &[0x8b, 0x05, 0x10, 0, 0, 0]),
+        ),
+        (
+            "mov_imm",
+            input(
+                2,
+                0,
+                &[(RAX, 0x2000)],
+                &[0x48, 0xc7, 0x00, 0xff, 0xff, 0xff, 0xff],
+            ),
+        ),
         ("mov_fs", input(2, 2, &[(RCX, 0x10)], &[0x64, 0x89, 0x19])),
         ("movzx", input(2, 0, &[(RBX, 0x2000)], &[0x0f, 0xb6, 0x03])),
-        ("movsxd", input(2, 0, &[(RBX, 0x2000)], &[0x48, 0x63, 0x43, 0x01])),
-        ("rep_movsb", input(2, 0, &[(RSI, 0x2000), (RDI, mmio), (RCX, 8)], &[0xf3, 0xa4])),
-        ("movsq_df", input(2, 1, &[(RSI, 0x2008), (RDI, 0x3008)], &[0x48, 0xa5])),
-        ("rep_stosd", input(2, 0, &[(RDI, 0x2000), (RCX, 4), (RAX, 7)], &[0xf3, 0xab])),
-        ("cmp", input(2, 0, &[(RAX, 0x2000), (RBX, 5)], &[0x39, 0x18])),
-        ("and_imm", input(2, 0, &[(RAX, 0x2000)], &[0x81, 0x20, 0x04, 0, 0, 0])),
-        ("xor", input(2, 0, &[(RAX, 0x2000), (RCX, 7)], &[0x31, 0x08])),
+        (
+            "movsxd",
+            input(2, 0, &[(RBX, 0x2000)], &[0x48, 0x63, 0x43, 0x01]),
+        ),
+        (
+            "rep_movsb",
+            input(2, 0, &[(RSI, 0x2000), (RDI, mmio), (RCX, 8)], &[0xf3, 0xa4]),
+        ),
+        (
+            "movsq_df",
+            input(2, 1, &[(RSI, 0x2008), (RDI, 0x3008)], &[0x48, 0xa5]),
+        ),
+        (
+            "rep_stosd",
+            input(2, 0, &[(RDI, 0x2000), (RCX, 4), (RAX, 7)], &[0xf3, 0xab]),
+        ),
+        (
+            "cmp",
+            input(2, 0, &[(RAX, 0x2000), (RBX, 5)], &[0x39, 0x18]),
+        ),
+        (
+            "and_imm",
+            input(2, 0, &[(RAX, 0x2000)], &[0x81, 0x20, 0x04, 0, 0, 0]),
+        ),
+        (
+            "xor",
+            input(2, 0, &[(RAX, 0x2000), (RCX, 7)], &[0x31, 0x08]),
+        ),
         ("test", input(2, 0, &[(RAX, 0x2000)], &[0xf6, 0x00, 0x01])),
-        ("xchg", input(2, 0, &[(RAX, 0x2000), (RCX, 9)], &[0x87, 0x08])),
-        ("page_cross", input(2, 0, &[(RAX, 0x2ffe), (RBX, 1)], &[0x48, 0x89, 0x18])),
-        ("mode32", input(1, 0, &[(RAX, 0x2000), (RBX, 1)], &[0x89, 0x18])),
+        (
+            "xchg",
+            input(2, 0, &[(RAX, 0x2000), (RCX, 9)], &[0x87, 0x08]),
+        ),
+        (
+            "page_cross",
+            input(2, 0, &[(RAX, 0x2ffe), (RBX, 1)], &[0x48, 0x89, 0x18]),
+        ),
+        (
+            "mode32",
+            input(1, 0, &[(RAX, 0x2000), (RBX, 1)], &[0x89, 0x18]),
+        ),
         ("mode16", input(0, 0, &[(RBX, 0x2000)], &[0x89, 0x07])),
     ]
 }
@@ -183,7 +264,9 @@ mod tests {
     fn seeds_are_written_one_file_each() {
         let dir = tempfile::tempdir().unwrap();
         write_seeds(dir.path()).unwrap();
-        let n = std::fs::read_dir(dir.path().join(VCPU_EMULATOR)).unwrap().count();
+        let n = std::fs::read_dir(dir.path().join(VCPU_EMULATOR))
+            .unwrap()
+            .count();
         assert_eq!(n, seeds().len());
     }
 }

@@ -56,7 +56,8 @@ type Mem = GuestMemoryMmap<()>;
 pub fn memory_from(image: &[u8]) -> Mem {
     let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("64 KiB guest");
     let n = image.len().min(MEM_SIZE);
-    m.write_slice(&image[..n], GuestAddress(0)).expect("in range");
+    m.write_slice(&image[..n], GuestAddress(0))
+        .expect("in range");
     m
 }
 
@@ -79,7 +80,11 @@ fn used_idx(m: &Mem, base: u64) -> u16 {
 /// count (the initial value is the fuzzer's, so nothing is checked before the first entry).
 fn check_used(m: &Mem, base: u64, q: &Queue) {
     if q.next_used() != 0 {
-        assert_eq!(used_idx(m, base), q.next_used(), "used.idx matches the device's count");
+        assert_eq!(
+            used_idx(m, base),
+            q.next_used(),
+            "used.idx matches the device's count"
+        );
     }
 }
 
@@ -251,12 +256,8 @@ pub fn mmio(data: &[u8]) {
             CountingSource::default(),
         )))
     };
-    let mut t = MmioTransport::new(
-        dev,
-        m,
-        Box::new(vmkit_virtio::CallbackIrq::new(|| Ok(()))),
-    )
-    .expect("transport");
+    let mut t = MmioTransport::new(dev, m, Box::new(vmkit_virtio::CallbackIrq::new(|| Ok(()))))
+        .expect("transport");
     let mut buf = [0u8; 8];
     for op in MmioOp::decode_all(ops) {
         let b = &mut buf[..op.size];
@@ -506,7 +507,11 @@ mod tests {
             )
             .unwrap();
             assert_eq!(out.completed, 1, "seed {i}");
-            assert_eq!(m.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 0, "seed {i} status");
+            assert_eq!(
+                m.read_obj::<u8>(GuestAddress(0x3000)).unwrap(),
+                0,
+                "seed {i} status"
+            );
             blk(s);
         }
     }
@@ -547,7 +552,9 @@ mod tests {
         rng(s);
         let m = memory_from(s);
         let mut q = queue_at(QUEUE_A);
-        assert!(vmkit_virtio::rng::process_queue(&mut q, &m, &mut CountingSource::default()).unwrap());
+        assert!(
+            vmkit_virtio::rng::process_queue(&mut q, &m, &mut CountingSource::default()).unwrap()
+        );
         assert_eq!(q.next_used(), 2);
     }
 
