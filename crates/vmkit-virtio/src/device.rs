@@ -72,6 +72,31 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
+/// Implements the [`VirtioDevice`] methods that every device of this crate answers straight
+/// from its [`DeviceCore`] field `core`: queue sizes, feature offer and acknowledgement, and
+/// whether it is activated. Devices differ in config space, queue processing and state, not
+/// in these.
+macro_rules! core_accessors {
+    () => {
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.core.queue_max_sizes
+        }
+        fn device_features(&self) -> u64 {
+            self.core.avail_features
+        }
+        fn ack_features(&mut self, features: u64) {
+            self.core.acked_features = features & self.core.avail_features;
+        }
+        fn acked_features(&self) -> u64 {
+            self.core.acked_features
+        }
+        fn is_activated(&self) -> bool {
+            self.core.mem.is_some()
+        }
+    };
+}
+pub(crate) use core_accessors;
+
 /// A virtio device, independent of the transport that carries it.
 ///
 /// `M` is the guest address space (`&GuestMemoryMmap`, `Arc<GuestMemoryMmap>`,

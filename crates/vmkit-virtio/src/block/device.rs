@@ -366,18 +366,7 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Block<M> {
     fn device_type(&self) -> u32 {
         DEVICE_ID_BLOCK
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.core.queue_max_sizes
-    }
-    fn device_features(&self) -> u64 {
-        self.core.avail_features
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.core.acked_features = features & self.core.avail_features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.core.acked_features
-    }
+    crate::device::core_accessors!();
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
@@ -392,9 +381,6 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Block<M> {
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
         self.core.activate(mem, queues, interrupt, 1)
-    }
-    fn is_activated(&self) -> bool {
-        self.core.mem.is_some()
     }
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
         if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {

@@ -169,18 +169,7 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Console<M> {
     fn device_type(&self) -> u32 {
         DEVICE_ID_CONSOLE
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.core.queue_max_sizes
-    }
-    fn device_features(&self) -> u64 {
-        self.core.avail_features
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.core.acked_features = features & self.core.avail_features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.core.acked_features
-    }
+    crate::device::core_accessors!();
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows (0: unknown), max_nr_ports (unused without MULTIPORT), emerg_wr.
         read_config_bytes(&[0u8; 12], offset, data);
@@ -199,9 +188,6 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Console<M> {
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
         self.core.activate(mem, queues, interrupt, 2)
-    }
-    fn is_activated(&self) -> bool {
-        self.core.mem.is_some()
     }
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
         match index {

@@ -497,20 +497,9 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Net<M> {
     fn device_type(&self) -> u32 {
         DEVICE_ID_NET
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.core.queue_max_sizes
-    }
-    fn device_features(&self) -> u64 {
-        self.core.avail_features
-    }
+    crate::device::core_accessors!();
     fn features_acceptable(&self, f: u64) -> bool {
         net_features_consistent(f)
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.core.acked_features = features & self.core.avail_features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.core.acked_features
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
@@ -529,9 +518,6 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Net<M> {
             .set_guest_features(self.core.acked_features)
             .map_err(ActivateError::Backend)?;
         self.core.activate(mem, queues, interrupt, 2)
-    }
-    fn is_activated(&self) -> bool {
-        self.core.mem.is_some()
     }
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
         match index {

@@ -150,18 +150,7 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Rng<M> {
     fn device_type(&self) -> u32 {
         DEVICE_ID_RNG
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.core.queue_max_sizes
-    }
-    fn device_features(&self) -> u64 {
-        self.core.avail_features
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.core.acked_features = features & self.core.avail_features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.core.acked_features
-    }
+    crate::device::core_accessors!();
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // virtio-rng has no configuration space.
         data.fill(0);
@@ -174,9 +163,6 @@ impl<M: GuestAddressSpace + Send> VirtioDevice<M> for Rng<M> {
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<(), ActivateError> {
         self.core.activate(mem, queues, interrupt, 1)
-    }
-    fn is_activated(&self) -> bool {
-        self.core.mem.is_some()
     }
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
         if index != 0 {
