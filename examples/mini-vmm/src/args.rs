@@ -1,8 +1,8 @@
 //! Command-line parsing. Every error names the argument that was wrong.
 //!
 //! ```text
-//! mini-vmm [--guest NAME | --kernel PATH] [--memory size=SIZE] [--cmdline TEXT] [--param N]
-//!          [--stats]
+//! mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] [--cmdline TEXT]]
+//!          [--memory size=SIZE] [--param N] [--stats]
 //! ```
 
 use std::path::PathBuf;
@@ -29,7 +29,14 @@ pub enum ArgsError {
     /// Options that exclude each other.
     #[error("`--guest` and `--kernel` cannot be used together")]
     Conflict,
+    /// An option that only makes sense with `--kernel`.
+    #[error("`{0}` needs `--kernel`")]
+    NeedsKernel(&'static str),
 }
+
+/// Command line given to a kernel when `--cmdline` is absent: the console on COM1, reboot
+/// through the keyboard controller (which ends the VM) and reboot at once on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// What to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +56,8 @@ pub struct Args {
     pub memory: u64,
     /// Kernel command line (kernels only).
     pub cmdline: Option<String>,
+    /// Initial RAM disk loaded beside the kernel (kernels only).
+    pub initramfs: Option<PathBuf>,
     /// Value the guest reads from its parameter port (0x510).
     pub param: u32,
     /// Print usage and exit.
@@ -63,6 +72,7 @@ impl Default for Args {
             payload: Payload::Guest("hello".into()),
             memory: 64 << 20,
             cmdline: None,
+            initramfs: None,
             param: 0,
             help: false,
             stats: false,
@@ -71,14 +81,16 @@ impl Default for Args {
 }
 
 /// Usage text.
-pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH] [--memory size=SIZE] \
-[--cmdline TEXT] [--param N] [--stats]
+pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] \
+[--cmdline TEXT]] [--memory size=SIZE] [--param N] [--stats]
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
-  --kernel PATH       kernel image to boot (ELF, PVH ELF or bzImage)
+  --kernel PATH       kernel image to boot (ELF, PVH ELF or bzImage); a bzImage gets KVM's
+                      in-kernel irqchip and PIT, and COM1 interrupts on IRQ 4
+  --initramfs PATH    initial RAM disk for the kernel
   --memory size=SIZE  guest RAM, e.g. size=128M (K, M, G suffixes; default 64M)
-  --cmdline TEXT      kernel command line
+  --cmdline TEXT      kernel command line (default: console=ttyS0 reboot=k panic=-1)
   --param N           value the guest reads from port 0x510
   --stats             print per-exit-kind counts and handling latency at the end";
 
@@ -123,6 +135,7 @@ impl Args {
                 "--guest" => guest = Some(value("--guest")?),
                 "--kernel" => kernel = Some(PathBuf::from(value("--kernel")?)),
                 "--cmdline" => out.cmdline = Some(value("--cmdline")?),
+                "--initramfs" => out.initramfs = Some(PathBuf::from(value("--initramfs")?)),
                 "--param" => {
                     let v = value("--param")?;
                     out.param = v
@@ -147,6 +160,14 @@ impl Args {
                 _ => return Err(ArgsError::Unknown(arg)),
             }
         }
+        if kernel.is_none() {
+            if out.initramfs.is_some() {
+                return Err(ArgsError::NeedsKernel("--initramfs"));
+            }
+            if out.cmdline.is_some() {
+                return Err(ArgsError::NeedsKernel("--cmdline"));
+            }
+        }
         out.payload = match (guest, kernel) {
             (Some(_), Some(_)) => return Err(ArgsError::Conflict),
             (Some(g), None) => Payload::Guest(g),
@@ -154,6 +175,11 @@ impl Args {
             (None, None) => Payload::Guest("hello".into()),
         };
         Ok(out)
+    }
+
+    /// The command line a kernel gets: `--cmdline`, or [`DEFAULT_CMDLINE`].
+    pub fn kernel_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
     }
 }
 
@@ -220,7 +246,47 @@ mod tests {
             ArgsError::Conflict
         );
         assert_eq!(parse_size("x", "4k").unwrap(), 4096);
+        assert_eq!(
+            p(&["--memory", "size=64M,shared=on"]).unwrap_err(),
+            ArgsError::Invalid {
+                arg: "--memory".into(),
+                value: "shared=on".into(),
+                why: "expected size=SIZE".into()
+            }
+        );
         assert_eq!(parse_size("x", "1g").unwrap(), 1 << 30);
         assert!(parse_size("x", "99999999999999G").is_err());
+    }
+
+    #[test]
+    fn linux_options_need_a_kernel_and_default_the_cmdline() {
+        let a = p(&[
+            "--kernel",
+            "/vmlinuz",
+            "--initramfs",
+            "/l2.cpio.gz",
+            "--memory",
+            "size=256M",
+        ])
+        .unwrap();
+        assert_eq!(a.payload, Payload::Kernel("/vmlinuz".into()));
+        assert_eq!(
+            a.initramfs.as_deref(),
+            Some(std::path::Path::new("/l2.cpio.gz"))
+        );
+        assert_eq!(a.memory, 256 << 20);
+        assert_eq!(a.kernel_cmdline(), DEFAULT_CMDLINE);
+        let a = p(&["--kernel", "/k", "--cmdline", "console=ttyS0 quiet"]).unwrap();
+        assert_eq!(a.kernel_cmdline(), "console=ttyS0 quiet");
+        let e = p(&["--initramfs", "/i"]).unwrap_err();
+        assert_eq!(e.to_string(), "`--initramfs` needs `--kernel`");
+        assert_eq!(
+            p(&["--guest", "hello", "--cmdline", "x"]).unwrap_err(),
+            ArgsError::NeedsKernel("--cmdline")
+        );
+        assert_eq!(
+            p(&["--kernel", "/k", "--initramfs"]).unwrap_err(),
+            ArgsError::MissingValue("--initramfs".into())
+        );
     }
 }

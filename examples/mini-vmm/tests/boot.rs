@@ -109,3 +109,19 @@ fn the_library_vmm_reports_layout_and_stats() {
         Some(&0xffff_ffff)
     );
 }
+
+#[test]
+fn a_missing_initramfs_is_named() {
+    let path = std::env::temp_dir().join(format!("mini-vmm-initrd-{}", std::process::id()));
+    std::fs::write(&path, vmkit_test_guests::HELLO).unwrap();
+    let out = mini_vmm(&[
+        "--kernel",
+        path.to_str().unwrap(),
+        "--initramfs",
+        "/nonexistent/initrd.gz",
+    ]);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/initrd.gz"), "{stderr}");
+}
