@@ -1,5 +1,6 @@
 //! vmkit-sched scheduling real KVM vCPUs: 16 busy guest vCPUs (4 VMs x 4 vCPUs, weights
-//! 1:1:2:4) on 2 host threads make progress in weight proportion.
+//! 1:1:2:4) on 2 host threads make progress in weight proportion, both when the guests exit
+//! all the time and when they never exit at all.
 //!
 //! The scheduler knows nothing about KVM: [`VcpuTask`] below is the adapter a VMM would
 //! write. Its `run` arms a timer for the slice deadline, then loops on `KVM_RUN`, handling
@@ -7,9 +8,15 @@
 //! (or after the executor cut the slice through the task's [`Kick`]), or halts. A vCPU in
 //! `KVM_RUN` cannot poll [`Slice::expired`], which is why both the timer and the kick exist.
 //!
-//! Progress is what the guests say they did: every vCPU runs the `pio_loop` test guest,
-//! which writes 0, 1, 2, ... to port 0x511, one exit per value. The adapter checks that the
-//! values arrive in sequence (so the count is the guest's own) and counts them per vCPU.
+//! Progress is what the guests say they did, in one of two ways:
+//!
+//! - [`Guest::PioLoop`]: every vCPU runs the `pio_loop` test guest, which writes 0, 1, 2, ...
+//!   to port 0x511, one exit per value. The adapter checks that the values arrive in sequence
+//!   (so the count is the guest's own) and counts them per vCPU. The adapter regains control
+//!   every ~11 us and often sees the slice expire by itself.
+//! - [`Guest::Spin`]: every vCPU runs `inc qword [rbx]; jmp back` on its own counter in guest
+//!   memory and never exits; the host reads the counters from guest RAM. Only the deadline
+//!   timer's kick ends a slice, so this is the case the `Kick` machinery exists for.
 //!
 //! These tests need `/dev/kvm`; they fail (not skip) when it cannot be used.
 
@@ -19,12 +26,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vm_memory::Bytes;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmkit_sched::{
     Accounting, CreditConfig, CreditScheduler, Executor, Kick, Outcome, Slice, Task, VmConfig,
 };
 use vmkit_test_guests as guests;
-use vmkit_vcpu::boot::{self, KernelFormat};
+use vmkit_vcpu::boot::{self, CpuMode, KernelFormat};
 use vmkit_vcpu::kvm::{KvmHypervisor, KvmKick, KvmVcpu, KvmVm};
 use vmkit_vcpu::{Hypervisor, MemoryFlags, Vcpu, VcpuKick, Vm, VmExit};
 
@@ -129,6 +137,22 @@ impl Kick for KvmSchedKick {
     }
 }
 
+/// Guest-physical address of the spin guest's code.
+const SPIN_CODE: u64 = 0x10_0000;
+/// Guest-physical address of the spin guest's counters, one `u64` per vCPU.
+const SPIN_COUNTERS: u64 = 0x20_0000;
+/// `inc qword [rbx]` then `jmp` back to it: two instructions a loop, no exit ever.
+const SPIN_LOOP: [u8; 5] = [0x48, 0xff, 0x03, 0xeb, 0xfb];
+
+/// Which guest the vCPUs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Guest {
+    /// The `pio_loop` test guest: one port write (one exit) per unit of work.
+    PioLoop,
+    /// A loop that increments a counter in guest memory and never exits.
+    Spin,
+}
+
 /// A KVM VM with its guest RAM, shared by its vCPU tasks (which keep it alive).
 struct GuestVm {
     _vm: KvmVm,
@@ -140,10 +164,22 @@ struct GuestVm {
 struct VcpuProgress {
     /// Values the guest wrote to the data port, in sequence.
     values: AtomicU64,
+    /// For the spin guest: where its counter lives in guest memory.
+    counter: Option<(GuestMemoryMmap, GuestAddress)>,
     /// Slices that ended by the deadline timer or a cut (an `Interrupted` after expiry).
     slices: AtomicU64,
     /// `Interrupted` exits before the slice expired (a stale kick): re-entered.
     spurious: AtomicU64,
+}
+
+impl VcpuProgress {
+    /// Work done so far: values reported on the port, or the counter in guest memory.
+    fn work(&self) -> u64 {
+        match &self.counter {
+            None => self.values.load(Ordering::Relaxed),
+            Some((mem, addr)) => mem.read_obj::<u64>(*addr).expect("counter in guest RAM"),
+        }
+    }
 }
 
 /// The adapter: one KVM vCPU as a [`Task`].
@@ -221,33 +257,82 @@ impl Task for VcpuTask {
     }
 }
 
-/// Creates a KVM VM running `pio_loop` on `vcpus` vCPUs (each entered at the guest's entry
-/// point; the guest keeps its counter in registers, so they do not disturb each other).
-fn boot_vm(hv: &KvmHypervisor, vcpus: u32) -> (Arc<GuestVm>, Vec<KvmVcpu>) {
+/// Creates a KVM VM running `guest` on `vcpus` vCPUs, with each vCPU's progress record.
+///
+/// `pio_loop` vCPUs are all entered at the guest's entry point; the guest keeps its counter
+/// in registers, so they do not disturb each other (the adapter's sequence check would see
+/// it). Spin vCPUs each get their own counter through `rbx`.
+fn boot_vm(
+    hv: &KvmHypervisor,
+    vcpus: u32,
+    guest: Guest,
+) -> (Arc<GuestVm>, Vec<(KvmVcpu, Arc<VcpuProgress>)>) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let vm = hv.create_vm().expect("KVM_CREATE_VM");
     vm.register_memory(&mem, 0, MemoryFlags::default())
         .expect("register guest RAM");
-    let kernel = boot::load_kernel(
-        &mem,
-        &mut std::io::Cursor::new(guests::PIO_LOOP),
-        KernelFormat::PlainElf,
-        None,
-        &[],
-    )
-    .expect("load pio_loop");
+    let kernel = match guest {
+        Guest::PioLoop => Some(
+            boot::load_kernel(
+                &mem,
+                &mut std::io::Cursor::new(guests::PIO_LOOP),
+                KernelFormat::PlainElf,
+                None,
+                &[],
+            )
+            .expect("load pio_loop"),
+        ),
+        Guest::Spin => {
+            mem.write_slice(&SPIN_LOOP, GuestAddress(SPIN_CODE))
+                .expect("write the spin loop");
+            None
+        }
+    };
     let mut cpus = Vec::new();
     for id in 0..vcpus {
         let vcpu = vm.create_vcpu(id).expect("KVM_CREATE_VCPU");
         boot::configure_cpuid(hv, &vcpu, boot::default_cpuid_policy).expect("CPUID");
-        kernel.setup_vcpu(&mem, &vcpu).expect("vCPU setup");
-        cpus.push(vcpu);
+        let counter = match &kernel {
+            Some(k) => {
+                k.setup_vcpu(&mem, &vcpu).expect("vCPU setup");
+                None
+            }
+            None => {
+                boot::setup_vcpu(&mem, &vcpu, CpuMode::Long, SPIN_CODE, boot::BOOT_STACK, 0)
+                    .expect("vCPU setup");
+                let addr = GuestAddress(SPIN_COUNTERS + 8 * u64::from(id));
+                let mut regs = vcpu.regs().expect("get regs");
+                regs.rbx = addr.0;
+                vcpu.set_regs(&regs).expect("set regs");
+                Some((mem.clone(), addr))
+            }
+        };
+        let progress = Arc::new(VcpuProgress {
+            counter,
+            ..VcpuProgress::default()
+        });
+        cpus.push((vcpu, progress));
     }
     (Arc::new(GuestVm { _vm: vm, _mem: mem }), cpus)
 }
 
 #[test]
-fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
+fn kvm_exiting_guests_on_two_host_threads_progress_in_weight_proportion() {
+    // ~11.5 us per value (an exit plus a few emulated instructions): ~4.6 s of CPU time.
+    weighted_progress(Guest::PioLoop, 400_000);
+}
+
+#[test]
+fn kvm_guests_that_never_exit_are_time_sliced_by_the_kick_in_weight_proportion() {
+    // ~2.7 us per loop (two emulated instructions plus the host's share of the slice
+    // switches): ~5.4 s of CPU time.
+    weighted_progress(Guest::Spin, 2_000_000);
+}
+
+/// 4 VMs x 4 vCPUs of `guest`, weights 1:1:2:4, on 2 host threads, until the guests report
+/// `work` units of progress past a warm-up; asserts guest-reported shares and the
+/// scheduler's charges against the weights.
+fn weighted_progress(guest: Guest, work: u64) {
     const WEIGHTS: [u32; 4] = [100, 100, 200, 400];
     const VCPUS: u32 = 4;
     let hv = KvmHypervisor::new().expect("/dev/kvm must be usable for this test");
@@ -263,16 +348,15 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
     let mut index = 0;
     for &w in &WEIGHTS {
         let vm = ex.add_vm(VmConfig::weighted(w)).unwrap();
-        let (guest, vcpus) = boot_vm(&hv, VCPUS);
+        let (vm_guest, vcpus) = boot_vm(&hv, VCPUS, guest);
         let mut vm_progress = Vec::new();
-        for vcpu in vcpus {
-            let p = Arc::new(VcpuProgress::default());
+        for (vcpu, p) in vcpus {
             ex.spawn(
                 vm,
                 VcpuTask {
                     index,
                     vcpu,
-                    _vm: guest.clone(),
+                    _vm: vm_guest.clone(),
                     timer: timer.clone(),
                     progress: p.clone(),
                     errors: errors.clone(),
@@ -288,7 +372,7 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
     let vm_values = |progress: &[Vec<Arc<VcpuProgress>>]| -> Vec<u64> {
         progress
             .iter()
-            .map(|v| v.iter().map(|p| p.values.load(Ordering::Relaxed)).sum())
+            .map(|v| v.iter().map(|p| p.work()).sum())
             .collect()
     };
 
@@ -307,12 +391,11 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    const WARMUP: u64 = 10_000;
-    const WORK: u64 = 400_000;
+    let warmup = work / 40;
     let t0 = Instant::now();
-    wait_for(WARMUP);
+    wait_for(warmup);
     let (service0, values0) = (ex.metrics().vm_service, vm_values(&progress));
-    wait_for(WARMUP + WORK);
+    wait_for(warmup + work);
     let (m, values1) = (ex.metrics(), vm_values(&progress));
     let elapsed = t0.elapsed();
     let end = ex.shutdown();
@@ -323,7 +406,7 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
     assert!(end.errors.is_empty(), "{:?}", end.errors);
     assert_eq!(end.panicked, 0);
 
-    let work: Vec<f64> = values1
+    let done: Vec<f64> = values1
         .iter()
         .zip(&values0)
         .map(|(a, b)| (a - b) as f64)
@@ -334,7 +417,7 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
         .zip(&service0)
         .map(|(a, b)| a.saturating_sub(*b) as f64)
         .collect();
-    let total_work: f64 = work.iter().sum();
+    let total_work: f64 = done.iter().sum();
     let total_service: f64 = service.iter().sum();
     let total_weight: f64 = WEIGHTS.iter().map(|&w| f64::from(w)).sum();
     let slices: u64 = progress
@@ -348,7 +431,7 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
         .map(|p| p.spurious.load(Ordering::Relaxed))
         .sum();
     eprintln!(
-        "{} guest values in {elapsed:?}: {slices} slices, {kicks} deadline kicks, \
+        "{guest:?}: {} units of guest work in {elapsed:?}: {slices} slices, {kicks} deadline kicks, \
          {spurious} stale kicks, scheduler charged {:.3} s",
         total_work,
         total_service / 1e9
@@ -358,18 +441,15 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
             "VM {i} weight {w}: weight share {:.3}, guest work share {:.3}, charged share {:.3}, \
              values per charged us {:.4}",
             f64::from(w) / total_weight,
-            work[i] / total_work,
+            done[i] / total_work,
             service[i] / total_service,
-            work[i] / (service[i] / 1e3),
+            done[i] / (service[i] / 1e3),
         );
     }
 
     // Every vCPU of every VM ran (the local level shares a VM among its vCPUs).
     for (i, vm) in progress.iter().enumerate() {
-        let per_vcpu: Vec<u64> = vm
-            .iter()
-            .map(|p| p.values.load(Ordering::Relaxed))
-            .collect();
+        let per_vcpu: Vec<u64> = vm.iter().map(|p| p.work()).collect();
         eprintln!("VM {i} values per vCPU (whole run): {per_vcpu:?}");
         let mean = per_vcpu.iter().sum::<u64>() as f64 / per_vcpu.len() as f64;
         for (j, v) in per_vcpu.iter().enumerate() {
@@ -380,26 +460,25 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
             );
         }
     }
-    // Guest-reported work in weight proportion. 400k values are ~4.6 s of guest CPU time
-    // (~11.5 us per value: an exit plus a few emulated instructions), ~900 slices of 5 ms, so
-    // the weight-1 VMs get ~110 slices each and one slice more or less moves a share by ~1%.
+    // Guest-reported work in weight proportion. The runs are ~4-5 s of guest CPU time,
+    // ~900 slices of 5 ms, so the weight-1 VMs get ~110 slices each and one slice more or less moves a share by ~1%.
     // Observed: within 1% in most runs, once 8% (a VM's work per charged second dipped while
     // the 2-core host ran other load at a load average of ~4.5; the kick timer thread competes
     // for the same cores). 15% absorbs that and still fails a scheduler that ignores weights
     // (equal shares would put the weight-4 VM at 0.25 instead of 0.5, i.e. -50%).
     for (i, &w) in WEIGHTS.iter().enumerate() {
         let want = f64::from(w) / total_weight;
-        let got = work[i] / total_work;
+        let got = done[i] / total_work;
         assert!(
             (got / want - 1.0).abs() < 0.15,
             "VM {i} (weight {w}): guest work share {got:.3}, weight share {want:.3}; \
-             work {work:?}"
+             work {done:?}"
         );
     }
     // The scheduler's books agree with the guests: work per charged nanosecond is about the
     // same for every VM (same tolerance, same reasons; thread-CPU accounting keeps host
     // preemption of our threads out of the charge).
-    let rate: Vec<f64> = work.iter().zip(&service).map(|(w, s)| w / s).collect();
+    let rate: Vec<f64> = done.iter().zip(&service).map(|(w, s)| w / s).collect();
     let mean_rate = total_work / total_service;
     for (i, r) in rate.iter().enumerate() {
         assert!(
@@ -408,4 +487,12 @@ fn kvm_busy_guests_on_two_host_threads_progress_in_weight_proportion() {
         );
     }
     assert!(slices > 0 && kicks > 0, "slices {slices}, kicks {kicks}");
+    if guest == Guest::Spin {
+        // A guest that never exits leaves KVM_RUN only when kicked, and nothing here wakes a
+        // task (so the executor never cuts a slice): the deadline timer ended the slices.
+        assert!(
+            kicks * 10 >= slices * 9,
+            "slices {slices}, deadline kicks {kicks}"
+        );
+    }
 }
