@@ -266,6 +266,158 @@ impl MutDevicePio for I8042 {
     }
 }
 
+/// The CMOS RTC/NVRAM of a PC (MC146818): index at 0x70, data at 0x71.
+///
+/// Without it Linux's `rtc_cmos` reads all ones from the unclaimed ports, sees "update in
+/// progress" forever and spends seconds in timeouts before giving up. The clock registers
+/// report the host's UTC time (BCD, 24-hour), computed at each read, so the guest's wall
+/// clock starts right; guest writes to them are ignored. No interrupts (IRQ 8) are raised.
+#[derive(Debug)]
+pub struct Cmos {
+    index: u8,
+    nvram: [u8; 128],
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cmos {
+    /// Index port.
+    pub const INDEX_PORT: u16 = 0x70;
+    /// Data port.
+    pub const DATA_PORT: u16 = 0x71;
+
+    const REG_A: usize = 0x0a;
+    const REG_B: usize = 0x0b;
+    const REG_C: usize = 0x0c;
+    const REG_D: usize = 0x0d;
+    const REG_CENTURY: usize = 0x32;
+
+    /// An RTC in BCD, 24-hour mode, with valid RAM and time.
+    pub fn new() -> Self {
+        let mut nvram = [0u8; 128];
+        // 32.768 kHz time base, 1024 Hz periodic rate; update-in-progress clear.
+        nvram[Self::REG_A] = 0x26;
+        nvram[Self::REG_B] = 0x02;
+        // Valid RAM and time.
+        nvram[Self::REG_D] = 0x80;
+        Cmos { index: 0, nvram }
+    }
+
+    fn read(&self, index: usize) -> u8 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let t = rtc_time(now);
+        match index {
+            0x00 => t.second,
+            0x02 => t.minute,
+            0x04 => t.hour,
+            0x06 => t.weekday,
+            0x07 => t.day,
+            0x08 => t.month,
+            0x09 => t.year,
+            Self::REG_CENTURY => t.century,
+            // Reading register C acknowledges interrupts: none are ever pending.
+            Self::REG_C => 0,
+            _ => self.nvram.get(index).copied().unwrap_or(0xff),
+        }
+    }
+
+    fn write(&mut self, index: usize, value: u8) {
+        match index {
+            // Time and the read-only status registers follow the host clock.
+            0x00..=0x09 | Self::REG_C | Self::REG_D | Self::REG_CENTURY => {}
+            // Keep the update-in-progress bit clear.
+            Self::REG_A => self.nvram[Self::REG_A] = value & 0x7f,
+            _ => {
+                if let Some(b) = self.nvram.get_mut(index) {
+                    *b = value;
+                }
+            }
+        }
+    }
+}
+
+impl MutDevicePio for Cmos {
+    fn pio_read(&mut self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let value = match base.0.checked_add(offset) {
+            Some(Self::INDEX_PORT) => self.index,
+            Some(Self::DATA_PORT) => self.read(usize::from(self.index)),
+            _ => 0xff,
+        };
+        data.fill(value);
+    }
+
+    fn pio_write(&mut self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let Some(&value) = data.first() else { return };
+        match base.0.checked_add(offset) {
+            // Bit 7 of the index masks NMIs on real hardware; only the low 7 bits select.
+            Some(Self::INDEX_PORT) => self.index = value & 0x7f,
+            Some(Self::DATA_PORT) => self.write(usize::from(self.index), value),
+            _ => {}
+        }
+    }
+}
+
+/// The RTC's clock registers, in BCD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtcTime {
+    /// Seconds, 0x00-0x59.
+    pub second: u8,
+    /// Minutes.
+    pub minute: u8,
+    /// Hours, 24-hour.
+    pub hour: u8,
+    /// Day of the week, 1 = Sunday.
+    pub weekday: u8,
+    /// Day of the month, from 1.
+    pub day: u8,
+    /// Month, from 1.
+    pub month: u8,
+    /// Year within the century.
+    pub year: u8,
+    /// Century.
+    pub century: u8,
+}
+
+fn bcd(v: u64) -> u8 {
+    let v = (v % 100) as u8;
+    ((v / 10) << 4) | (v % 10)
+}
+
+/// The RTC registers for `secs` seconds after the Unix epoch (UTC).
+pub fn rtc_time(secs: u64) -> RtcTime {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from a day count (the proleptic Gregorian era algorithm), with days
+    // shifted so eras start on 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    RtcTime {
+        second: bcd(rem % 60),
+        minute: bcd(rem / 60 % 60),
+        hour: bcd(rem / 3600),
+        // 1970-01-01 was a Thursday (5 with Sunday = 1).
+        weekday: bcd((days + 4) % 7 + 1),
+        day: bcd(day),
+        month: bcd(month),
+        year: bcd(year % 100),
+        century: bcd(year / 100),
+    }
+}
+
 /// Shared handles to the devices, for the VMM and its tests.
 pub struct Devices<W: Write + Send + 'static> {
     /// COM1.
@@ -276,6 +428,8 @@ pub struct Devices<W: Write + Send + 'static> {
     pub test: Arc<TestPorts>,
     /// Keyboard controller (reset line).
     pub i8042: Arc<Mutex<I8042>>,
+    /// CMOS RTC.
+    pub cmos: Arc<Mutex<Cmos>>,
 }
 
 #[cfg(test)]
@@ -376,5 +530,75 @@ mod tests {
         assert!(fd.read().unwrap() >= 1);
         assert_eq!(s.writer(), b"x");
         assert!(SerialIrq::None.trigger().is_ok());
+    }
+
+    #[test]
+    fn rtc_time_is_bcd_utc() {
+        assert_eq!(
+            rtc_time(0),
+            RtcTime {
+                second: 0,
+                minute: 0,
+                hour: 0,
+                weekday: 5,
+                day: 1,
+                month: 1,
+                year: 0x70,
+                century: 0x19
+            }
+        );
+        // 2000-02-29 12:04:05, a Tuesday.
+        assert_eq!(
+            rtc_time(951_825_845),
+            RtcTime {
+                second: 0x05,
+                minute: 0x04,
+                hour: 0x12,
+                weekday: 3,
+                day: 0x29,
+                month: 0x02,
+                year: 0x00,
+                century: 0x20
+            }
+        );
+        // 2026-11-21 14:45:10, a Saturday.
+        let t = rtc_time(1_795_272_310);
+        assert_eq!((t.year, t.month, t.day, t.weekday), (0x26, 0x11, 0x21, 7));
+        assert_eq!((t.hour, t.minute, t.second), (0x14, 0x45, 0x10));
+    }
+
+    #[test]
+    fn cmos_reports_a_valid_clock_and_keeps_nvram() {
+        let mut c = Cmos::default();
+        let rd = |c: &mut Cmos, index: u8| {
+            c.pio_write(PioAddress(0x70), 0, &[index | 0x80]);
+            let mut b = [0u8];
+            c.pio_read(PioAddress(0x70), 1, &mut b);
+            b[0]
+        };
+        assert_eq!(rd(&mut c, 0x0a) & 0x80, 0, "no update in progress");
+        assert_eq!(rd(&mut c, 0x0b), 0x02, "BCD, 24 hours");
+        assert_eq!(rd(&mut c, 0x0d), 0x80, "valid RAM and time");
+        assert_eq!(rd(&mut c, 0x0c), 0);
+        let century = rd(&mut c, 0x32);
+        assert!((0x20..=0x21).contains(&century), "{century:#x}");
+        for (reg, max) in [(0, 0x59), (2, 0x59), (4, 0x23), (7, 0x31), (8, 0x12)] {
+            let v = rd(&mut c, reg);
+            assert!(v <= max && v & 0xf <= 9, "register {reg:#x} = {v:#x}");
+        }
+        let mut idx = [0u8];
+        c.pio_read(PioAddress(0x70), 0, &mut idx);
+        assert_eq!(idx[0], 0x08);
+        // NVRAM bytes hold what is written; clock and status registers ignore writes.
+        for (reg, value, back) in [(0x40u8, 0x5a, 0x5a), (0x0d, 0, 0x80), (0x0a, 0xa6, 0x26)] {
+            c.pio_write(PioAddress(0x70), 0, &[reg]);
+            c.pio_write(PioAddress(0x70), 1, &[value]);
+            assert_eq!(rd(&mut c, reg), back, "register {reg:#x}");
+        }
+        c.pio_write(PioAddress(0x70), 2, &[1]);
+        c.pio_write(PioAddress(0x70), 0, &[]);
+        let mut b = [0u8];
+        c.pio_read(PioAddress(0x70), 2, &mut b);
+        assert_eq!(b[0], 0xff);
     }
 }

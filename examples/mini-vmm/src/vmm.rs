@@ -25,7 +25,7 @@ use vmkit_vcpu::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use vmkit_vcpu::{Hypervisor, MemoryFlags, Vcpu, Vm};
 
 use crate::args::{Args, Payload};
-use crate::devices::{Devices, ExitPort, SerialIrq, SerialPort, TestPorts, I8042};
+use crate::devices::{Cmos, Devices, ExitPort, SerialIrq, SerialPort, TestPorts, I8042};
 
 /// GSI of COM1's interrupt.
 pub const SERIAL_GSI: u32 = 4;
@@ -253,6 +253,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
             exit: Arc::new(ExitPort::new()),
             test: Arc::new(TestPorts::default()),
             i8042: Arc::new(Mutex::new(I8042::new())),
+            cmos: Arc::new(Mutex::new(Cmos::new())),
         };
         let reset = devices
             .i8042
@@ -269,6 +270,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
         dispatcher.register_pio(0x510, 0x10, devices.test.clone())?;
         dispatcher.register_pio(I8042::DATA_PORT, 1, devices.i8042.clone())?;
         dispatcher.register_pio(I8042::COMMAND_PORT, 1, devices.i8042.clone())?;
+        dispatcher.register_pio(Cmos::INDEX_PORT, 2, devices.cmos.clone())?;
         // Hypercalls arrive through the port doorbell (0x500): this host's KVM does not
         // forward `vmcall`. Hypercall 1 ("hello") answers its argument plus one.
         dispatcher.set_hypercall_port(0x500, memory.clone());
