@@ -10,7 +10,14 @@
 # L2's console is mini-vmm's stdout, which L1 prints on its own console: the one log holds
 # both. On failure the log is printed and the script exits non-zero.
 #
-# Usage: tests/linux-guest/mini-vmm-nested.sh   (L2_CMDLINE=... overrides L2's command line)
+# Prints, from L1's /proc/uptime: mini-vmm start -> L2's first init line, and -> mini-vmm's
+# exit (measured on 2026-11-21: ~18-21 s and ~0.3 s more; L2's own uptime at init ~10 s; the
+# whole L0 run ~25 s, i.e. everything here runs under QEMU's software CPU).
+#
+# Usage: tests/linux-guest/mini-vmm-nested.sh
+#   L2_CMDLINE=...  L2's kernel command line (default: console=ttyS0 reboot=k panic=-1;
+#                   add earlyprintk=serial,ttyS0 to see where an early boot dies)
+#   LG_TIMEOUT=...  seconds before the L1 run is killed (default 240)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
@@ -46,5 +53,8 @@ end=$(date +%s.%N)
 lg_expect "$LOG" "L1-KVM-OK" "L2-INIT-OK" "L2-UNAME $(basename "$LG_KERNEL" | sed 's/^vmlinuz-//')" \
     "MINI-VMM-EXIT=0"
 lg_log "PASS: mini-vmm booted the stock kernel as L2 on nested KVM"
-grep -E '^(L1-SAW-L2-INIT|L1-MINI-VMM-END|L2-UPTIME)' "$LOG" | tr -d '\r' | sed 's/^/[linux-guest]   /' >&2
+tr -d '\r' < "$LOG" | awk '
+    /^L1-SAW-L2-INIT/ { printf "[linux-guest]   mini-vmm start -> L2 init first line: %s s (L1 clock)\n", $3 }
+    /^L1-MINI-VMM-END/ { printf "[linux-guest]   mini-vmm start -> mini-vmm exit:      %s s (L1 clock)\n", $3 }
+    /^L2-UPTIME/ { printf "[linux-guest]   L2 kernel uptime at init:             %s s (L2 clock)\n", $2 }' >&2
 awk -v s="$start" -v e="$end" 'BEGIN { printf "[linux-guest]   whole L0 run: %.1f s\n", e - s }' >&2
