@@ -563,7 +563,9 @@ where
             return;
         };
         let first = (gpa & 0xfff) / 8;
-        let last = ((gpa & 0xfff) + len.max(1) - 1).min(0xfff) / 8;
+        // `len` may be anything the VMM was told (a `rep movs` count): saturate, the store
+        // is clipped to this page anyway.
+        let last = (gpa & 0xfff).saturating_add(len.max(1) - 1).min(0xfff) / 8;
         for sp in sps {
             let page = &mut self.pages[sp];
             page.writes = page.writes.saturating_add(1);
@@ -1042,6 +1044,25 @@ mod tests {
         );
         // Writes to frames that are not tables are ignored.
         m.guest_table_written(0x10_0000, 8);
+    }
+
+    #[test]
+    fn emulated_write_of_huge_length_is_clipped_to_the_page() {
+        let e = env();
+        let mut m = mmu(&e);
+        m.access(0x40_3000, Access::user_read()).unwrap().unwrap();
+        let walker = crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, e.cr3[0]));
+        let pte = walker
+            .translate(&e.guest, 0x40_3000, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr;
+        e.guest.write_u64(pte, 0x19_0000 | PRESENT | USER).unwrap();
+        // Used to overflow `(gpa & 0xfff) + len - 1`.
+        m.guest_table_written(pte, u64::MAX);
+        assert_eq!(
+            m.access(0x40_3000, Access::user_read()),
+            Ok(Ok(0x19_0000 + HOST_OFFSET))
+        );
     }
 
     #[test]
