@@ -782,8 +782,26 @@ fn read_page_list(
 /// Checks every region's data checksum (and incremental page lists) of a file whose header
 /// `read_info` accepted. Never touches guest memory.
 pub fn verify(file: &File, info: &SnapshotInfo) -> Result<(), SnapshotError> {
+    // `info`'s fields are public: one not from `read_info` (or from another file) must not
+    // size an allocation or overflow an offset. Bound every range by the real file length.
+    let actual = file.metadata().map_err(io_err("stat"))?.len();
+    let within = |offset: u64, len: Option<u64>| {
+        len.and_then(|l| offset.checked_add(l))
+            .is_some_and(|end| end <= actual)
+    };
     let mut buf = vec![0u8; CHUNK];
     for (index, r) in info.regions.iter().enumerate() {
+        let list = if info.kind == SnapshotKind::Incremental {
+            r.page_count.checked_mul(8)
+        } else {
+            Some(0)
+        };
+        if !within(r.data_offset, Some(r.data_len)) || !within(r.list_offset, list) {
+            return Err(SnapshotError::BadRegion {
+                index,
+                reason: "data or page list extends past the end of the file",
+            });
+        }
         let mut crc = crc32fast::Hasher::new();
         if info.kind == SnapshotKind::Incremental {
             let (bytes, _) = read_page_list(file, index, r)?;
@@ -1069,6 +1087,34 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(bytes, 0).unwrap();
         f
+    }
+
+    #[test]
+    fn verify_bounds_a_hand_made_info_by_the_file() {
+        let m = mem();
+        let f = tempfile::tempfile().unwrap();
+        let info = write_full(m.ram(), &f).unwrap();
+        verify(&f, &info).unwrap();
+        let bad = |info: &SnapshotInfo, region: usize| {
+            assert!(matches!(
+                verify(&f, info),
+                Err(SnapshotError::BadRegion { index, .. }) if index == region
+            ));
+        };
+        // Used to overflow `offset + pos` while checksumming.
+        let mut i = info.clone();
+        i.regions[1].data_offset = u64::MAX - 0xfff;
+        bad(&i, 1);
+        i.regions[1] = info.regions[1];
+        i.regions[1].data_len = info.file_len;
+        bad(&i, 1);
+        // Used to overflow `page_count * 8`, or allocate page_count * 8 bytes before reading.
+        i.regions[1] = info.regions[1];
+        i.kind = SnapshotKind::Incremental;
+        i.regions[0].page_count = u64::MAX / 4;
+        bad(&i, 0);
+        i.regions[0].page_count = 1 << 40;
+        bad(&i, 0);
     }
 
     #[test]
