@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemory};
 
 use crate::device::{pop_chain, ActivateError, DeviceCore, DeviceError, PoppedChain, VirtioDevice};
 use crate::features::{COMMON_FEATURES, DEVICE_ID_RNG};
@@ -80,7 +80,9 @@ pub fn process_queue<MM: GuestMemory>(
                                 log::error!("virtio-rng: entropy source failed: {e}");
                                 break 'segs;
                             }
-                            let addr = seg.addr.unchecked_add_off(off);
+                            // `off` lies inside a segment that `parse_chain` proved is in
+                            // guest memory, so the sum cannot overflow.
+                            let addr = seg.addr.unchecked_add(u64::from(off));
                             if mem.write_slice(&buf[..n], addr).is_err() {
                                 break 'segs;
                             }
@@ -99,18 +101,6 @@ pub fn process_queue<MM: GuestMemory>(
         }
     }
     Ok(used)
-}
-
-trait AddOff {
-    fn unchecked_add_off(self, off: u32) -> vm_memory::GuestAddress;
-}
-
-impl AddOff for vm_memory::GuestAddress {
-    /// `off` is inside a segment that `parse_chain` proved lies in guest memory, so the sum
-    /// cannot overflow.
-    fn unchecked_add_off(self, off: u32) -> vm_memory::GuestAddress {
-        vm_memory::GuestAddress(self.0 + u64::from(off))
-    }
 }
 
 /// A virtio-rng device.
