@@ -118,8 +118,14 @@ impl vm_device::DevicePio for ExitPort {
 pub struct TestPorts {
     /// Value returned on 0x510.
     pub param: AtomicU32,
-    /// Values written to 0x511.
+    /// Values written to 0x511: the first [`TestPorts::MAX_RECORDED`]` - 1` and the latest
+    /// (a guest writing in a loop must not grow host memory without bound).
     pub data: Mutex<Vec<u32>>,
+}
+
+impl TestPorts {
+    /// How many values [`TestPorts::data`] holds at most.
+    pub const MAX_RECORDED: usize = 4096;
 }
 
 impl vm_device::DevicePio for TestPorts {
@@ -140,8 +146,13 @@ impl vm_device::DevicePio for TestPorts {
             for (d, s) in v.iter_mut().zip(data) {
                 *d = *s;
             }
+            let v = u32::from_le_bytes(v);
             if let Ok(mut log) = self.data.lock() {
-                log.push(u32::from_le_bytes(v));
+                if log.len() < Self::MAX_RECORDED {
+                    log.push(v);
+                } else if let Some(last) = log.last_mut() {
+                    *last = v;
+                }
             }
         }
     }
@@ -463,6 +474,19 @@ mod tests {
         t.pio_write(PioAddress(0x510), 1, &[9, 0, 0, 0]);
         t.pio_write(PioAddress(0x510), 0, &[8, 0, 0, 0]);
         assert_eq!(*t.data.lock().unwrap(), vec![9]);
+    }
+
+    #[test]
+    fn data_port_log_is_bounded() {
+        let t = TestPorts::default();
+        let n = TestPorts::MAX_RECORDED as u32 + 100;
+        for i in 0..n {
+            t.pio_write(PioAddress(0x510), 1, &i.to_le_bytes());
+        }
+        let log = t.data.lock().unwrap();
+        assert_eq!(log.len(), TestPorts::MAX_RECORDED);
+        assert_eq!(log[TestPorts::MAX_RECORDED - 2], n - 102);
+        assert_eq!(log.last(), Some(&(n - 1)));
     }
 
     fn kbd(dev: &mut I8042, port: u16) -> u8 {
