@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmkit_sched::{
@@ -45,6 +45,15 @@ impl Task for Spin {
     }
 }
 
+/// Each test here runs its own executor threads; run concurrently (cargo's default) they
+/// compete for the same two cores and skew one another's shares, so they take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    // A test that failed while holding the lock poisons it; the next one may still run.
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn config(cpus: usize) -> CreditConfig {
     let mut c = CreditConfig::with_cpus(cpus);
     c.timeslice = 2 * MS;
@@ -54,6 +63,7 @@ fn config(cpus: usize) -> CreditConfig {
 
 #[test]
 fn cpu_bound_tasks_share_in_weight_proportion() {
+    let _serial = one_at_a_time();
     let ex = Executor::with_accounting(
         CreditScheduler::new(config(2)).unwrap(),
         Accounting::ThreadCpu,
@@ -103,7 +113,11 @@ fn cpu_bound_tasks_share_in_weight_proportion() {
     }
     // Work actually done, counted by the tasks: independent of the scheduler's books. With
     // wall-time accounting this is off by up to 50% here (a slice charged while the host
-    // kernel ran another process did no work); CPU-time accounting makes it match to ~1%.
+    // kernel ran another process did no work); CPU-time accounting makes it match to ~1% on
+    // a quiet machine. But work per CPU-nanosecond is not constant when other processes share
+    // the two cores (and coverage instrumentation adds to it): an 11% skew was seen in a CI
+    // dry run while the scheduler's own books above were within 5%. 20% still catches a
+    // scheduler that ignores weights, which is off by more than 50% here (1:2:4).
     let done: Vec<f64> = work
         .iter()
         .map(|w| w.load(Ordering::Relaxed) as f64)
@@ -116,7 +130,7 @@ fn cpu_bound_tasks_share_in_weight_proportion() {
     let mean = per_weight.iter().sum::<f64>() / 3.0;
     for (i, p) in per_weight.iter().enumerate() {
         assert!(
-            (p / mean - 1.0).abs() < 0.05,
+            (p / mean - 1.0).abs() < 0.20,
             "VM {i}: work per weight {per_weight:?}"
         );
     }
@@ -145,6 +159,7 @@ impl Task for Halter {
 
 #[test]
 fn halted_task_runs_once_per_wake_and_wakes_are_not_lost() {
+    let _serial = one_at_a_time();
     let ex = Executor::new(CreditScheduler::new(config(2)).unwrap()).unwrap();
     let vm = ex.add_vm(VmConfig::default()).unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
@@ -178,6 +193,7 @@ fn halted_task_runs_once_per_wake_and_wakes_are_not_lost() {
 
 #[test]
 fn wake_preempts_a_hog_with_a_long_slice() {
+    let _serial = one_at_a_time();
     // One host thread, a 1-hour slice: only a boost preemption lets the woken task run.
     let mut c = config(1);
     c.timeslice = 3_600_000 * MS;
@@ -262,6 +278,7 @@ impl Task for KickOnly {
 
 #[test]
 fn preemption_kicks_tasks_that_cannot_poll() {
+    let _serial = one_at_a_time();
     let mut c = config(1);
     c.ratelimit = 1;
     c.sleep_credit = 3_600_000 * MS;
@@ -320,6 +337,7 @@ impl Task for Panics {
 
 #[test]
 fn a_panicking_task_exits_and_the_rest_keep_running() {
+    let _serial = one_at_a_time();
     let ex = Executor::new(CreditScheduler::new(config(1)).unwrap()).unwrap();
     let vm = ex.add_vm(VmConfig::default()).unwrap();
     let prev = std::panic::take_hook();
