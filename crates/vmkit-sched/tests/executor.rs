@@ -21,11 +21,26 @@ const HANG: Duration = Duration::from_secs(120);
 
 struct Spin {
     work: Arc<AtomicU64>,
+    /// CPU time this task's runs took, read by the task itself (not the executor's books).
+    cpu: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Task for Spin {
     fn run(&mut self, slice: &Slice) -> Outcome {
+        let cpu_start = thread_cpu_ns();
         // Count locally and publish once per slice: vCPUs of one VM running at the same time
         // on two threads must not slow each other down through a shared cache line.
         let mut local = 0u64;
@@ -41,6 +56,8 @@ impl Task for Spin {
             }
         };
         self.work.fetch_add(local, Ordering::Relaxed);
+        self.cpu
+            .fetch_add(thread_cpu_ns() - cpu_start, Ordering::Relaxed);
         outcome
     }
 }
@@ -72,22 +89,24 @@ fn cpu_bound_tasks_share_in_weight_proportion() {
     let stop = Arc::new(AtomicBool::new(false));
     let weights = [100u32, 200, 400];
     let mut work = Vec::new();
-    let mut vms = Vec::new();
+    let mut cpu = Vec::new();
     for &w in &weights {
         let vm = ex.add_vm(VmConfig::weighted(w)).unwrap();
         let counter = Arc::new(AtomicU64::new(0));
+        let cpu_ns = Arc::new(AtomicU64::new(0));
         for _ in 0..2 {
             ex.spawn(
                 vm,
                 Spin {
                     work: counter.clone(),
+                    cpu: cpu_ns.clone(),
                     stop: stop.clone(),
                 },
             )
             .unwrap();
         }
         work.push(counter);
-        vms.push(vm);
+        cpu.push(cpu_ns);
     }
     // Run until 1.4 s of CPU time has been handed out (about 700 slices), however long
     // that takes on a busy machine.
@@ -111,27 +130,34 @@ fn cpu_bound_tasks_share_in_weight_proportion() {
             weights[i]
         );
     }
-    // Work actually done, counted by the tasks: independent of the scheduler's books. With
-    // wall-time accounting this is off by up to 50% here (a slice charged while the host
-    // kernel ran another process did no work); CPU-time accounting makes it match to ~1% on
-    // a quiet machine. But work per CPU-nanosecond is not constant when other processes share
-    // the two cores (and coverage instrumentation adds to it): an 11% skew was seen in a CI
-    // dry run while the scheduler's own books above were within 5%. 20% still catches a
-    // scheduler that ignores weights, which is off by more than 50% here (1:2:4).
-    let done: Vec<f64> = work
-        .iter()
-        .map(|w| w.load(Ordering::Relaxed) as f64)
-        .collect();
-    let per_weight: Vec<f64> = done
-        .iter()
-        .zip(&weights)
-        .map(|(d, &w)| d / f64::from(w))
-        .collect();
-    let mean = per_weight.iter().sum::<f64>() / 3.0;
-    for (i, p) in per_weight.iter().enumerate() {
+    // CPU time the tasks measured themselves, independent of the executor's books: this is
+    // what the scheduler controls, so it must follow the weights closely.
+    let per_weight = |v: &[Arc<AtomicU64>]| -> Vec<f64> {
+        v.iter()
+            .zip(&weights)
+            .map(|(x, &w)| x.load(Ordering::Relaxed) as f64 / f64::from(w))
+            .collect()
+    };
+    let cpu_per_weight = per_weight(&cpu);
+    let mean = cpu_per_weight.iter().sum::<f64>() / 3.0;
+    for (i, p) in cpu_per_weight.iter().enumerate() {
         assert!(
-            (p / mean - 1.0).abs() < 0.20,
-            "VM {i}: work per weight {per_weight:?}"
+            (p / mean - 1.0).abs() < 0.10,
+            "VM {i}: task-measured CPU ns per weight {cpu_per_weight:?}"
+        );
+    }
+    // Work actually done, counted by the tasks. Work per CPU-nanosecond is not ours to
+    // control: on a shared 2-core host (SMT siblings, other processes, coverage
+    // instrumentation) one VM's rate was seen 29% below the others' while the CPU shares
+    // above were within 5%. So this only checks the work follows the weights at all: a
+    // weight-blind scheduler puts the weight-1 VM at +71% and the weight-4 VM at -57% of
+    // the mean work per weight; 40% fails it and survives the host's noise.
+    let work_per_weight = per_weight(&work);
+    let mean = work_per_weight.iter().sum::<f64>() / 3.0;
+    for (i, p) in work_per_weight.iter().enumerate() {
+        assert!(
+            (p / mean - 1.0).abs() < 0.40,
+            "VM {i}: work per weight {work_per_weight:?}"
         );
     }
     assert!(m.fairness.jain > 0.99, "jain {}", m.fairness.jain);
@@ -221,6 +247,7 @@ fn wake_preempts_a_hog_with_a_long_slice() {
         hog_vm,
         Spin {
             work: work.clone(),
+            cpu: Arc::new(AtomicU64::new(0)),
             stop: stop.clone(),
         },
     )

@@ -460,29 +460,41 @@ fn weighted_progress(guest: Guest, work: u64) {
             );
         }
     }
+    // The scheduler's own charges (thread CPU time per slice) follow the weights: this is
+    // the part the scheduler controls.
+    for (i, &w) in WEIGHTS.iter().enumerate() {
+        let want = f64::from(w) / total_weight;
+        let got = service[i] / total_service;
+        assert!(
+            (got / want - 1.0).abs() < 0.10,
+            "VM {i} (weight {w}): charged share {got:.3}, weight share {want:.3}; \
+             charged ns {service:?}"
+        );
+    }
     // Guest-reported work in weight proportion. The runs are ~4-5 s of guest CPU time,
-    // ~900 slices of 5 ms, so the weight-1 VMs get ~110 slices each and one slice more or less moves a share by ~1%.
-    // Observed: within 1% in most runs, once 8% (a VM's work per charged second dipped while
-    // the 2-core host ran other load at a load average of ~4.5; the kick timer thread competes
-    // for the same cores). 15% absorbs that and still fails a scheduler that ignores weights
-    // (equal shares would put the weight-4 VM at 0.25 instead of 0.5, i.e. -50%).
+    // ~900 slices of 5 ms, so the weight-1 VMs get ~110 slices each and one slice more or
+    // less moves a share by ~1%. Observed within 1% in most runs, but how much guest work a
+    // CPU-second buys is the host's business, not the scheduler's: 8% off was seen while
+    // the 2-core host ran other load, and the executor test saw one VM's work rate 29% low
+    // with its CPU share right. So this checks only that work follows the weights at all:
+    // equal shares (a scheduler that ignores weights) put the weight-4 VM at -50% and the
+    // weight-1 VMs at +100%; 35% fails that.
     for (i, &w) in WEIGHTS.iter().enumerate() {
         let want = f64::from(w) / total_weight;
         let got = done[i] / total_work;
         assert!(
-            (got / want - 1.0).abs() < 0.15,
+            (got / want - 1.0).abs() < 0.35,
             "VM {i} (weight {w}): guest work share {got:.3}, weight share {want:.3}; \
              work {done:?}"
         );
     }
     // The scheduler's books agree with the guests: work per charged nanosecond is about the
-    // same for every VM (same tolerance, same reasons; thread-CPU accounting keeps host
-    // preemption of our threads out of the charge).
+    // same for every VM (same loose tolerance, same reasons).
     let rate: Vec<f64> = done.iter().zip(&service).map(|(w, s)| w / s).collect();
     let mean_rate = total_work / total_service;
     for (i, r) in rate.iter().enumerate() {
         assert!(
-            (r / mean_rate - 1.0).abs() < 0.15,
+            (r / mean_rate - 1.0).abs() < 0.35,
             "VM {i}: guest work per charged ns {r:e} vs mean {mean_rate:e}; rates {rate:?}"
         );
     }
