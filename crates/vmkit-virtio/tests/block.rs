@@ -456,8 +456,10 @@ fn rate_limiter_holds_requests_until_its_timer_fires() {
     use vmkit_virtio::rate_limiter::{RateLimiter, TokenBucket};
     let m = Arc::new(mem());
     let (_f, d) = disk(64);
-    // One request per 20 ms.
-    let ops = TokenBucket::new(1, Duration::from_millis(20), 0).unwrap();
+    // One request per 400 ms: long enough that the two notifications below cannot straddle
+    // a refill even if the host stalls this thread (20 ms could, under coverage on a busy
+    // 2-core machine), short enough that waiting for the timer costs little.
+    let ops = TokenBucket::new(1, Duration::from_millis(400), 0).unwrap();
     let mut dev: Block<Arc<Mem>> = Block::new(
         d,
         BlockConfig {

@@ -410,7 +410,8 @@ fn tx_rate_limiter_defers_frames_to_its_timer() {
     let m: &'static Mem = Box::leak(Box::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
     ));
-    let ops = TokenBucket::new(1, Duration::from_millis(20), 0).unwrap();
+    // One frame per 400 ms: the checks below must not straddle a refill on a stalled host.
+    let ops = TokenBucket::new(1, Duration::from_millis(400), 0).unwrap();
     let mut dev = Net::new(
         Box::new(ea),
         NetConfig {
