@@ -165,6 +165,13 @@ pub trait QueueHandler: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Queue `index` holds input that found too few buffers (e.g. a received frame larger
+    /// than the receive buffers the driver posted). After such a run the adapter asks the
+    /// driver to notify on the next buffer it adds, even though buffers are still available.
+    fn starved(&self, _index: u16) -> bool {
+        false
+    }
+
     /// Makes completed requests durable (a block device flushes its image). Called when a
     /// frontend disconnects and before the daemon exits.
     fn flush(&self) -> io::Result<()> {
@@ -219,7 +226,9 @@ impl<H: QueueHandler> VirtioBackend<H> {
         handler: H,
         threading: Threading,
     ) -> Self {
-        let has_config = device.device_type() != DEVICE_ID_RNG;
+        // virtio-rng has no configuration space, and QEMU's vhost-user netdev keeps net's
+        // itself (it warns when a net backend offers CONFIG).
+        let has_config = !matches!(device.device_type(), DEVICE_ID_RNG | DEVICE_ID_NET);
         let sizes = device.queue_max_sizes();
         let num_queues = sizes.len();
         let max_queue_size = usize::from(sizes.iter().copied().max().unwrap_or(0));
@@ -240,7 +249,6 @@ impl<H: QueueHandler> VirtioBackend<H> {
             mem: RwLock::new(None),
             broken: (0..num_queues).map(|_| AtomicBool::new(false)).collect(),
             threading,
-            // virtio-rng has no configuration space; QEMU warns if CONFIG is offered for it.
             has_config,
             early_enable_shim,
         }
@@ -361,9 +369,18 @@ impl<H: QueueHandler> VirtioBackend<H> {
                 // run that took nothing (a receive queue with buffers but no input) must not
                 // spin on the buffers it left: the next input event runs it again.
                 let progressed = queue.next_avail() != before;
-                if !queue.enable_notification(&*mem).map_err(qerr)? || !progressed {
-                    break;
+                if queue.enable_notification(&*mem).map_err(qerr)? && progressed {
+                    continue;
                 }
+                // Input left over for lack of buffers: the buffers the driver already posted
+                // are not enough, so make its *next* buffer kick us (with event-idx, the
+                // re-armed notification above only fires for buffers past `next_avail`,
+                // which the driver has already published).
+                let starved = self.handler.starved(index);
+                if starved && kick_on_next_buffer(queue, &mem).map_err(qerr)? {
+                    continue;
+                }
+                break;
             }
             match notify {
                 Notify::Nothing => Ok(false),
@@ -388,6 +405,24 @@ impl<H: QueueHandler> VirtioBackend<H> {
             }
         }
     }
+}
+
+/// Asks the driver to notify the device when it publishes its next available buffer, whatever
+/// the device has consumed: with `VIRTIO_F_EVENT_IDX` the available-event index becomes the
+/// driver's current available index (without it, notifications are simply enabled). Returns
+/// whether the driver published buffers meanwhile (then it may not notify: run the queue again).
+fn kick_on_next_buffer(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+) -> Result<bool, virtio_queue::Error> {
+    let consumed = queue.next_avail();
+    let published = queue.avail_idx(mem, Ordering::Acquire)?.0;
+    // `enable_notification` publishes `next_avail` as the available event and re-reads the
+    // available index after a full fence: borrow it with the driver's index.
+    queue.set_next_avail(published);
+    let more = queue.enable_notification(mem);
+    queue.set_next_avail(consumed);
+    more
 }
 
 impl<H: QueueHandler> VhostUserBackend for VirtioBackend<H> {

@@ -1,12 +1,21 @@
-//! A pass-through between a frontend and the vhost-user request handler that absorbs
-//! `SET_VRING_ENABLE` messages sent before `SET_FEATURES`.
+//! A pass-through between a frontend and the vhost-user request handler that holds back
+//! `SET_VRING_ENABLE` messages sent before `SET_FEATURES` and replays them after it.
 //!
-//! QEMU's vhost-user netdev enables its rings when the device is realized, as soon as the
-//! backend *offers* `VHOST_USER_F_PROTOCOL_FEATURES` and before any `SET_FEATURES`; vhost's
-//! request handler treats that as a protocol error and drops the connection. The early
-//! messages carry no state the backend needs (the rings are started later, after
-//! `SET_FEATURES`, with another `SET_VRING_ENABLE`), so this shim answers them itself (an ack
-//! if one is requested) and forwards everything else unchanged, file descriptors included.
+//! QEMU's vhost-user netdev treats `VHOST_USER_F_PROTOCOL_FEATURES` as negotiated as soon as
+//! the backend *offers* it, so it enables its rings before sending any `SET_FEATURES`: at device
+//! realize, and (QEMU 10) again when the driver starts the device, just before the
+//! `SET_FEATURES`/`SET_MEM_TABLE`/`SET_VRING_*` sequence. vhost's request handler only accepts
+//! `SET_VRING_ENABLE` once the feature was acked by `SET_FEATURES` and drops the connection
+//! otherwise. Simply discarding the early messages is not enough: with the feature acked, the
+//! rings start *disabled* and QEMU 10 sends no further enable, so the backend would never
+//! watch the kick eventfds and no buffer would ever move.
+//!
+//! The shim therefore answers an early enable itself (an ack if one is requested), remembers
+//! the last state asked for each ring, and right after forwarding the `SET_FEATURES` that
+//! acks `VHOST_USER_F_PROTOCOL_FEATURES` sends the handler one `SET_VRING_ENABLE` per
+//! remembered ring (without a reply request, so the frontend sees no extra reply). The handler
+//! accepts enabling a ring before its kick fd arrives: it starts watching the kick as soon as
+//! the ring is both started and enabled. Everything else is forwarded unchanged, fds included.
 //!
 //! Frontend -> backend messages are parsed (12-byte header: request, flags, size; payload;
 //! fds in the header's ancillary data); backend -> frontend traffic is copied as bytes. Only
@@ -28,6 +37,8 @@ const SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
+/// `VHOST_USER_F_PROTOCOL_FEATURES` in the `SET_FEATURES` payload.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// Largest payload a vhost-user message may carry (the memory table with 8 regions is 328).
 const MAX_PAYLOAD: u32 = 4096;
 /// Most fds one message carries.
@@ -64,6 +75,31 @@ fn word(hdr: &[u8; 12], i: usize) -> u32 {
     u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]])
 }
 
+/// Writes one whole message (header + payload) and its fds to `backend`.
+fn send_message(backend: &UnixStream, msg: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let sent = backend
+        .send_with_fds(&[msg], fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    if let Some(rest) = msg.get(sent..).filter(|r| !r.is_empty()) {
+        // The fds travelled with the first bytes; the rest is plain data.
+        let mut w = backend;
+        w.write_all(rest)?;
+    }
+    Ok(())
+}
+
+/// A `SET_VRING_ENABLE` message for ring `index` (`enable` 0 or 1), with `flags` besides the
+/// version.
+fn enable_message(index: u32, enable: u32, flags: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(20);
+    m.extend(SET_VRING_ENABLE.to_le_bytes());
+    m.extend((FLAG_VERSION | flags).to_le_bytes());
+    m.extend(8u32.to_le_bytes());
+    m.extend(index.to_le_bytes());
+    m.extend(enable.to_le_bytes());
+    m
+}
+
 /// Frontend -> backend direction.
 fn forward_requests(
     frontend: &UnixStream,
@@ -71,6 +107,8 @@ fn forward_requests(
     reply: &Mutex<UnixStream>,
 ) -> io::Result<()> {
     let mut features_set = false;
+    // Last state asked for each ring before SET_FEATURES: (ring index, enable).
+    let mut early: Vec<(u32, u32)> = Vec::new();
     let mut payload = Vec::new();
     while let Some((hdr, files)) = recv_header(frontend)? {
         let (request, flags, size) = (word(&hdr, 0), word(&hdr, 4), word(&hdr, 8));
@@ -87,11 +125,22 @@ fn forward_requests(
             "frontend request {request} flags {flags:#x} size {size} fds {}",
             files.len()
         );
-        if request == SET_FEATURES {
-            features_set = true;
-        }
         if request == SET_VRING_ENABLE && !features_set {
-            log::debug!("absorbing SET_VRING_ENABLE sent before SET_FEATURES");
+            let (Some(index), Some(enable)) =
+                (payload_word(&payload, 0), payload_word(&payload, 4))
+            else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("SET_VRING_ENABLE with a {size}-byte payload"),
+                ));
+            };
+            log::debug!(
+                "holding back SET_VRING_ENABLE({index}, {enable}) sent before SET_FEATURES"
+            );
+            match early.iter_mut().find(|(i, _)| *i == index) {
+                Some(slot) => slot.1 = enable,
+                None => early.push((index, enable)),
+            }
             if flags & FLAG_NEED_REPLY != 0 {
                 let mut ack = Vec::with_capacity(20);
                 ack.extend(request.to_le_bytes());
@@ -108,18 +157,31 @@ fn forward_requests(
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
         let mut msg = hdr.to_vec();
         msg.extend_from_slice(&payload);
-        let mut sent = backend
-            .send_with_fds(&[&msg[..]], &fds)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        if sent < msg.len() {
-            let mut w = backend;
-            w.write_all(&msg[sent..])?;
-            sent = msg.len();
-        }
-        debug_assert_eq!(sent, msg.len());
+        send_message(backend, &msg, &fds)?;
         // `files` drop here: the backend received its own duplicates.
+        if request == SET_FEATURES && !features_set {
+            features_set = true;
+            let acked = payload_word(&payload, 0)
+                .zip(payload_word(&payload, 4))
+                .map_or(0, |(lo, hi)| u64::from(lo) | (u64::from(hi) << 32));
+            // Without the protocol feature the handler enables every ring by itself (and
+            // would refuse SET_VRING_ENABLE).
+            if acked & PROTOCOL_FEATURES != 0 {
+                for (index, enable) in early.drain(..) {
+                    log::debug!("replaying SET_VRING_ENABLE({index}, {enable})");
+                    send_message(backend, &enable_message(index, enable, 0), &[])?;
+                }
+            }
+            early.clear();
+        }
     }
     Ok(())
+}
+
+/// The little-endian `u32` at `offset` of a payload, if it is long enough.
+fn payload_word(payload: &[u8], offset: usize) -> Option<u32> {
+    let b = payload.get(offset..offset.checked_add(4)?)?;
+    b.try_into().ok().map(u32::from_le_bytes)
 }
 
 /// Backend -> frontend direction: plain bytes.
@@ -187,15 +249,19 @@ mod tests {
     }
 
     #[test]
-    fn absorbs_early_enables_and_forwards_the_rest() {
+    fn holds_early_enables_replays_them_and_forwards_the_rest() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
         let threads = spawn(front, back).unwrap();
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0]; // vring 0, enable 1
+        let disable1 = [1u8, 0, 0, 0, 0, 0, 0, 0]; // vring 1, enable 0
+        let enable1 = [1u8, 0, 0, 0, 1, 0, 0, 0]; // vring 1, enable 1
 
-        // Before SET_FEATURES: absorbed; acked only when an ack is requested.
+        // Before SET_FEATURES: held back; acked only when an ack is requested.
         qemu.write_all(&msg(SET_VRING_ENABLE, 0, &enable)).unwrap();
-        qemu.write_all(&msg(SET_VRING_ENABLE, FLAG_NEED_REPLY, &enable))
+        qemu.write_all(&msg(SET_VRING_ENABLE, 0, &disable1))
+            .unwrap();
+        qemu.write_all(&msg(SET_VRING_ENABLE, FLAG_NEED_REPLY, &enable1))
             .unwrap();
         let ack = read_n(&mut qemu, 20);
         assert_eq!(word(ack[..12].try_into().unwrap(), 0), SET_VRING_ENABLE);
@@ -205,7 +271,8 @@ mod tests {
         );
         assert_eq!(&ack[12..], &[0u8; 8]);
 
-        // A message with an fd reaches the handler with a working duplicate of the fd.
+        // A message with an fd reaches the handler with a working duplicate of the fd (and is
+        // the first thing the handler sees: the enables were held back).
         let (mut r, w) = std::io::pipe().unwrap();
         let m = msg(5, 0, &[1, 2, 3, 4]);
         qemu.send_with_fds(&[&m[..]], &[w.as_raw_fd()]).unwrap();
@@ -221,11 +288,20 @@ mod tests {
         r.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"x");
 
-        // After SET_FEATURES, enables pass through.
-        let f = msg(SET_FEATURES, 0, &0u64.to_le_bytes());
+        // SET_FEATURES with the protocol feature is forwarded, then the last state of each
+        // ring is replayed, in first-seen order, without a reply request.
+        let f = msg(
+            SET_FEATURES,
+            FLAG_NEED_REPLY,
+            &PROTOCOL_FEATURES.to_le_bytes(),
+        );
         qemu.write_all(&f).unwrap();
         assert_eq!(read_n(&mut handler, f.len()), f);
-        let e = msg(SET_VRING_ENABLE, 0, &enable);
+        assert_eq!(read_n(&mut handler, 20), msg(SET_VRING_ENABLE, 0, &enable));
+        assert_eq!(read_n(&mut handler, 20), msg(SET_VRING_ENABLE, 0, &enable1));
+
+        // After SET_FEATURES, enables pass through.
+        let e = msg(SET_VRING_ENABLE, 0, &disable1);
         qemu.write_all(&e).unwrap();
         assert_eq!(read_n(&mut handler, e.len()), e);
 
@@ -236,6 +312,39 @@ mod tests {
         // An absurd payload size ends the session; both sides see the end.
         qemu.write_all(&msg(1, 0, &[])[..8]).unwrap();
         qemu.write_all(&(MAX_PAYLOAD + 1).to_le_bytes()).unwrap();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut rest = Vec::new();
+        handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_replayed_without_the_protocol_feature() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let threads = spawn(front, back).unwrap();
+        qemu.write_all(&msg(SET_VRING_ENABLE, 0, &[0, 0, 0, 0, 1, 0, 0, 0]))
+            .unwrap();
+        let f = msg(SET_FEATURES, 0, &0u64.to_le_bytes());
+        qemu.write_all(&f).unwrap();
+        drop(qemu);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut rest = Vec::new();
+        handler.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, f);
+    }
+
+    #[test]
+    fn a_short_early_enable_ends_the_session() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let threads = spawn(front, back).unwrap();
+        qemu.write_all(&msg(SET_VRING_ENABLE, 0, &[0, 0, 0, 0]))
+            .unwrap();
         for t in threads {
             t.join().unwrap();
         }

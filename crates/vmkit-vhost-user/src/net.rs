@@ -7,7 +7,10 @@
 //! to the guest, stays in the frontend (QEMU handles it). The backend's fd is watched
 //! edge-triggered by the vring worker: a readable TAP runs the receive queue, which reads frames
 //! until the TAP is empty or the guest runs out of receive buffers; in the latter case the
-//! frame waits (`rx_pending`) until the guest adds buffers and kicks the receive queue.
+//! frame waits (`rx_pending`) until the guest adds buffers and kicks the receive queue. The
+//! queue is then [`QueueHandler::starved`]: the adapter asks the driver to kick on its next
+//! buffer even when some (too few for the frame) are still posted, so a large frame never
+//! waits for unrelated traffic.
 
 use std::os::unix::io::RawFd;
 use std::sync::Mutex;
@@ -127,6 +130,10 @@ impl QueueHandler for NetQueues {
         if let Err(e) = self.lock().backend.set_guest_features(acked) {
             log::warn!("vhost-user-net: cannot apply offloads {acked:#x} to the backend: {e}");
         }
+    }
+
+    fn starved(&self, index: u16) -> bool {
+        index == RXQ && self.lock().rx_pending.is_some()
     }
 
     fn backend_fds(&self) -> Vec<RawFd> {

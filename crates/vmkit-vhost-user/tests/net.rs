@@ -119,6 +119,50 @@ fn frames_cross_both_ways() {
     assert_eq!(daemon.join().unwrap().unwrap(), 1);
 }
 
+/// A frame larger than the receive buffers posted so far waits; the device must then ask for a
+/// kick on the driver's *next* buffer (with event-idx the driver, having published buffers the
+/// device did not take, would otherwise not notify), so the frame is delivered as soon as
+/// enough buffers exist, without any further traffic.
+#[test]
+fn a_frame_too_big_for_the_posted_buffers_waits_for_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let (ours, mut peer) = ChannelBackend::pair().unwrap();
+    let backend = Arc::new(net_backend(Box::new(ours), NetConfig::default()));
+    let stop = Stop::new().unwrap();
+    let (s, st) = (sock.clone(), stop.clone());
+    let daemon = std::thread::spawn(move || serve(backend, &s, &st, ServeOptions { once: true }));
+    let mut t = TestFrontend::connect(&sock, 2, 256, 0);
+    assert_ne!(t.features & EVENT_IDX, 0, "EVENT_IDX not offered");
+    assert_ne!(t.features & (1 << 15), 0, "MRG_RXBUF not offered");
+    peer.set_guest_features(t.features).unwrap();
+
+    // One 1 KiB buffer; the first buffer always kicks (avail_event starts at 0).
+    assert!(t.submit_like_driver(RXQ, &[(DATA + 0x8000, 1024, true)]));
+    let big = frame(1800, 7);
+    peer.send(&big).unwrap();
+    // The frame does not fit: the device leaves the buffer and asks for a kick past it.
+    let mut waited = 0;
+    while t.avail_event(RXQ) != 1 {
+        assert!(waited < 1000, "device never asked for the next buffer");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        waited += 1;
+    }
+    assert_eq!(t.used_idx(RXQ), 0);
+    // The second buffer kicks, and the frame is merged over both.
+    assert!(t.submit_like_driver(RXQ, &[(DATA + 0x9000, 1024, true)]));
+    let (_, l1) = t.wait_used(RXQ);
+    let (_, l2) = t.wait_used(RXQ);
+    assert_eq!((l1 + l2) as usize, big.len());
+    let mut merged = t.read(DATA + 0x8000, l1 as usize);
+    merged.extend(t.read(DATA + 0x9000, l2 as usize));
+    assert_eq!(&merged[10..12], &2u16.to_le_bytes());
+    assert_eq!(merged[HDR..], big[HDR..]);
+
+    drop(t);
+    assert_eq!(daemon.join().unwrap().unwrap(), 1);
+}
+
 #[test]
 fn tap_errors_name_the_interface() {
     let e = vmkit_vhost_user::tap_backend("name-much-too-long-for-ifnamsiz", NetConfig::default())

@@ -162,12 +162,18 @@ impl TestFrontend {
 
     /// Places a chain without kicking (the driver fills a receive queue ahead of time).
     pub fn post(&mut self, q: usize, bufs: &[(u64, u32, bool)]) {
-        self.submit(q, bufs);
-        let _ = self.rings[q].kick.read();
+        self.place(q, bufs);
     }
 
     /// Places a chain of `(gpa, len, device_writable)` buffers on queue `q` and kicks.
     pub fn submit(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.place(q, bufs);
+        self.rings[q].kick.write(1).unwrap();
+        head
+    }
+
+    /// Places a chain of `(gpa, len, device_writable)` buffers on queue `q` without kicking.
+    pub fn place(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
         let r = &mut self.rings[q];
         let head = r.next_desc;
         for (i, &(addr, len, write)) in bufs.iter().enumerate() {
@@ -194,8 +200,37 @@ impl TestFrontend {
         self.mem
             .write_obj(r.avail_idx, GuestAddress(r.avail + 2))
             .unwrap();
-        r.kick.write(1).unwrap();
         head
+    }
+
+    /// Places a chain like a real driver: writes the avail ring but kicks only if the device
+    /// asked for it (`avail_event` with event-idx, `VRING_USED_F_NO_NOTIFY` otherwise). Returns
+    /// whether it kicked.
+    pub fn submit_like_driver(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> bool {
+        let old = self.rings[q].avail_idx;
+        self.place(q, bufs);
+        let r = &self.rings[q];
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let kick = if self.features & EVENT_IDX != 0 {
+            let event = self.avail_event(q);
+            // vring_need_event(event, new, old)
+            r.avail_idx.wrapping_sub(event).wrapping_sub(1) < r.avail_idx.wrapping_sub(old)
+        } else {
+            let flags: u16 = self.mem.read_obj(GuestAddress(r.used)).unwrap();
+            flags & 1 == 0
+        };
+        if kick {
+            r.kick.write(1).unwrap();
+        }
+        kick
+    }
+
+    /// The device's `avail_event` for queue `q` (the avail index past which it wants a kick).
+    pub fn avail_event(&self, q: usize) -> u16 {
+        let r = &self.rings[q];
+        self.mem
+            .read_obj(GuestAddress(r.used + 4 + 8 * u64::from(r.size)))
+            .unwrap()
     }
 
     /// Waits for the call eventfd of queue `q`, then returns the next used element.
