@@ -4,8 +4,10 @@
 # level down, inside such a VM, under a hardware-style nested KVM for mini-vmm.
 #
 # Source it, then call:
-#   lg_prepare                  install qemu + busybox, fetch and extract Debian's cloud kernel
-#                               (never installed on the host); sets LG_KERNEL and LG_MODULES
+#   lg_prepare                  install QEMU >= 10 (qemu-system-x86 and qemu-utils from Debian's
+#                               backports, the apt source added if missing) and busybox, fetch
+#                               and extract Debian's cloud kernel (never installed on the host);
+#                               sets LG_KERNEL and LG_MODULES
 #   lg_initramfs OUT INIT [SRC:DST ...]
 #                               build a gzip'd newc initramfs with busybox, the virtio and kvm
 #                               modules, INIT as /init and each SRC file copied to /DST
@@ -21,15 +23,46 @@ LG_CACHE="${LG_CACHE:-$LG_ROOT/target/linux-guest}"
 
 lg_log() { echo "[linux-guest] $*" >&2; }
 
+# QEMU older than this is replaced by Debian's backport: QEMU 7.2 (bookworm) crashes in
+# vhost_net_start under TCG with MSI-X, so vhost-user-net cannot be tested with it.
+LG_QEMU_MIN_MAJOR=10
+
+# Major version of the installed qemu-system-x86_64, or 0.
+lg_qemu_major() {
+    local v=""
+    command -v qemu-system-x86_64 >/dev/null &&
+        v=$(qemu-system-x86_64 --version | sed -n '1s/^QEMU emulator version \([0-9]*\).*/\1/p')
+    echo "${v:-0}"
+}
+
 lg_prepare() {
     mkdir -p "$LG_CACHE"
-    local need=()
-    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    local need=() qemu=()
+    if [ "$(lg_qemu_major)" -lt "$LG_QEMU_MIN_MAJOR" ] || ! command -v qemu-storage-daemon >/dev/null; then
+        # Bookworm's backports carry QEMU 10 (qemu-storage-daemon moved to qemu-utils there).
+        local codename
+        codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+        local list=/etc/apt/sources.list.d/$codename-backports.list
+        if ! grep -rqs "^deb .* $codename-backports " /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            lg_log "adding $codename-backports to apt's sources ($list)"
+            echo "deb http://deb.debian.org/debian $codename-backports main" > "$list"
+        fi
+        qemu=(-t "$codename-backports" qemu-system-x86 qemu-utils)
+    fi
     command -v busybox >/dev/null || need+=(busybox-static)
-    if [ ${#need[@]} -gt 0 ]; then
-        lg_log "installing ${need[*]}"
+    if [ ${#need[@]} -gt 0 ] || [ ${#qemu[@]} -gt 0 ]; then
+        lg_log "installing ${need[*]} ${qemu[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        if [ ${#need[@]} -gt 0 ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        fi
+        if [ ${#qemu[@]} -gt 0 ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${qemu[@]}" >/dev/null
+        fi
+    fi
+    if [ "$(lg_qemu_major)" -lt "$LG_QEMU_MIN_MAJOR" ]; then
+        lg_log "need QEMU >= $LG_QEMU_MIN_MAJOR, have: $(qemu-system-x86_64 --version 2>&1 | head -n1)"
+        return 1
     fi
     if ! ls "$LG_CACHE"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then
         local pkg

@@ -5,7 +5,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 lg-load-modules virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-    virtio_blk virtio-rng
+    virtio_blk virtio-rng failover net_failover virtio_net
 echo "VU boot $(uname -r)"
 
 # Find a disk by the serial the backend was started with (--serial).
@@ -58,6 +58,27 @@ A=$(dd if=/dev/hwrng bs=256 count=1 2>/dev/null | md5sum | cut -d' ' -f1)
 N=$(dd if=/dev/hwrng bs=256 count=1 2>/dev/null | wc -c)
 B=$(dd if=/dev/hwrng bs=256 count=1 2>/dev/null | md5sum | cut -d' ' -f1)
 echo "VU rng bytes=$N a=$A b=$B"
+
+# net: eth0 is the vhost-user-net device, the host's TAP is 10.77.0.1 (net-host.sh). Listen on
+# 7777 for the host's 1 MiB, ping the host, wait for the data, send /g2h.bin back to 7778.
+if [ -d /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.77.0.2/24 dev eth0
+    timeout 40 nc -l -p 7777 -e sh -c 'cat > /tmp/h2g.bin' &
+    L=$!
+    ping -c 3 -W 2 10.77.0.1 > /tmp/ping.txt 2>&1
+    RC=$?
+    echo "VU net ping rc=$RC $(grep -o '[0-9]* packets received' /tmp/ping.txt)"
+    wait $L
+    RC=$?
+    echo "VU net h2g rc=$RC bytes=$(wc -c < /tmp/h2g.bin) md5=$(md5sum < /tmp/h2g.bin | cut -d' ' -f1)"
+    timeout 30 nc 10.77.0.1 7778 < /g2h.bin
+    echo "VU net g2h rc=$?"
+    echo "VU net stats $(cat /sys/class/net/eth0/statistics/rx_packets) rx, $(cat /sys/class/net/eth0/statistics/tx_packets) tx packets"
+else
+    echo "VU net no eth0"
+fi
 
 echo "VU done"
 reboot -f
