@@ -68,6 +68,14 @@ impl RawDisk {
     /// Uses an already open file.
     pub fn from_file(file: File, read_only: bool) -> Result<Self, DiskError> {
         let meta = file.metadata().map_err(DiskError::Metadata)?;
+        // A block device's metadata length is 0: its size is where a seek to the end lands
+        // (for a regular file that is the same as the metadata length).
+        let size = {
+            use std::io::Seek;
+            (&file)
+                .seek(io::SeekFrom::End(0))
+                .map_err(DiskError::Metadata)?
+        };
         // Default ID: device and inode numbers, stable for the same file.
         use std::os::unix::fs::MetadataExt;
         let text = format!("vmkit{:x}.{:x}", meta.dev(), meta.ino());
@@ -76,7 +84,7 @@ impl RawDisk {
         id[..n].copy_from_slice(&text.as_bytes()[..n]);
         Ok(Self {
             file,
-            size: meta.len(),
+            size,
             read_only,
             id,
         })
