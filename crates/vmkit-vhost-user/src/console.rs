@@ -8,8 +8,9 @@
 //! posts buffers (a receive-queue kick). An emergency write (config offset 8, through
 //! `SET_CONFIG`) reaches the same output as the transmit queue.
 //!
-//! QEMU 7.2 has no vhost-user console frontend, so this backend is exercised through vhost's
-//! frontend API in the tests, not by a guest kernel.
+//! QEMU (10.0 included) has no user-creatable vhost-user frontend for virtio-console (its
+//! generic `vhost-user-device-pci` is not user-creatable), so this backend is exercised through
+//! vhost's frontend API in the tests, not by a guest kernel.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};

@@ -275,6 +275,9 @@ fn blk_memory_added_at_run_time_is_used() {
         mmap_handle: std::os::unix::io::AsRawFd::as_raw_fd(&extra),
     })
     .unwrap();
+    // vhost's frontend does not ask for an ack of ADD_MEM_REG: a request with a reply, handled
+    // in order after it, guarantees the backend mapped the region before the kick below.
+    vhost::VhostBackend::get_features(&t.fe).unwrap();
     let r = common::region(&extra, gpa, 0x10000);
     let data = pattern(4096, 99);
     vm_memory::Bytes::write_slice(&r, &data, vm_memory::MemoryRegionAddress(0)).unwrap();

@@ -163,6 +163,38 @@ fn a_frame_too_big_for_the_posted_buffers_waits_for_the_next_one() {
     assert_eq!(daemon.join().unwrap().unwrap(), 1);
 }
 
+/// QEMU 10's order: rings enabled before `SET_FEATURES`, never after. The early-enable shim
+/// replays the enables after `SET_FEATURES`, so frames flow both ways.
+#[test]
+fn rings_enabled_before_set_features_carry_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let (ours, mut peer) = ChannelBackend::pair().unwrap();
+    let backend = Arc::new(net_backend(Box::new(ours), NetConfig::default()));
+    let stop = Stop::new().unwrap();
+    let (s, st) = (sock.clone(), stop.clone());
+    let daemon = std::thread::spawn(move || serve(backend, &s, &st, ServeOptions { once: true }));
+    let mut t = TestFrontend::connect_like_qemu(&sock, 2, 256, 0);
+    assert_ne!(t.features & (1 << 30), 0, "PROTOCOL_FEATURES not offered");
+    peer.set_guest_features(t.features).unwrap();
+
+    let f = frame(300, 8);
+    t.write(DATA, &f);
+    t.submit(TXQ, &[(DATA, f.len() as u32, false)]);
+    assert_eq!(t.wait_used(TXQ).1, 0);
+    assert_eq!(wait_recv(&mut peer), f);
+
+    t.submit(RXQ, &[(DATA + 0x4000, 2048, true)]);
+    let g = frame(500, 9);
+    peer.send(&g).unwrap();
+    let (_, len) = t.wait_used(RXQ);
+    assert_eq!(len as usize, g.len());
+    assert_eq!(t.read(DATA + 0x4000, g.len())[HDR..], g[HDR..]);
+
+    drop(t);
+    assert_eq!(daemon.join().unwrap().unwrap(), 1);
+}
+
 #[test]
 fn tap_errors_name_the_interface() {
     let e = vmkit_vhost_user::tap_backend("name-much-too-long-for-ifnamsiz", NetConfig::default())

@@ -76,15 +76,44 @@ impl TestFrontend {
     /// Connects and negotiates like QEMU: features (all offered ones except `drop`), protocol
     /// features, memory table, and `num_queues` rings of `size` entries, enabled.
     pub fn connect(sock: &Path, num_queues: usize, size: u16, drop: u64) -> Self {
-        let mut fe = None;
+        Self::connect_with(sock, num_queues, size, drop, false)
+    }
+
+    /// Like [`TestFrontend::connect`], but in the order of QEMU 10's vhost-user netdev: every
+    /// ring is enabled *before* `SET_FEATURES` (raw messages, which vhost's `Frontend` refuses
+    /// to send) and never again afterwards.
+    pub fn connect_like_qemu(sock: &Path, num_queues: usize, size: u16, drop: u64) -> Self {
+        Self::connect_with(sock, num_queues, size, drop, true)
+    }
+
+    fn connect_with(
+        sock: &Path,
+        num_queues: usize,
+        size: u16,
+        drop: u64,
+        early_enable: bool,
+    ) -> Self {
+        let mut stream = None;
         for _ in 0..200 {
-            if let Ok(f) = Frontend::connect(sock, num_queues as u64) {
-                fe = Some(f);
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(sock) {
+                stream = Some(s);
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let mut fe = fe.expect("backend socket never accepted");
+        let mut stream = stream.expect("backend socket never accepted");
+        if early_enable {
+            use std::io::Write;
+            for q in 0..num_queues as u32 {
+                // SET_VRING_ENABLE (18), version 1, 8-byte payload: ring q, enable 1.
+                let mut m = Vec::new();
+                for w in [18u32, 1, 8, q, 1] {
+                    m.extend(w.to_le_bytes());
+                }
+                stream.write_all(&m).unwrap();
+            }
+        }
+        let mut fe = Frontend::from_stream(stream, num_queues as u64);
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
         // Net does not offer VHOST_USER_F_PROTOCOL_FEATURES (see the backend module docs).
@@ -145,7 +174,7 @@ impl TestFrontend {
             fe.set_vring_base(q, 0).unwrap();
             fe.set_vring_call(q, &ring.call).unwrap();
             fe.set_vring_kick(q, &ring.kick).unwrap();
-            if has_protocol {
+            if has_protocol && !early_enable {
                 fe.set_vring_enable(q, true).unwrap();
             }
             rings.push(ring);
