@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# mini-vmm boots Debian's stock cloud kernel on a real (nested, hardware-style) KVM.
+# mini-vmm boots Debian's stock cloud kernel on a real (nested, hardware-style) KVM, with
+# vmkit-virtio's devices, and the guest uses every one of them.
 #
 # This host's /dev/kvm cannot boot Linux, so the test runs one level down: QEMU's software CPU
 # (TCG, -cpu max, which emulates AMD SVM with nested paging) boots an L1 Linux whose
 # initramfs holds the kvm modules, mini-vmm (with the shared libraries `ldd` lists, at the
-# same paths), the same stock kernel and an L2 busybox initramfs. L1's /init loads kvm-amd and
-# runs `mini-vmm --kernel /vmlinuz --initramfs /l2.cpio.gz`; L2's /init prints L2-INIT-OK and
-# its `uname -r`, then `reboot -f` (reboot=k: the i8042 reset line) ends mini-vmm.
-# L2's console is mini-vmm's stdout, which L1 prints on its own console: the one log holds
-# both. On failure the log is printed and the script exits non-zero.
+# same paths), the same stock kernel and an L2 busybox initramfs. QEMU also gives L1 a raw
+# disk image file as a virtio-blk-pci disk. L1's /init loads kvm-amd, and runs
+#   mini-vmm --kernel /vmlinuz --initramfs /l2.cpio.gz --disk path=/dev/vda --net tap=tap0
+#            --rng --console --cpus boot=2
+# configuring L1's end of tap0 (10.0.2.1) as soon as mini-vmm has created it. mini-vmm
+# describes two vCPUs and its virtio-mmio devices to L2 in ACPI tables. L2's /init loads the
+# virtio modules, then prints one marker per verified step: the token of this run written to
+# its disk at 1 MiB, synced and read back (L2-BLK-OK), 32 bytes from /dev/hwrng (L2-RNG-OK), a
+# ping of 10.0.2.1 over the TAP link (L2-NET-OK), a line written to hvc0 only (L2-HVC0-OK),
+# both CPUs online (L2-CPUS 2); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
+# L2's consoles (ttyS0, hvc0) are mini-vmm's stdout, which L1 prints on its own console: the
+# one log holds everything. From here (L0) the script checks every marker and that the disk
+# image file itself holds the token at 1 MiB. On failure the log is printed and the script
+# exits non-zero; every run is bounded by a timeout.
 #
 # Prints, from L1's /proc/uptime: mini-vmm start -> L2's first init line, and -> mini-vmm's
-# exit (measured on 2026-11-21: ~18-21 s and ~0.3 s more; L2's own uptime at init ~10 s; the
-# whole L0 run ~25 s, i.e. everything here runs under QEMU's software CPU).
+# exit; L2's own uptime at init; the whole L0 run.
 #
 # Usage: tests/linux-guest/mini-vmm-nested.sh
-#   L2_CMDLINE=...  L2's kernel command line (default: console=ttyS0 reboot=k panic=-1;
-#                   add earlyprintk=serial,ttyS0 to see where an early boot dies)
-#   LG_TIMEOUT=...  seconds before the L1 run is killed (default 240)
+#   L2_CMDLINE=...   L2's kernel command line (default: console=ttyS0 reboot=k panic=-1;
+#                    add earlyprintk=serial,ttyS0 to see where an early boot dies)
+#   L2_VMM_ARGS=...  mini-vmm's device options (default: the list above)
+#   LG_TIMEOUT=...   seconds before the L1 run is killed (default 150)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
@@ -31,13 +41,21 @@ VMM="$CARGO_TARGET_DIR/release/mini-vmm"
 WORK="$LG_CACHE/mini-vmm-nested"
 mkdir -p "$WORK"
 L2_CMDLINE="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1}"
+L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --net tap=tap0 --rng --console --cpus boot=2}"
 echo "$L2_CMDLINE" > "$WORK/l2-cmdline"
+echo "$L2_VMM_ARGS" > "$WORK/l2-vmm-args"
+# A token unique to this run: L2 writes it to its disk, the check below finds it in the image.
+TOKEN="VMKIT-L2-DISK-$(date +%s%N)-$$"
+echo -n "$TOKEN" > "$WORK/token"
+DISK="$WORK/disk.img"
+rm -f "$DISK"
+truncate -s 16M "$DISK"
 
-lg_initramfs "$WORK/l2.cpio.gz" "$HERE/mini-vmm/l2-init"
+lg_initramfs "$WORK/l2.cpio.gz" "$HERE/mini-vmm/l2-init" "$WORK/token:token"
 
 # mini-vmm is linked against glibc: ship the libraries and the loader at their own paths.
 specs=("$VMM:bin/mini-vmm" "$LG_KERNEL:vmlinuz" "$WORK/l2.cpio.gz:l2.cpio.gz"
-       "$WORK/l2-cmdline:l2-cmdline")
+       "$WORK/l2-cmdline:l2-cmdline" "$WORK/l2-vmm-args:l2-vmm-args")
 for lib in $(ldd "$VMM" | grep -o '/[^ ]*'); do
     specs+=("$lib:${lib#/}")
 done
@@ -46,13 +64,29 @@ lg_initramfs "$WORK/l1.cpio.gz" "$HERE/mini-vmm/l1-init" "${specs[@]}"
 LOG="$WORK/console.log"
 lg_log "booting L1 under TCG (log: $LOG)"
 start=$(date +%s.%N)
-lg_run "${LG_TIMEOUT:-240}" "$LOG" qemu-system-x86_64 -M pc -accel tcg -cpu max -m 2G \
+lg_run "${LG_TIMEOUT:-150}" "$LOG" qemu-system-x86_64 -M pc -accel tcg -cpu max -m 2G \
     -nographic -no-reboot -kernel "$LG_KERNEL" -initrd "$WORK/l1.cpio.gz" \
+    -drive "file=$DISK,format=raw,if=virtio" \
     -append 'console=ttyS0 panic=-1 quiet'
 end=$(date +%s.%N)
-lg_expect "$LOG" "L1-KVM-OK" "L2-INIT-OK" "L2-UNAME $(basename "$LG_KERNEL" | sed 's/^vmlinuz-//')" \
-    "MINI-VMM-EXIT=0"
-lg_log "PASS: mini-vmm booted the stock kernel as L2 on nested KVM"
+markers=("L1-KVM-OK" "L2-INIT-OK" "L2-UNAME $(basename "$LG_KERNEL" | sed 's/^vmlinuz-//')")
+case " $L2_VMM_ARGS " in *" --disk "*) markers+=("L2-BLK-OK");; esac
+case " $L2_VMM_ARGS " in *" --rng "*) markers+=("L2-RNG-OK");; esac
+case " $L2_VMM_ARGS " in *" --net "*) markers+=("L1-TAP-UP" "L2-NET-OK");; esac
+case " $L2_VMM_ARGS " in *" --console "*) markers+=("L2-HVC0-OK");; esac
+cpus=$(echo "$L2_VMM_ARGS" | sed -n 's/.*--cpus boot=\([0-9]*\).*/\1/p')
+markers+=("L2-CPUS ${cpus:-1}" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
+lg_expect "$LOG" "${markers[@]}"
+case " $L2_VMM_ARGS " in *" --disk "*)
+    found=$(dd if="$DISK" bs=512 skip=2048 count=1 2>/dev/null | head -c ${#TOKEN})
+    if [ "$found" != "$TOKEN" ]; then
+        lg_log "disk image $DISK holds '$found' at 1 MiB, expected '$TOKEN'"
+        lg_log "---- console log $LOG ----"; cat "$LOG" >&2; lg_log "---- end of log ----"
+        exit 1
+    fi
+    lg_log "disk image holds this run's token at 1 MiB: $TOKEN";;
+esac
+lg_log "PASS: mini-vmm booted the stock kernel as L2 on nested KVM; markers: ${markers[*]}"
 tr -d '\r' < "$LOG" | awk '
     /^L1-SAW-L2-INIT/ { printf "[linux-guest]   mini-vmm start -> L2 init first line: %s s (L1 clock)\n", $3 }
     /^L1-MINI-VMM-END/ { printf "[linux-guest]   mini-vmm start -> mini-vmm exit:      %s s (L1 clock)\n", $3 }

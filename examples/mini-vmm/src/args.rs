@@ -1,9 +1,14 @@
 //! Command-line parsing. Every error names the argument that was wrong.
 //!
 //! ```text
-//! mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] [--cmdline TEXT]]
+//! mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] [--cmdline TEXT]
+//!           [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
+//!           [--rng] [--console [tty|file=PATH]]]
 //!          [--memory size=SIZE] [--param N] [--stats]
 //! ```
+//!
+//! Device options follow Cloud Hypervisor's `key=value,key=value` style; a wrong key or value
+//! is reported with the option it belongs to (`invalid value `x=1` for `--disk`: ...`).
 
 use std::path::PathBuf;
 
@@ -32,6 +37,36 @@ pub enum ArgsError {
     /// An option that only makes sense with `--kernel`.
     #[error("`{0}` needs `--kernel`")]
     NeedsKernel(&'static str),
+    /// More virtio devices than the machine has MMIO slots and interrupt lines for.
+    #[error("too many virtio devices ({0}; at most {max})", max = crate::virtio::MAX_DEVICES)]
+    TooManyDevices(usize),
+}
+
+/// A `--disk` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    /// Image file or block device.
+    pub path: PathBuf,
+    /// Open without write access; the guest sees a read-only disk.
+    pub readonly: bool,
+}
+
+/// A `--net` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetArg {
+    /// TAP interface to attach to (created if it does not exist).
+    pub tap: String,
+    /// MAC address the guest sees (default: 52:54:00:12:34:56 plus the device's index).
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Where the virtio console's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleArg {
+    /// mini-vmm's standard output (no input).
+    Tty,
+    /// Appended to a file.
+    File(PathBuf),
 }
 
 /// Command line given to a kernel when `--cmdline` is absent: the console on COM1, reboot
@@ -64,6 +99,16 @@ pub struct Args {
     pub help: bool,
     /// Print exit statistics when the guest stops.
     pub stats: bool,
+    /// Number of vCPUs (kernels only).
+    pub cpus: u8,
+    /// virtio-blk devices, in order.
+    pub disks: Vec<DiskArg>,
+    /// virtio-net devices, in order.
+    pub nets: Vec<NetArg>,
+    /// A virtio-rng device.
+    pub rng: bool,
+    /// A virtio-console device.
+    pub console: Option<ConsoleArg>,
 }
 
 impl Default for Args {
@@ -76,13 +121,23 @@ impl Default for Args {
             param: 0,
             help: false,
             stats: false,
+            cpus: 1,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            console: None,
         }
     }
 }
 
+/// Most vCPUs `--cpus boot=` accepts (MADT processor UIDs and APIC IDs are bytes; the
+/// in-kernel IOAPIC delivers to 8-bit destinations).
+pub const MAX_CPUS: u8 = 32;
+
 /// Usage text.
 pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] \
-[--cmdline TEXT]] [--memory size=SIZE] [--param N] [--stats]
+[--cmdline TEXT] [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]... \
+[--rng] [--console [tty|file=PATH]]] [--memory size=SIZE] [--param N] [--stats]
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
@@ -91,6 +146,15 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
   --initramfs PATH    initial RAM disk for the kernel
   --memory size=SIZE  guest RAM, e.g. size=128M (K, M, G suffixes; default 64M)
   --cmdline TEXT      kernel command line (default: console=ttyS0 reboot=k panic=-1)
+  --cpus boot=N       vCPUs for the kernel (1-32, default 1), described in the ACPI MADT
+  --disk path=PATH[,readonly=on]
+                      virtio-blk disk over an image file or block device (repeatable)
+  --net tap=NAME[,mac=MAC]
+                      virtio-net device on TAP interface NAME (repeatable)
+  --rng               virtio-rng device (host getrandom)
+  --console [tty|file=PATH]
+                      virtio-console (hvc0) writing to stdout (tty, the default) or a file
+  Devices are virtio-mmio, described to the kernel in the ACPI DSDT (bzImage kernels).
   --param N           value the guest reads from port 0x510
   --stats             print per-exit-kind counts and handling latency at the end";
 
@@ -100,6 +164,132 @@ fn invalid(arg: &str, value: &str, why: impl Into<String>) -> ArgsError {
         value: value.into(),
         why: why.into(),
     }
+}
+
+/// Splits `key=value,key=value` and checks every key is in `allowed`.
+fn key_values<'a>(
+    arg: &str,
+    value: &'a str,
+    allowed: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, ArgsError> {
+    let mut out = Vec::new();
+    for part in value.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| invalid(arg, part, format!("expected {}", allowed.join("=, ") + "=")))?;
+        if !allowed.contains(&k) {
+            return Err(invalid(
+                arg,
+                part,
+                format!("unknown key `{k}` (expected {})", allowed.join(", ")),
+            ));
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(invalid(arg, part, format!("`{k}` given twice")));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// Parses `on`/`off` (also `true`/`false`).
+fn parse_bool(arg: &str, v: &str) -> Result<bool, ArgsError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(invalid(arg, v, "expected on or off")),
+    }
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(arg: &str, v: &str) -> Result<[u8; 6], ArgsError> {
+    let mut mac = [0u8; 6];
+    let mut parts = v.split(':');
+    for byte in &mut mac {
+        let p = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .ok_or_else(|| invalid(arg, v, "expected six hex bytes like 52:54:00:12:34:56"))?;
+        *byte = u8::from_str_radix(p, 16)
+            .map_err(|_| invalid(arg, v, format!("`{p}` is not a hex byte")))?;
+    }
+    if parts.next().is_some() {
+        return Err(invalid(arg, v, "more than six bytes"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(invalid(
+            arg,
+            v,
+            "a multicast address cannot be a NIC's address",
+        ));
+    }
+    Ok(mac)
+}
+
+fn parse_disk(v: &str) -> Result<DiskArg, ArgsError> {
+    let (mut path, mut readonly) = (None, false);
+    for (k, val) in key_values("--disk", v, &["path", "readonly"])? {
+        match k {
+            "path" if val.is_empty() => return Err(invalid("--disk", v, "empty path")),
+            "path" => path = Some(PathBuf::from(val)),
+            _ => readonly = parse_bool("--disk readonly", val)?,
+        }
+    }
+    let path = path.ok_or_else(|| invalid("--disk", v, "path= is required"))?;
+    Ok(DiskArg { path, readonly })
+}
+
+fn parse_net(v: &str) -> Result<NetArg, ArgsError> {
+    let (mut tap, mut mac) = (None, None);
+    for (k, val) in key_values("--net", v, &["tap", "mac"])? {
+        match k {
+            "tap" if val.is_empty() || val.len() >= 16 => {
+                return Err(invalid(
+                    "--net tap",
+                    val,
+                    "an interface name has 1-15 bytes",
+                ))
+            }
+            "tap" => tap = Some(val.to_string()),
+            _ => mac = Some(parse_mac("--net mac", val)?),
+        }
+    }
+    let tap = tap.ok_or_else(|| invalid("--net", v, "tap= is required"))?;
+    Ok(NetArg { tap, mac })
+}
+
+fn parse_console(v: &str) -> Result<ConsoleArg, ArgsError> {
+    match v {
+        "tty" => Ok(ConsoleArg::Tty),
+        _ => match v.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => Ok(ConsoleArg::File(PathBuf::from(p))),
+            _ => Err(invalid("--console", v, "expected tty or file=PATH")),
+        },
+    }
+}
+
+fn parse_cpus(v: &str) -> Result<u8, ArgsError> {
+    let mut cpus = None;
+    for (_, val) in key_values("--cpus", v, &["boot"])? {
+        let n: u8 = val
+            .parse()
+            .map_err(|e| invalid("--cpus boot", val, format!("{e}")))?;
+        if n == 0 || n > MAX_CPUS {
+            return Err(invalid(
+                "--cpus boot",
+                val,
+                format!("expected 1 to {MAX_CPUS}"),
+            ));
+        }
+        cpus = Some(n);
+    }
+    cpus.ok_or_else(|| invalid("--cpus", v, "boot= is required"))
+}
+
+/// The value after option `name`.
+fn next_value(it: &mut impl Iterator<Item = String>, name: &str) -> Result<String, ArgsError> {
+    it.next()
+        .ok_or_else(|| ArgsError::MissingValue(name.into()))
 }
 
 /// Parses a size like `512M`, `2G`, `65536`.
@@ -123,27 +313,37 @@ impl Args {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgsError> {
         let mut out = Args::default();
         let (mut guest, mut kernel) = (None, None);
-        let mut it = args.into_iter();
+        let mut it = args.into_iter().peekable();
         while let Some(arg) = it.next() {
-            let mut value = |name: &str| {
-                it.next()
-                    .ok_or_else(|| ArgsError::MissingValue(name.into()))
-            };
             match arg.as_str() {
                 "-h" | "--help" => out.help = true,
                 "--stats" => out.stats = true,
-                "--guest" => guest = Some(value("--guest")?),
-                "--kernel" => kernel = Some(PathBuf::from(value("--kernel")?)),
-                "--cmdline" => out.cmdline = Some(value("--cmdline")?),
-                "--initramfs" => out.initramfs = Some(PathBuf::from(value("--initramfs")?)),
+                "--guest" => guest = Some(next_value(&mut it, "--guest")?),
+                "--kernel" => kernel = Some(PathBuf::from(next_value(&mut it, "--kernel")?)),
+                "--cmdline" => out.cmdline = Some(next_value(&mut it, "--cmdline")?),
+                "--initramfs" => {
+                    out.initramfs = Some(PathBuf::from(next_value(&mut it, "--initramfs")?))
+                }
                 "--param" => {
-                    let v = value("--param")?;
+                    let v = next_value(&mut it, "--param")?;
                     out.param = v
                         .parse()
                         .map_err(|e| invalid("--param", &v, format!("{e}")))?;
                 }
+                "--cpus" => out.cpus = parse_cpus(&next_value(&mut it, "--cpus")?)?,
+                "--disk" => out.disks.push(parse_disk(&next_value(&mut it, "--disk")?)?),
+                "--net" => out.nets.push(parse_net(&next_value(&mut it, "--net")?)?),
+                "--rng" => out.rng = true,
+                "--console" => {
+                    // The value is optional: `--console` alone means the terminal.
+                    let v = match it.peek() {
+                        Some(next) if !next.starts_with("--") => it.next(),
+                        _ => None,
+                    };
+                    out.console = Some(v.as_deref().map_or(Ok(ConsoleArg::Tty), parse_console)?);
+                }
                 "--memory" => {
-                    let v = value("--memory")?;
+                    let v = next_value(&mut it, "--memory")?;
                     for part in v.split(',') {
                         match part.split_once('=') {
                             Some(("size", s)) => out.memory = parse_size("--memory size", s)?,
@@ -167,6 +367,21 @@ impl Args {
             if out.cmdline.is_some() {
                 return Err(ArgsError::NeedsKernel("--cmdline"));
             }
+            for (given, name) in [
+                (out.cpus != 1, "--cpus"),
+                (!out.disks.is_empty(), "--disk"),
+                (!out.nets.is_empty(), "--net"),
+                (out.rng, "--rng"),
+                (out.console.is_some(), "--console"),
+            ] {
+                if given {
+                    return Err(ArgsError::NeedsKernel(name));
+                }
+            }
+        }
+        let devices = out.virtio_count();
+        if devices > crate::virtio::MAX_DEVICES {
+            return Err(ArgsError::TooManyDevices(devices));
         }
         out.payload = match (guest, kernel) {
             (Some(_), Some(_)) => return Err(ArgsError::Conflict),
@@ -175,6 +390,14 @@ impl Args {
             (None, None) => Payload::Guest("hello".into()),
         };
         Ok(out)
+    }
+
+    /// How many virtio devices the options ask for.
+    pub fn virtio_count(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.console.is_some())
     }
 
     /// The command line a kernel gets: `--cmdline`, or [`DEFAULT_CMDLINE`].
@@ -288,5 +511,143 @@ mod tests {
             p(&["--kernel", "/k", "--initramfs"]).unwrap_err(),
             ArgsError::MissingValue("--initramfs".into())
         );
+    }
+
+    #[test]
+    fn device_options_parse_like_cloud_hypervisor() {
+        let a = p(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/dev/vda",
+            "--disk",
+            "readonly=on,path=/img",
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1,mac=02:00:00:aa:bb:0c",
+            "--rng",
+            "--console",
+            "--cpus",
+            "boot=4",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.disks,
+            vec![
+                DiskArg {
+                    path: "/dev/vda".into(),
+                    readonly: false
+                },
+                DiskArg {
+                    path: "/img".into(),
+                    readonly: true
+                }
+            ]
+        );
+        assert_eq!(
+            a.nets[0],
+            NetArg {
+                tap: "tap0".into(),
+                mac: None
+            }
+        );
+        assert_eq!(a.nets[1].mac, Some([2, 0, 0, 0xaa, 0xbb, 0x0c]));
+        assert!(a.rng);
+        assert_eq!((&a.console, a.cpus), (&Some(ConsoleArg::Tty), 4));
+        assert_eq!(a.virtio_count(), 6);
+        // `--console` takes an optional value: tty, file=PATH, or nothing before the next option.
+        let a = p(&["--kernel", "/k", "--console", "file=/tmp/c", "--rng"]).unwrap();
+        assert_eq!(a.console, Some(ConsoleArg::File("/tmp/c".into())));
+        assert!(a.rng);
+        let a = p(&["--kernel", "/k", "--console", "tty"]).unwrap();
+        assert_eq!(a.console, Some(ConsoleArg::Tty));
+        let a = p(&["--kernel", "/k", "--disk", "path=/d,readonly=off"]).unwrap();
+        assert!(!a.disks[0].readonly);
+    }
+
+    #[test]
+    fn bad_device_options_name_the_option_and_value() {
+        let e = |args: &[&str]| {
+            let mut v = vec!["--kernel", "/k"];
+            v.extend_from_slice(args);
+            p(&v).unwrap_err().to_string()
+        };
+        for (args, want) in [
+            (
+                &["--disk", "readonly=on"][..],
+                "`--disk`: path= is required",
+            ),
+            (&["--disk", "path="], "empty path"),
+            (
+                &["--disk", "path=/d,size=1G"],
+                "unknown key `size` (expected path, readonly)",
+            ),
+            (
+                &["--disk", "path=/d,readonly=maybe"],
+                "`maybe` for `--disk readonly`: expected on or off",
+            ),
+            (&["--disk", "path=/d,path=/e"], "`path` given twice"),
+            (&["--disk", "/dev/vda"], "expected path=, readonly="),
+            (
+                &["--net", "mac=52:54:00:00:00:01"],
+                "`--net`: tap= is required",
+            ),
+            (
+                &["--net", "tap=a-name-far-too-long"],
+                "`--net tap`: an interface name has 1-15 bytes",
+            ),
+            (
+                &["--net", "tap=t,mac=52:54:00:00:00"],
+                "expected six hex bytes",
+            ),
+            (
+                &["--net", "tap=t,mac=52:54:00:00:00:01:02"],
+                "more than six bytes",
+            ),
+            (
+                &["--net", "tap=t,mac=52:54:zz:00:00:01"],
+                "`zz` is not a hex byte",
+            ),
+            (&["--net", "tap=t,mac=01:00:5e:00:00:01"], "multicast"),
+            (
+                &["--console", "pty"],
+                "`pty` for `--console`: expected tty or file=PATH",
+            ),
+            (&["--console", "file="], "expected tty or file=PATH"),
+            (
+                &["--cpus", "boot=0"],
+                "`0` for `--cpus boot`: expected 1 to 32",
+            ),
+            (&["--cpus", "boot=33"], "expected 1 to 32"),
+            (&["--cpus", "boot=two"], "`two` for `--cpus boot`"),
+            (&["--cpus", "max=2"], "unknown key `max`"),
+            (&["--disk"], "`--disk` needs a value"),
+        ] {
+            let got = e(args);
+            assert!(got.contains(want), "{args:?}: {got}");
+        }
+        let many: Vec<String> = ["--kernel", "/k"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                (0..=crate::virtio::MAX_DEVICES)
+                    .flat_map(|i| ["--disk".to_string(), format!("path=/d{i}")]),
+            )
+            .collect();
+        assert_eq!(
+            Args::parse(many).unwrap_err(),
+            ArgsError::TooManyDevices(crate::virtio::MAX_DEVICES + 1)
+        );
+        // Devices and vCPUs belong to a kernel's machine.
+        for (args, name) in [
+            (&["--rng"][..], "--rng"),
+            (&["--console"], "--console"),
+            (&["--disk", "path=/d"], "--disk"),
+            (&["--net", "tap=t"], "--net"),
+            (&["--cpus", "boot=2"], "--cpus"),
+        ] {
+            assert_eq!(p(args).unwrap_err(), ArgsError::NeedsKernel(name));
+        }
     }
 }

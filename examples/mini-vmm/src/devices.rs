@@ -429,6 +429,41 @@ pub fn rtc_time(secs: u64) -> RtcTime {
     }
 }
 
+/// The FADT sleep control and status registers of a hardware-reduced ACPI platform: how
+/// Linux powers the machine off (`poweroff` -> `acpi_enter_sleep_state(S5)`).
+///
+/// Linux writes `SLP_TYP << 2 | SLP_EN` to the control register, with `SLP_TYP` taken from the
+/// DSDT's `\_S5_` package ([`crate::acpi::S5_SLEEP_TYPE`]); the VMM watches
+/// [`AcpiSleep::power_off_requested`] and ends the VM. Other sleep states are not offered (no
+/// `\_S3_`), so other writes are ignored. The status register reads 0 (never woken).
+#[derive(Debug, Default)]
+pub struct AcpiSleep {
+    off: Arc<AtomicBool>,
+}
+
+impl AcpiSleep {
+    /// `SLP_EN`: bit 5 of the sleep control register.
+    const SLP_EN: u8 = 1 << 5;
+
+    /// Shared flag that becomes true when the guest enters S5.
+    pub fn power_off_requested(&self) -> Arc<AtomicBool> {
+        self.off.clone()
+    }
+}
+
+impl vm_device::DevicePio for AcpiSleep {
+    fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        if offset == 0 && v & Self::SLP_EN != 0 && (v >> 2) & 7 == crate::acpi::S5_SLEEP_TYPE {
+            self.off.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Shared handles to the devices, for the VMM and its tests.
 pub struct Devices<W: Write + Send + 'static> {
     /// COM1.
@@ -441,6 +476,8 @@ pub struct Devices<W: Write + Send + 'static> {
     pub i8042: Arc<Mutex<I8042>>,
     /// CMOS RTC.
     pub cmos: Arc<Mutex<Cmos>>,
+    /// ACPI sleep registers (power-off).
+    pub sleep: Arc<AcpiSleep>,
 }
 
 #[cfg(test)]
@@ -554,6 +591,23 @@ mod tests {
         assert!(fd.read().unwrap() >= 1);
         assert_eq!(s.writer(), b"x");
         assert!(SerialIrq::None.trigger().is_ok());
+    }
+
+    #[test]
+    fn acpi_sleep_powers_off_only_on_s5_with_slp_en() {
+        let s = AcpiSleep::default();
+        let off = s.power_off_requested();
+        let mut b = [0xffu8];
+        s.pio_read(PioAddress(0x600), 1, &mut b);
+        assert_eq!(b, [0]);
+        // S5 type without SLP_EN, SLP_EN with S3's type, the status register, no data.
+        for (offset, v) in [(0u16, 5u8 << 2), (0, (3 << 2) | 0x20), (1, 0x34)] {
+            s.pio_write(PioAddress(0x600), offset, &[v]);
+        }
+        s.pio_write(PioAddress(0x600), 0, &[]);
+        assert!(!off.load(Ordering::SeqCst));
+        s.pio_write(PioAddress(0x600), 0, &[(5 << 2) | 0x20]);
+        assert!(off.load(Ordering::SeqCst));
     }
 
     #[test]

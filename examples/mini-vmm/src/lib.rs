@@ -8,6 +8,8 @@
 //! assert_eq!(vmm.run().unwrap(), Outcome::Exited(0));
 //! ```
 
+pub mod acpi;
 pub mod args;
 pub mod devices;
+pub mod virtio;
 pub mod vmm;

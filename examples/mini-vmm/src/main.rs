@@ -33,6 +33,10 @@ fn main() -> ExitCode {
             eprintln!("mini-vmm: the guest shut down");
             ExitCode::from(0)
         }
+        Ok(Outcome::PowerOff) => {
+            eprintln!("mini-vmm: the guest powered off");
+            ExitCode::from(0)
+        }
         Ok(Outcome::Reset) => {
             eprintln!("mini-vmm: the guest reset the machine");
             ExitCode::from(0)

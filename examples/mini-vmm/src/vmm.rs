@@ -1,14 +1,24 @@
-//! The `Vmm`: guest memory, one KVM VM with one vCPU, the devices on the dispatcher, and the
-//! run loop. Later features (virtio devices, snapshots, more vCPUs) hang off this struct.
+//! The `Vmm`: guest memory, one KVM VM with its vCPUs, the devices on the dispatchers, and the
+//! run loop.
 //!
 //! Two machine flavours share it:
-//! - the bundled guests (and ELF kernels) run without interrupt controllers: they poll the
-//!   serial port and end with `hlt`, which exits to the VMM;
-//! - a Linux bzImage gets what a stock kernel needs to boot on a PC without firmware tables:
-//!   KVM's in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT, COM1 raising IRQ 4 through an
-//!   irqfd, the i8042 reset line, and the initramfs placed at the top of low RAM. Linux halts
-//!   in-kernel there, so the VM ends on a keyboard-controller reset, a KVM shutdown (triple
-//!   fault) or a system event.
+//! - the bundled guests (and ELF kernels) run on one vCPU without interrupt controllers: they
+//!   poll the serial port and end with `hlt`, which exits to the VMM;
+//! - a Linux bzImage gets what a stock kernel needs on a PC without a BIOS: KVM's in-kernel
+//!   irqchip (IOAPIC, LAPICs; the 8259 PIC is masked, the platform is ACPI hardware-reduced)
+//!   and PIT, COM1 raising GSI 4 through an irqfd, the i8042 reset line, the initramfs at the
+//!   top of low RAM, ACPI tables ([`crate::acpi`]) describing the vCPUs, COM1 and the
+//!   virtio-mmio devices ([`crate::virtio`]), and the ACPI sleep registers. Linux halts
+//!   in-kernel there, so the VM ends on a keyboard-controller reset (`reboot`), an ACPI S5
+//!   (`poweroff`), a KVM shutdown (triple fault) or a system event.
+//!
+//! # vCPUs
+//!
+//! vCPU 0 (the bootstrap processor) runs on the thread that calls [`Vmm::run`]; each further
+//! vCPU (`--cpus boot=N`) runs on its own host thread with its own [`Dispatcher`] over the same
+//! devices. KVM keeps those application processors in wait-for-SIPI until Linux starts them
+//! with INIT/SIPI through its local APIC. Whichever vCPU ends the VM stops the others with a
+//! kick (a signal that makes `KVM_RUN` return), so a reboot issued on any CPU ends the run.
 
 use std::io::{Read, Seek, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +34,18 @@ use vmkit_vcpu::dispatch::{Action, DispatchError, Dispatcher, UnclaimedPolicy};
 use vmkit_vcpu::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use vmkit_vcpu::{Hypervisor, MemoryFlags, Vcpu, Vm};
 
+use vmkit_vcpu::regs::CpuidEntry;
+use vmkit_vcpu::VcpuKick;
+
+use crate::acpi::{self, AcpiTables};
 use crate::args::{Args, Payload};
-use crate::devices::{Cmos, Devices, ExitPort, SerialIrq, SerialPort, TestPorts, I8042};
+use crate::devices::{AcpiSleep, Cmos, Devices, ExitPort, SerialIrq, SerialPort, TestPorts, I8042};
+use crate::virtio::{VirtioDevices, VirtioError};
 
 /// GSI of COM1's interrupt.
 pub const SERIAL_GSI: u32 = 4;
+/// First I/O port of COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;
 /// Where KVM puts the three pages it needs for its TSS (Intel; harmless elsewhere): just below
 /// the BIOS area at the top of the 32-bit space, like other VMMs.
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
@@ -73,6 +90,17 @@ pub enum VmmError {
     /// The guest stopped in a way that is an error.
     #[error("guest stopped: {0}")]
     Guest(String),
+    /// A virtio device could not be created or wired.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    /// The ACPI tables could not be built or written.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] acpi::AcpiError),
+    /// An option needs the Linux machine (a bzImage kernel).
+    #[error(
+        "`{0}` needs a Linux bzImage kernel (the machine with interrupt controllers and ACPI)"
+    )]
+    NeedsLinux(&'static str),
 }
 
 /// How a run ended.
@@ -84,6 +112,8 @@ pub enum Outcome {
     Shutdown,
     /// The guest reset the machine (i8042 reset line, or a reset system event).
     Reset,
+    /// The guest powered the machine off through the ACPI sleep registers (S5).
+    PowerOff,
 }
 
 /// True if `image` is a Linux bzImage (the "HdrS" magic of the setup header at 0x202).
@@ -119,6 +149,14 @@ pub fn initramfs_addr(
         .max()
 }
 
+/// An application processor: a vCPU beyond the first, with its own exit routing.
+pub struct ApVcpu {
+    /// The vCPU.
+    pub vcpu: KvmVcpu,
+    /// Its dispatcher (same devices as vCPU 0's).
+    pub dispatcher: Dispatcher,
+}
+
 /// A VM ready to run.
 pub struct Vmm<W: Write + Send + 'static> {
     /// The guest-physical layout (RAM, MMIO hole, reserved ranges, E820).
@@ -127,14 +165,158 @@ pub struct Vmm<W: Write + Send + 'static> {
     pub memory: GuestRam,
     /// The KVM VM.
     pub vm: KvmVm,
-    /// Its vCPU.
+    /// vCPU 0, the bootstrap processor.
     pub vcpu: KvmVcpu,
-    /// Exit routing and metrics.
+    /// vCPU 0's exit routing and metrics.
     pub dispatcher: Dispatcher,
+    /// vCPUs 1.., started by the guest through INIT/SIPI.
+    pub aps: Vec<ApVcpu>,
     /// Device handles.
     pub devices: Devices<W>,
+    /// The virtio-mmio devices and their event loop (Linux machines with devices).
+    pub virtio: Option<VirtioDevices>,
+    /// The ACPI tables written into guest memory (Linux machines).
+    pub acpi: Option<AcpiTables>,
     /// Set by the i8042 when the guest pulses the reset line.
     reset: Arc<AtomicBool>,
+    /// Set by the ACPI sleep registers when the guest enters S5.
+    power_off: Arc<AtomicBool>,
+}
+
+/// The CPUID policy of vCPU `id` in a machine of `cpus` vCPUs: the default policy (APIC ID in
+/// leaf 1, hypervisor bit) plus a topology of one core per vCPU, one thread per core, so
+/// Linux's topology code (leaves 0xB/0x1F, and AMD's 0x8000001E) sees each vCPU's own APIC ID
+/// instead of the host CPU's.
+pub fn cpuid_policy(id: u32, cpus: u32, entries: &mut Vec<CpuidEntry>) {
+    boot::default_cpuid_policy(id, entries);
+    // Bits of the APIC ID that select the core: enough for `cpus`.
+    let core_bits = cpus.max(1).next_power_of_two().trailing_zeros();
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            // Extended topology: subleaf 0 is the SMT level, 1 the core level.
+            (0xb | 0x1f, 0) => {
+                (e.eax, e.ebx, e.ecx, e.edx) = (0, 1, 1 << 8, id);
+            }
+            (0xb | 0x1f, 1) => {
+                (e.eax, e.ebx, e.ecx, e.edx) = (core_bits, cpus, (2 << 8) | 1, id);
+            }
+            (0xb | 0x1f, n) => (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, n & 0xff, id),
+            // AMD: extended APIC ID, compute unit = core id, one thread per unit.
+            (0x8000_001e, _) => {
+                e.eax = id;
+                e.ebx = id & 0xff;
+                e.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        // Logical processors per package: all vCPUs share one package.
+        e.ebx = (e.ebx & 0xff00_ffff) | ((cpus.min(255) & 0xff) << 16);
+    }
+}
+
+/// Masks every line of KVM's in-kernel 8259 pair. The hardware-reduced ACPI platform has no
+/// legacy PIC, so Linux never programs it; left at KVM's power-on state (unmasked, vector base
+/// 0) a GSI below 16 raised through an irqfd would also reach it and could be delivered as an
+/// ExtINT with a meaningless vector. Masked, it never raises its output.
+fn mask_pic(vm: &KvmVm) -> Result<(), VmmError> {
+    for (chip_id, elcr_mask) in [
+        (kvm_bindings::KVM_IRQCHIP_PIC_MASTER, 0xf8),
+        (kvm_bindings::KVM_IRQCHIP_PIC_SLAVE, 0xde),
+    ] {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        chip.chip.pic = kvm_bindings::kvm_pic_state {
+            imr: 0xff,
+            elcr_mask,
+            ..Default::default()
+        };
+        vm.fd()
+            .set_irqchip(&chip)
+            .map_err(|e| hv_error("KVM_SET_IRQCHIP (mask the 8259)", e))?;
+    }
+    Ok(())
+}
+
+/// Points the kernel at the RSDP: the zero page's `acpi_rsdp_addr` (boot protocol 2.14).
+fn set_rsdp_addr(memory: &GuestRam, rsdp: u64) -> Result<(), VmmError> {
+    let zero_page = GuestAddress(boot::ZERO_PAGE_ADDR);
+    let err = |e: vm_memory::GuestMemoryError| VmmError::Guest(format!("zero page: {e}"));
+    let mut params: boot_params = memory.read_obj(zero_page).map_err(err)?;
+    params.acpi_rsdp_addr = rsdp;
+    memory.write_obj(params, zero_page).map_err(err)
+}
+
+/// Builds the exit routing of one vCPU: every port device, the virtio windows, hypercalls.
+fn make_dispatcher<W: Write + Send + 'static>(
+    devices: &Devices<W>,
+    memory: &GuestRam,
+    virtio: Option<&VirtioDevices>,
+) -> Result<Dispatcher, VmmError> {
+    let mut dispatcher = Dispatcher::new(UnclaimedPolicy::default());
+    dispatcher.register_pio(SERIAL_PORT, 8, devices.serial.clone())?;
+    dispatcher.register_pio(0xf4, 4, devices.exit.clone())?;
+    dispatcher.register_pio(0x510, 0x10, devices.test.clone())?;
+    dispatcher.register_pio(I8042::DATA_PORT, 1, devices.i8042.clone())?;
+    dispatcher.register_pio(I8042::COMMAND_PORT, 1, devices.i8042.clone())?;
+    dispatcher.register_pio(Cmos::INDEX_PORT, 2, devices.cmos.clone())?;
+    dispatcher.register_pio(acpi::SLEEP_CONTROL_PORT, 2, devices.sleep.clone())?;
+    if let Some(v) = virtio {
+        v.register(&mut dispatcher)?;
+    }
+    // Hypercalls arrive through the port doorbell (0x500): this host's KVM does not
+    // forward `vmcall`. Hypercall 1 ("hello") answers its argument plus one.
+    dispatcher.set_hypercall_port(0x500, memory.clone());
+    dispatcher.register_hypercall(
+        1,
+        Box::new(|_nr: u64, args: &[u64; 6]| args[0].wrapping_add(1)),
+    );
+    Ok(dispatcher)
+}
+
+/// The flags that end a run, shared by every vCPU thread.
+#[derive(Clone)]
+struct EndFlags {
+    reset: Arc<AtomicBool>,
+    power_off: Arc<AtomicBool>,
+    /// Another vCPU ended the VM.
+    stop: Arc<AtomicBool>,
+    exit: Arc<ExitPort>,
+}
+
+/// Runs one vCPU until the VM ends; `Ok(None)` when another vCPU ended it.
+fn run_vcpu(
+    vcpu: &mut KvmVcpu,
+    dispatcher: &mut Dispatcher,
+    end: &EndFlags,
+) -> Result<Option<Outcome>, VmmError> {
+    loop {
+        let exit = vcpu.run().map_err(DispatchError::from)?;
+        let action = dispatcher.dispatch(exit);
+        if end.reset.load(Ordering::SeqCst) {
+            return Ok(Some(Outcome::Reset));
+        }
+        if end.power_off.load(Ordering::SeqCst) {
+            return Ok(Some(Outcome::PowerOff));
+        }
+        match action {
+            Action::Interrupted if end.stop.load(Ordering::SeqCst) => return Ok(None),
+            Action::Continue | Action::Interrupted | Action::Debug { .. } => continue,
+            Action::Halt => return Ok(Some(Outcome::Exited(end.exit.status().unwrap_or(0)))),
+            Action::Shutdown => return Ok(Some(Outcome::Shutdown)),
+            Action::Reset => return Ok(Some(Outcome::Reset)),
+            other => {
+                let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                return Err(VmmError::Guest(format!(
+                    "vCPU {}: {other:?} at rip {rip:#x}",
+                    vcpu.id()
+                )));
+            }
+        }
+    }
 }
 
 fn hv_error(op: &'static str, e: impl Into<std::io::Error>) -> VmmError {
@@ -195,6 +377,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
         vm.register_memory(&memory, 0, MemoryFlags::default())?;
 
         let mut linux = false;
+        let mut protocol = None;
         let kernel = match &args.payload {
             Payload::Guest(name) => {
                 let elf = vmkit_test_guests::ALL
@@ -222,9 +405,23 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 if let Some(initramfs) = &args.initramfs {
                     load_initramfs(&memory, &layout, initramfs, k.end)?;
                 }
+                protocol = Some(k.protocol);
                 k
             }
         };
+        if !linux {
+            for (given, name) in [
+                (args.cpus > 1, "--cpus"),
+                (!args.disks.is_empty(), "--disk"),
+                (!args.nets.is_empty(), "--net"),
+                (args.rng, "--rng"),
+                (args.console.is_some(), "--console"),
+            ] {
+                if given {
+                    return Err(VmmError::NeedsLinux(name));
+                }
+            }
+        }
         let serial_irq = if linux {
             // In-kernel PIC/IOAPIC/LAPIC and PIT; both must exist before the vCPU.
             vm.create_irq_chip()?;
@@ -238,15 +435,49 @@ impl<W: Write + Send + 'static> Vmm<W> {
             vm.fd()
                 .set_tss_address(KVM_TSS_ADDR)
                 .map_err(|e| hv_error("KVM_SET_TSS_ADDR", e))?;
+            mask_pic(&vm)?;
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| hv_error("eventfd", e))?;
             vm.register_irqfd(&fd, SERIAL_GSI)?;
             SerialIrq::EventFd(fd)
         } else {
             SerialIrq::None
         };
+        let cpus = u32::from(args.cpus.max(1));
         let vcpu = vm.create_vcpu(0)?;
-        boot::configure_cpuid(&hv, &vcpu, boot::default_cpuid_policy)?;
+        boot::configure_cpuid(&hv, &vcpu, |id, e| cpuid_policy(id, cpus, e))?;
         kernel.setup_vcpu(&memory, &vcpu)?;
+        let mut ap_vcpus = Vec::new();
+        for id in 1..cpus {
+            // No register setup: KVM holds application processors in wait-for-SIPI.
+            let ap = vm.create_vcpu(id)?;
+            boot::configure_cpuid(&hv, &ap, |id, e| cpuid_policy(id, cpus, e))?;
+            ap_vcpus.push(ap);
+        }
+
+        let (virtio, acpi_tables) = if linux {
+            let specs = crate::virtio::devices_from_args(args)?;
+            let virtio = if specs.is_empty() {
+                None
+            } else {
+                Some(VirtioDevices::new(specs, Arc::new(memory.clone()), &vm)?)
+            };
+            let machine = acpi::Machine {
+                cpus: cpus as usize,
+                serial: Some(acpi::SerialInfo {
+                    port: SERIAL_PORT,
+                    gsi: SERIAL_GSI,
+                }),
+                virtio: virtio.as_ref().map(|v| v.acpi_info()).unwrap_or_default(),
+            };
+            let tables = acpi::build(&machine)?;
+            tables.write_to(&memory)?;
+            if matches!(protocol, Some(boot::BootProtocol::Linux64 { .. })) {
+                set_rsdp_addr(&memory, tables.rsdp_addr)?;
+            }
+            (virtio, Some(tables))
+        } else {
+            (None, None)
+        };
 
         let devices = Devices {
             serial: Arc::new(Mutex::new(SerialPort::with_irq(out, serial_irq))),
@@ -254,7 +485,9 @@ impl<W: Write + Send + 'static> Vmm<W> {
             test: Arc::new(TestPorts::default()),
             i8042: Arc::new(Mutex::new(I8042::new())),
             cmos: Arc::new(Mutex::new(Cmos::new())),
+            sleep: Arc::new(AcpiSleep::default()),
         };
+        let power_off = devices.sleep.power_off_requested();
         let reset = devices
             .i8042
             .lock()
@@ -264,28 +497,24 @@ impl<W: Write + Send + 'static> Vmm<W> {
             .test
             .param
             .store(args.param, std::sync::atomic::Ordering::SeqCst);
-        let mut dispatcher = Dispatcher::new(UnclaimedPolicy::default());
-        dispatcher.register_pio(0x3f8, 8, devices.serial.clone())?;
-        dispatcher.register_pio(0xf4, 4, devices.exit.clone())?;
-        dispatcher.register_pio(0x510, 0x10, devices.test.clone())?;
-        dispatcher.register_pio(I8042::DATA_PORT, 1, devices.i8042.clone())?;
-        dispatcher.register_pio(I8042::COMMAND_PORT, 1, devices.i8042.clone())?;
-        dispatcher.register_pio(Cmos::INDEX_PORT, 2, devices.cmos.clone())?;
-        // Hypercalls arrive through the port doorbell (0x500): this host's KVM does not
-        // forward `vmcall`. Hypercall 1 ("hello") answers its argument plus one.
-        dispatcher.set_hypercall_port(0x500, memory.clone());
-        dispatcher.register_hypercall(
-            1,
-            Box::new(|_nr: u64, args: &[u64; 6]| args[0].wrapping_add(1)),
-        );
+        let dispatcher = make_dispatcher(&devices, &memory, virtio.as_ref())?;
+        let mut aps = Vec::new();
+        for vcpu in ap_vcpus {
+            let dispatcher = make_dispatcher(&devices, &memory, virtio.as_ref())?;
+            aps.push(ApVcpu { vcpu, dispatcher });
+        }
         Ok(Vmm {
             layout,
             memory,
             vm,
             vcpu,
             dispatcher,
+            aps,
             devices,
+            virtio,
+            acpi: acpi_tables,
             reset,
+            power_off,
         })
     }
 
@@ -308,27 +537,62 @@ impl<W: Write + Send + 'static> Vmm<W> {
         out
     }
 
-    /// Runs the guest until it halts, shuts down or resets.
+    /// Runs the guest until it halts, shuts down, resets or powers off. Starts the virtio
+    /// event loop first and stops it before returning.
     pub fn run(&mut self) -> Result<Outcome, VmmError> {
-        loop {
-            let exit = self.vcpu.run().map_err(DispatchError::from)?;
-            let action = self.dispatcher.dispatch(exit);
-            if self.reset.load(Ordering::SeqCst) {
-                return Ok(Outcome::Reset);
-            }
-            match action {
-                Action::Continue | Action::Interrupted | Action::Debug { .. } => continue,
-                Action::Halt => {
-                    return Ok(Outcome::Exited(self.devices.exit.status().unwrap_or(0)));
-                }
-                Action::Shutdown => return Ok(Outcome::Shutdown),
-                Action::Reset => return Ok(Outcome::Reset),
-                other => {
-                    let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(VmmError::Guest(format!("{other:?} at rip {rip:#x}")));
-                }
-            }
+        if let Some(v) = &mut self.virtio {
+            v.start()?;
         }
+        let end = EndFlags {
+            reset: self.reset.clone(),
+            power_off: self.power_off.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            exit: self.devices.exit.clone(),
+        };
+        let result = if self.aps.is_empty() {
+            run_vcpu(&mut self.vcpu, &mut self.dispatcher, &end)
+        } else {
+            let bsp_kick = self.vcpu.kick_handle();
+            let ap_kicks: Vec<_> = self.aps.iter().map(|a| a.vcpu.kick_handle()).collect();
+            let (bsp, aps) = (&mut self.vcpu, &mut self.aps);
+            let bsp_dispatcher = &mut self.dispatcher;
+            std::thread::scope(|s| {
+                let threads: Vec<_> = aps
+                    .iter_mut()
+                    .map(|ap| {
+                        let (end, bsp_kick) = (end.clone(), bsp_kick.clone());
+                        s.spawn(move || {
+                            let r = run_vcpu(&mut ap.vcpu, &mut ap.dispatcher, &end);
+                            if !matches!(r, Ok(None)) {
+                                // This vCPU ended the VM: stop vCPU 0, which stops the rest.
+                                end.stop.store(true, Ordering::SeqCst);
+                                bsp_kick.kick();
+                            }
+                            r
+                        })
+                    })
+                    .collect();
+                let mut result = run_vcpu(bsp, bsp_dispatcher, &end);
+                end.stop.store(true, Ordering::SeqCst);
+                for k in &ap_kicks {
+                    k.kick();
+                }
+                for t in threads {
+                    let r = t
+                        .join()
+                        .unwrap_or_else(|_| Err(VmmError::Guest("a vCPU thread panicked".into())));
+                    // vCPU 0 stopped on another vCPU's account: that vCPU's result counts.
+                    if matches!(result, Ok(None)) && !matches!(r, Ok(None)) {
+                        result = r;
+                    }
+                }
+                result
+            })
+        };
+        if let Some(v) = &mut self.virtio {
+            v.stop();
+        }
+        result.and_then(|r| r.ok_or_else(|| VmmError::Guest("every vCPU stopped".into())))
     }
 }
 

@@ -102,7 +102,7 @@ fn the_library_vmm_reports_layout_and_stats() {
         stats.contains("mmio_write") && stats.contains("mmio_read"),
         "{stats}"
     );
-    // No MMIO device in mini-vmm yet: every MMIO access was unclaimed.
+    // The bundled guests' machine has no MMIO devices: every MMIO access was unclaimed.
     assert_eq!(vmm.dispatcher.metrics().unclaimed_mmio_writes, 4);
     assert_eq!(
         vmm.devices.test.data.lock().unwrap().last(),
@@ -124,4 +124,24 @@ fn a_missing_initramfs_is_named() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/initrd.gz"), "{stderr}");
+}
+
+#[test]
+fn devices_need_the_linux_machine() {
+    // An ELF kernel runs on the polling machine without interrupt controllers or ACPI: virtio
+    // devices and extra vCPUs are refused by name instead of being silently dropped.
+    let path = std::env::temp_dir().join(format!("mini-vmm-elf-{}", std::process::id()));
+    std::fs::write(&path, vmkit_test_guests::HELLO).unwrap();
+    for (opts, name) in [(&["--rng"][..], "--rng"), (&["--cpus", "boot=2"], "--cpus")] {
+        let mut args = vec!["--kernel", path.to_str().unwrap()];
+        args.extend_from_slice(opts);
+        let out = mini_vmm(&args);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("`{name}` needs a Linux bzImage kernel")),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_file(&path).unwrap();
 }
