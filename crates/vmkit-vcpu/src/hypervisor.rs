@@ -19,7 +19,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::VmExit;
-use crate::regs::{CpuidEntry, Fpu, LapicState, MpState, MsrEntry, Regs, SpecialRegs, VcpuEvents};
+use crate::regs::{
+    CpuidEntry, DebugRegs, Fpu, LapicState, MpState, MsrEntry, Regs, SpecialRegs, VcpuEvents, Xcr,
+    XsaveArea,
+};
 
 /// Errors of the hypervisor interface.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +179,31 @@ pub trait Vcpu: Send {
     fn fpu(&self) -> Result<Fpu>;
     /// Sets FPU/SSE state.
     fn set_fpu(&self, fpu: &Fpu) -> Result<()>;
+    /// The XSAVE image (x87, SSE, AVX, ...). Backends without one return
+    /// [`Error::Unsupported`]; [`Fpu`] then carries the legacy part.
+    fn xsave(&self) -> Result<XsaveArea> {
+        Err(Error::Unsupported("XSAVE state"))
+    }
+    /// Sets the XSAVE image; its length must be the one [`Vcpu::xsave`] returns.
+    fn set_xsave(&self, _xsave: &XsaveArea) -> Result<()> {
+        Err(Error::Unsupported("XSAVE state"))
+    }
+    /// Extended control registers (XCR0).
+    fn xcrs(&self) -> Result<Vec<Xcr>> {
+        Err(Error::Unsupported("extended control registers"))
+    }
+    /// Sets extended control registers.
+    fn set_xcrs(&self, _xcrs: &[Xcr]) -> Result<()> {
+        Err(Error::Unsupported("extended control registers"))
+    }
+    /// Debug registers DR0-3, DR6, DR7.
+    fn debug_regs(&self) -> Result<DebugRegs> {
+        Err(Error::Unsupported("debug registers"))
+    }
+    /// Sets debug registers.
+    fn set_debug_regs(&self, _regs: &DebugRegs) -> Result<()> {
+        Err(Error::Unsupported("debug registers"))
+    }
     /// Reads the MSRs named in `indices`; returns those the backend could read.
     fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
     /// Writes MSRs; fails if the backend accepted fewer than all.

@@ -25,6 +25,6 @@ pub use hypervisor::{
     Capability, Error, Hypervisor, IoEventAddress, MemoryFlags, Result, Vcpu, VcpuKick, Vm,
 };
 pub use regs::{
-    CpuidEntry, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment, SpecialRegs,
-    VcpuEvents,
+    CpuidEntry, DebugRegs, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment,
+    SpecialRegs, VcpuEvents, Xcr, XsaveArea,
 };

@@ -1,5 +1,6 @@
 //! Backend-neutral x86-64 vCPU state: general registers, segment and control registers, FPU,
-//! MSRs, local APIC, pending events and the multiprocessor state.
+//! the XSAVE area and extended control registers, debug registers, MSRs, local APIC, pending
+//! events and the multiprocessor state.
 //!
 //! These mirror what every x86 hypervisor interface exposes (KVM, Hyper-V/WHP, HVF all have
 //! the same architectural fields) without tying callers to one backend's structs. A backend
@@ -246,6 +247,55 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+/// The processor's XSAVE-managed state (x87, SSE, AVX and whatever else XCR0 enables) as an
+/// XSAVE image in the standard (non-compacted) format: the 512-byte legacy region, the
+/// 64-byte XSAVE header, then each enabled component at its CPUID-given offset.
+///
+/// [`Fpu`] holds only the legacy part; a VMM that restores `Fpu` alone loses a guest's
+/// upper YMM halves. The length is the backend's (4096 bytes for KVM without dynamically
+/// enabled components such as AMX tiles).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XsaveArea {
+    /// The image, little-endian as the processor writes it.
+    pub bytes: Vec<u8>,
+}
+
+impl XsaveArea {
+    /// Size of the legacy (FXSAVE) region at the start of the image.
+    pub const LEGACY_SIZE: usize = 512;
+    /// Size of the XSAVE header that follows the legacy region.
+    pub const HEADER_SIZE: usize = 64;
+
+    /// The XSTATE_BV field of the header: which components the image holds (bit 0 x87,
+    /// bit 1 SSE, bit 2 AVX, ...), or `None` if the image is shorter than its header.
+    pub fn xstate_bv(&self) -> Option<u64> {
+        let at = Self::LEGACY_SIZE;
+        let b = self.bytes.get(at..at + 8)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+}
+
+/// One extended control register (XCR0 is the only one x86 defines today: the XSAVE
+/// feature mask the guest enabled with XSETBV).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Xcr {
+    /// Register number (0 for XCR0).
+    pub index: u32,
+    /// Its value.
+    pub value: u64,
+}
+
+/// Debug registers: the four breakpoint addresses, the status (DR6) and control (DR7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugRegs {
+    /// DR0-DR3: breakpoint linear addresses.
+    pub db: [u64; 4],
+    /// DR6: debug status.
+    pub dr6: u64,
+    /// DR7: debug control.
+    pub dr7: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +318,16 @@ mod tests {
         assert!(r.gpr_mut(16).is_none());
         assert_eq!(Fpu::default().mxcsr, 0x1f80);
         assert_eq!(LapicState::default().regs.len(), 1024);
+    }
+
+    #[test]
+    fn xstate_bv_reads_the_header_or_reports_a_short_image() {
+        let mut x = XsaveArea {
+            bytes: vec![0; 4096],
+        };
+        x.bytes[512..520].copy_from_slice(&7u64.to_le_bytes());
+        assert_eq!(x.xstate_bv(), Some(7));
+        x.bytes.truncate(519);
+        assert_eq!(x.xstate_bv(), None);
     }
 }

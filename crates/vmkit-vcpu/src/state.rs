@@ -1,11 +1,16 @@
 //! Versioned save and restore of a vCPU's complete architectural state.
 //!
-//! [`VcpuState::save`] collects general and special registers, FPU/SSE state, every MSR
-//! the backend can save, the local APIC (when there is an in-kernel irqchip), pending events
-//! and the MP state. [`VcpuState::restore`] writes them into a *fresh* vCPU (whose CPUID the
-//! VMM has already set), in the order KVM needs: MP state, special registers, general
-//! registers, FPU, LAPIC, MSRs, events. A restored vCPU continues exactly where the saved one
+//! [`VcpuState::save`] collects general and special registers, FPU/SSE state, the XSAVE
+//! image and XCR0, the debug registers, every MSR the backend can save, the local APIC (when
+//! there is an in-kernel irqchip), pending events and the MP state. [`VcpuState::restore`]
+//! writes them into a *fresh* vCPU (whose CPUID the VMM has already set), in the order KVM
+//! needs: MP state, special registers, general registers, FPU, XCRs, XSAVE (after the FPU, so
+//! that its AVX state is not clobbered; after XCR0, which it must agree with), debug
+//! registers, LAPIC, MSRs, events. A restored vCPU continues exactly where the saved one
 //! stopped.
+//!
+//! State a backend does not offer ([`Error::Unsupported`](crate::hypervisor::Error)) is
+//! saved as absent and skipped on restore; any other failure is an error.
 //!
 //! Before saving, the vCPU's in-flight exit is completed ([`Vcpu::complete_pending_exit`]):
 //! a port or MMIO read whose data the VMM filled in is only delivered to the guest
@@ -15,17 +20,26 @@
 //!
 //! [`VcpuState::to_bytes`] produces a little-endian blob: the magic `VKVCPU\0\0`, a `u32`
 //! format version ([`STATE_VERSION`]), then the fields in a fixed order; the MSR list is
-//! prefixed with its count, the LAPIC with a presence byte. [`VcpuState::from_bytes`]
+//! prefixed with its count, the LAPIC with a presence byte; version 2 appends the XSAVE image
+//! (presence byte, `u32` length, bytes), the XCRs (`u32` count, then index and value each)
+//! and the debug registers (presence byte, six `u64`). Version 1 blobs still decode (without
+//! those three). [`VcpuState::from_bytes`]
 //! checks magic, version, lengths and enum codes and returns a [`StateError`] naming the
 //! problem instead of panicking: snapshot files are untrusted input.
 
-use crate::hypervisor::Vcpu;
+use crate::hypervisor::{Error as HvError, Vcpu};
 use crate::regs::{
-    DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment, SpecialRegs, VcpuEvents,
+    DebugRegs, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment, SpecialRegs,
+    VcpuEvents, Xcr, XsaveArea,
 };
 
 /// Current encoding version.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+/// Upper bound on a saved XSAVE image, to bound allocations when decoding (AMX tile data
+/// makes today's largest images ~11 KiB).
+pub const MAX_XSAVE_BYTES: usize = 64 * 1024;
+/// Upper bound on saved extended control registers.
+pub const MAX_XCRS: usize = 16;
 const MAGIC: &[u8; 8] = b"VKVCPU\0\0";
 /// Upper bound on saved MSRs, to bound allocations when decoding.
 pub const MAX_MSRS: usize = 4096;
@@ -40,7 +54,7 @@ pub enum StateError {
     #[error("not a vCPU state blob (bad magic)")]
     BadMagic,
     /// The blob has a version this code does not read.
-    #[error("unsupported vCPU state version {0} (this build reads {STATE_VERSION})")]
+    #[error("unsupported vCPU state version {0} (this build reads 1 to {STATE_VERSION})")]
     Version(u32),
     /// The blob ended early.
     #[error("vCPU state truncated while reading {0}")]
@@ -78,6 +92,21 @@ pub struct VcpuState {
     pub events: VcpuEvents,
     /// MP state.
     pub mp_state: MpState,
+    /// The XSAVE image, if the backend has one (it supersedes `fpu` on restore).
+    pub xsave: Option<XsaveArea>,
+    /// Extended control registers (XCR0); empty if the backend has none.
+    pub xcrs: Vec<Xcr>,
+    /// Debug registers, if the backend offers them.
+    pub debug_regs: Option<DebugRegs>,
+}
+
+/// `Ok(Some)` on success, `Ok(None)` when the backend does not offer the state at all.
+fn optional<T>(r: crate::hypervisor::Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(HvError::Unsupported(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn read_msrs<V: Vcpu>(vcpu: &V, indices: &[u32]) -> Result<Vec<MsrEntry>> {
@@ -106,6 +135,9 @@ impl VcpuState {
             lapic: vcpu.lapic().ok(),
             events: vcpu.events()?,
             mp_state: vcpu.mp_state()?,
+            xsave: optional(vcpu.xsave())?,
+            xcrs: optional(vcpu.xcrs())?.unwrap_or_default(),
+            debug_regs: optional(vcpu.debug_regs())?,
         })
     }
 
@@ -116,6 +148,15 @@ impl VcpuState {
         vcpu.set_sregs(&self.sregs)?;
         vcpu.set_regs(&self.regs)?;
         vcpu.set_fpu(&self.fpu)?;
+        if !self.xcrs.is_empty() {
+            vcpu.set_xcrs(&self.xcrs)?;
+        }
+        if let Some(x) = &self.xsave {
+            vcpu.set_xsave(x)?;
+        }
+        if let Some(d) = &self.debug_regs {
+            vcpu.set_debug_regs(d)?;
+        }
         if let Some(lapic) = &self.lapic {
             vcpu.set_lapic(lapic)?;
         }
@@ -221,6 +262,28 @@ impl VcpuState {
         };
         w.push(code);
         put32(&mut w, other);
+        match &self.xsave {
+            Some(x) => {
+                w.push(1);
+                put32(&mut w, x.bytes.len() as u32);
+                w.extend_from_slice(&x.bytes);
+            }
+            None => w.push(0),
+        }
+        put32(&mut w, self.xcrs.len() as u32);
+        for x in &self.xcrs {
+            put32(&mut w, x.index);
+            put64(&mut w, x.value);
+        }
+        match &self.debug_regs {
+            Some(d) => {
+                w.push(1);
+                for v in [d.db[0], d.db[1], d.db[2], d.db[3], d.dr6, d.dr7] {
+                    put64(&mut w, v);
+                }
+            }
+            None => w.push(0),
+        }
         w
     }
 
@@ -231,7 +294,7 @@ impl VcpuState {
             return Err(StateError::BadMagic);
         }
         let version = r.u32("version")?;
-        if version != STATE_VERSION {
+        if !(1..=STATE_VERSION).contains(&version) {
             return Err(StateError::Version(version));
         }
         let mut g = [0u64; 18];
@@ -391,6 +454,45 @@ impl VcpuState {
                 })
             }
         };
+        let (mut xsave, mut xcrs, mut debug_regs) = (None, Vec::new(), None);
+        if version >= 2 {
+            if r.flag("xsave flag")? {
+                let n = r.u32("xsave length")? as usize;
+                if n > MAX_XSAVE_BYTES {
+                    return Err(StateError::Invalid {
+                        field: "xsave length",
+                        value: n as u64,
+                    });
+                }
+                xsave = Some(XsaveArea {
+                    bytes: r.take(n, "xsave")?.to_vec(),
+                });
+            }
+            let n = r.u32("xcr count")? as usize;
+            if n > MAX_XCRS {
+                return Err(StateError::Invalid {
+                    field: "xcr count",
+                    value: n as u64,
+                });
+            }
+            for _ in 0..n {
+                xcrs.push(Xcr {
+                    index: r.u32("xcr")?,
+                    value: r.u64("xcr")?,
+                });
+            }
+            if r.flag("debug registers flag")? {
+                let mut v = [0u64; 6];
+                for x in v.iter_mut() {
+                    *x = r.u64("debug registers")?;
+                }
+                debug_regs = Some(DebugRegs {
+                    db: [v[0], v[1], v[2], v[3]],
+                    dr6: v[4],
+                    dr7: v[5],
+                });
+            }
+        }
         if !r.buf.is_empty() {
             return Err(StateError::Trailing(r.buf.len()));
         }
@@ -402,6 +504,9 @@ impl VcpuState {
             lapic,
             events,
             mp_state,
+            xsave,
+            xcrs,
+            debug_regs,
         })
     }
 }
@@ -442,6 +547,17 @@ impl<'a> Reader<'a> {
         self.buf = tail;
         Ok(head)
     }
+    fn flag(&mut self, what: &'static str) -> Result<bool> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(StateError::Invalid {
+                field: what,
+                value: other.into(),
+            }),
+        }
+    }
+
     fn u8(&mut self, what: &'static str) -> Result<u8> {
         Ok(self.take(1, what)?[0])
     }
@@ -522,6 +638,22 @@ mod tests {
                 ..Default::default()
             },
             mp_state: [MpState::Runnable, MpState::Halted, MpState::Other(9)][(seed % 3) as usize],
+            xsave: (seed % 4 == 1).then(|| XsaveArea {
+                bytes: (0..4096u32).map(|i| (i as u64 ^ seed) as u8).collect(),
+            }),
+            xcrs: if seed % 3 == 1 {
+                vec![Xcr {
+                    index: 0,
+                    value: 7 | (seed & 0xe0),
+                }]
+            } else {
+                Vec::new()
+            },
+            debug_regs: (seed % 5 == 1).then_some(DebugRegs {
+                db: [seed, 1, 2, 3],
+                dr6: 0xffff_0ff0,
+                dr7: 0x400 | (seed & 0xff),
+            }),
         };
         s.sregs.cs = Segment {
             base: seed,
@@ -564,11 +696,68 @@ mod tests {
         }
 
         #[test]
-        fn every_truncation_is_an_error(seed in any::<u64>(), cut in 0usize..2000) {
+        fn every_truncation_is_an_error(seed in any::<u64>(), cut in 0usize..8000) {
             let b = sample(seed).to_bytes();
             let cut = cut % b.len();
             prop_assert!(VcpuState::from_bytes(&b[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn version_1_blobs_decode_without_the_extended_state() {
+        let s = sample(2);
+        let mut b = s.to_bytes();
+        // Version 1 ends at the MP state: drop the empty version-2 tail.
+        b.truncate(b.len() - 6);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let d = VcpuState::from_bytes(&b).unwrap();
+        assert_eq!(d, s);
+        // ...but a version-1 blob with anything after the MP state is refused.
+        b.push(0);
+        assert!(matches!(
+            VcpuState::from_bytes(&b),
+            Err(StateError::Trailing(1))
+        ));
+    }
+
+    #[test]
+    fn extended_state_fields_are_bounded_and_checked() {
+        let s = sample(1); // XSAVE image, one XCR and debug registers
+        assert!(s.xsave.is_some() && s.xcrs.len() == 1 && s.debug_regs.is_some());
+        let good = s.to_bytes();
+        assert_eq!(VcpuState::from_bytes(&good).unwrap(), s);
+        // Tail layout: xsave flag, u32 length, 4096 bytes, u32 count, 12 bytes, flag, 48 bytes.
+        let xsave_at = good.len() - (1 + 4 + 4096 + 4 + 12 + 1 + 48);
+        let mut b = good.clone();
+        b[xsave_at] = 2;
+        let e = VcpuState::from_bytes(&b).unwrap_err();
+        assert!(e.to_string().contains("xsave flag"), "{e}");
+        let mut b = good.clone();
+        b[xsave_at + 1..xsave_at + 5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            VcpuState::from_bytes(&b),
+            Err(StateError::Invalid {
+                field: "xsave length",
+                ..
+            })
+        ));
+        let xcr_at = xsave_at + 1 + 4 + 4096;
+        let mut b = good.clone();
+        b[xcr_at..xcr_at + 4].copy_from_slice(&17u32.to_le_bytes());
+        assert!(matches!(
+            VcpuState::from_bytes(&b),
+            Err(StateError::Invalid {
+                field: "xcr count",
+                value: 17
+            })
+        ));
+        let dbg_at = xcr_at + 4 + 12;
+        let mut b = good.clone();
+        b[dbg_at] = 7;
+        assert!(VcpuState::from_bytes(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("debug registers flag"));
     }
 
     #[test]
@@ -592,8 +781,10 @@ mod tests {
             VcpuState::from_bytes(&b),
             Err(StateError::Trailing(1))
         ));
+        // sample(2) has no XSAVE image, XCRs or debug registers: the version-2 tail is
+        // 1 + 4 + 1 bytes, and the MP state code sits 5 bytes before it.
         let mut b = good.clone();
-        let last = b.len() - 5;
+        let last = b.len() - 6 - 5;
         b[last] = 6;
         let e = VcpuState::from_bytes(&b).unwrap_err();
         assert!(e.to_string().contains("mp state"), "{e}");

@@ -110,3 +110,48 @@ fn a_pending_port_read_is_completed_before_saving() {
     assert_eq!(state.regs.rax & 0xffff_ffff, u64::from(N));
     assert_eq!(after, expected);
 }
+
+#[test]
+fn xsave_image_xcr0_and_debug_registers_survive_a_restore() {
+    use vmkit_vcpu::regs::{DebugRegs, Xcr};
+    let mut t = fresh(false);
+    // Guest-visible values a VMM must carry: XCR0 with SSE enabled, an XMM register that
+    // only the XSAVE image holds once restored after the FPU, and armed breakpoints.
+    t.vcpu.set_xcrs(&[Xcr { index: 0, value: 3 }]).unwrap();
+    let mut x = t.vcpu.xsave().unwrap();
+    assert_eq!(x.bytes.len(), 4096);
+    const XMM7: std::ops::Range<usize> = 160 + 7 * 16..160 + 8 * 16;
+    x.bytes[XMM7].fill(0x5a);
+    x.bytes[512] |= 2; // XSTATE_BV: the SSE component is in the image
+    t.vcpu.set_xsave(&x).unwrap();
+    t.vcpu
+        .set_debug_regs(&DebugRegs {
+            db: [0x1000, 0x2000, 0x3000, 0x4000],
+            dr6: 0xffff_0ff0,
+            dr7: 0x455,
+        })
+        .unwrap();
+    let dbg = t.vcpu.debug_regs().unwrap();
+    assert_eq!(dbg.db, [0x1000, 0x2000, 0x3000, 0x4000]);
+
+    let state = VcpuState::save(&mut t.vcpu).unwrap();
+    assert_eq!(state.xcrs, vec![Xcr { index: 0, value: 3 }]);
+    assert_eq!(state.xsave.as_ref().unwrap().bytes[XMM7], [0x5a; 16]);
+    assert!(state.xsave.as_ref().unwrap().xstate_bv().unwrap() & 2 != 0);
+
+    let target = fresh(false);
+    assert_ne!(target.vcpu.debug_regs().unwrap(), dbg);
+    let restored = VcpuState::from_bytes(&state.to_bytes()).unwrap();
+    restored.restore(&target.vcpu).unwrap();
+    assert_eq!(target.vcpu.xcrs().unwrap(), state.xcrs);
+    assert_eq!(target.vcpu.debug_regs().unwrap(), dbg);
+    // The XSAVE image went in after the FPU, so its XMM7 is what the vCPU holds.
+    assert_eq!(target.vcpu.fpu().unwrap().xmm[7], [0x5a; 16]);
+    assert_eq!(target.vcpu.xsave().unwrap().bytes[XMM7], [0x5a; 16]);
+    // A wrong-sized image is refused with the sizes named, before KVM sees it.
+    let short = vmkit_vcpu::regs::XsaveArea {
+        bytes: vec![0; 100],
+    };
+    let e = target.vcpu.set_xsave(&short).unwrap_err();
+    assert!(e.to_string().contains("100 bytes"), "{e}");
+}

@@ -14,12 +14,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_run,
-    kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, CpuId, Msrs,
-    KVM_CAP_EXIT_HYPERCALL, KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
-    KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debugregs, kvm_enable_cap, kvm_fpu, kvm_guest_debug, kvm_lapic_state, kvm_mp_state,
+    kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vm_memory::bitmap::Bitmap;
@@ -33,9 +34,12 @@ use crate::hypervisor::{
     Capability, Error, Hypervisor, IoEventAddress, MemoryFlags, Result, Vcpu, Vm,
 };
 use crate::regs::{
-    CpuidEntry, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment, SpecialRegs,
-    VcpuEvents,
+    CpuidEntry, DebugRegs, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment,
+    SpecialRegs, VcpuEvents, Xcr, XsaveArea,
 };
+
+/// Bytes in `struct kvm_xsave` (KVM_GET_XSAVE / KVM_SET_XSAVE without the flexible tail).
+const KVM_XSAVE_BYTES: usize = std::mem::size_of::<kvm_xsave>();
 
 fn backend(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
     move |e| Error::Backend {
@@ -224,12 +228,17 @@ impl Vm for KvmVm {
             op: "install the kick signal handler",
             source,
         })?;
+        // KVM_CAP_XSAVE2 gives the XSAVE image size including dynamically enabled
+        // components (0 on kernels before 5.17, whose image is always the 4096-byte struct).
+        let xsave2 = self.fd.check_extension_int(Cap::Xsave2);
+        let xsave_size = usize::try_from(xsave2).unwrap_or(0).max(KVM_XSAVE_BYTES);
         Ok(KvmVcpu {
             id,
             fd,
             run,
             kick,
             msr_list: self.msr_list.clone(),
+            xsave_size,
         })
     }
 
@@ -326,6 +335,8 @@ pub struct KvmVcpu {
     run: *mut kvm_run,
     kick: Arc<kick::KickState>,
     msr_list: Arc<Vec<u32>>,
+    /// Size of this vCPU's XSAVE image (see `create_vcpu`).
+    xsave_size: usize,
 }
 
 // SAFETY: `run` points into the mmap owned by `fd`, which moves with the struct; the raw
@@ -560,6 +571,95 @@ impl Vcpu for KvmVcpu {
             ..Default::default()
         };
         self.fd.set_fpu(&k).map_err(backend("KVM_SET_FPU"))
+    }
+
+    fn xsave(&self) -> Result<XsaveArea> {
+        if self.xsave_size > KVM_XSAVE_BYTES {
+            // Dynamically enabled components (AMX) need KVM_GET_XSAVE2 and a larger buffer;
+            // refusing is better than saving a truncated image.
+            return Err(Error::Unsupported(
+                "XSAVE images larger than 4096 bytes (dynamically enabled XSTATE components)",
+            ));
+        }
+        let x = self.fd.get_xsave().map_err(backend("KVM_GET_XSAVE"))?;
+        let bytes = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        Ok(XsaveArea { bytes })
+    }
+
+    fn set_xsave(&self, xsave: &XsaveArea) -> Result<()> {
+        if self.xsave_size > KVM_XSAVE_BYTES {
+            return Err(Error::Unsupported(
+                "XSAVE images larger than 4096 bytes (dynamically enabled XSTATE components)",
+            ));
+        }
+        if xsave.bytes.len() != KVM_XSAVE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "XSAVE image of {} bytes; this vCPU's is {KVM_XSAVE_BYTES}",
+                xsave.bytes.len()
+            )));
+        }
+        let mut k = kvm_xsave::default();
+        for (w, b) in k.region.iter_mut().zip(xsave.bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        // SAFETY: `k` is a whole `kvm_xsave`, and KVM reads no more than that: this vCPU's
+        // XSAVE size (KVM_CAP_XSAVE2, checked above) is at most the struct's 4096 bytes.
+        unsafe { self.fd.set_xsave(&k) }.map_err(backend("KVM_SET_XSAVE"))
+    }
+
+    fn xcrs(&self) -> Result<Vec<Xcr>> {
+        let x = self.fd.get_xcrs().map_err(backend("KVM_GET_XCRS"))?;
+        let n = usize::try_from(x.nr_xcrs)
+            .unwrap_or(usize::MAX)
+            .min(x.xcrs.len());
+        Ok(x.xcrs[..n]
+            .iter()
+            .map(|e| Xcr {
+                index: e.xcr,
+                value: e.value,
+            })
+            .collect())
+    }
+
+    fn set_xcrs(&self, xcrs: &[Xcr]) -> Result<()> {
+        let mut k = kvm_xcrs::default();
+        if xcrs.len() > k.xcrs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} extended control registers (KVM takes at most {})",
+                xcrs.len(),
+                k.xcrs.len()
+            )));
+        }
+        k.nr_xcrs = xcrs.len() as u32;
+        for (d, x) in k.xcrs.iter_mut().zip(xcrs) {
+            d.xcr = x.index;
+            d.value = x.value;
+        }
+        self.fd.set_xcrs(&k).map_err(backend("KVM_SET_XCRS"))
+    }
+
+    fn debug_regs(&self) -> Result<DebugRegs> {
+        let d = self
+            .fd
+            .get_debug_regs()
+            .map_err(backend("KVM_GET_DEBUGREGS"))?;
+        Ok(DebugRegs {
+            db: d.db,
+            dr6: d.dr6,
+            dr7: d.dr7,
+        })
+    }
+
+    fn set_debug_regs(&self, regs: &DebugRegs) -> Result<()> {
+        let k = kvm_debugregs {
+            db: regs.db,
+            dr6: regs.dr6,
+            dr7: regs.dr7,
+            ..Default::default()
+        };
+        self.fd
+            .set_debug_regs(&k)
+            .map_err(backend("KVM_SET_DEBUGREGS"))
     }
 
     fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
