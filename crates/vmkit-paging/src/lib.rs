@@ -12,4 +12,4 @@ pub mod shadow;
 pub mod tlb;
 pub mod walk;
 
-pub use memory::{FlatMemory, GuestAddress, PhysMemory};
+pub use memory::{FlatMemory, GuestAddress, PhysMemory, WordSpan};

@@ -26,8 +26,45 @@ pub use vm_memory::GuestAddress;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GuestAddress(pub u64);
 
+/// A run of physical memory seen as atomic 64-bit words: `words[i]` is the word at physical
+/// address `base + 8 * i`, the same word [`PhysMemory::read_u64`] loads there.
+///
+/// Page-table walks read one entry per level, usually all from the same run of RAM. A
+/// walker that holds a span reads an entry with one subtraction and one bounds check,
+/// instead of looking the address up in the memory map at every level.
+#[derive(Debug, Clone, Copy)]
+pub struct WordSpan<'a> {
+    /// Physical address of `words[0]` (8-byte aligned).
+    pub base: u64,
+    /// The words, in address order.
+    pub words: &'a [AtomicU64],
+}
+
+impl<'a> WordSpan<'a> {
+    /// The word at the 8-byte aligned physical address `addr`, if the span holds it.
+    #[inline(always)]
+    pub fn word(&self, addr: u64) -> Option<&'a AtomicU64> {
+        // An address below `base` wraps around to a huge index and fails the bounds check.
+        let index = usize::try_from(addr.wrapping_sub(self.base) >> 3).ok()?;
+        self.words.get(index)
+    }
+}
+
 /// Aligned word access to a physical address space (guest-physical or host-physical).
 pub trait PhysMemory {
+    /// Direct access to the run of ordinary RAM that contains `addr`, for fast reads.
+    ///
+    /// The default, `None`, means "no such view": callers then use
+    /// [`read_u64`](Self::read_u64). An implementation that returns a span promises that
+    /// loading `words[i]` is exactly what `read_u64(base + 8 * i)` does, so the fast and the
+    /// word-by-word paths can never disagree. Writes always go through the other methods
+    /// (they may have side effects such as dirty logging).
+    #[inline]
+    fn word_span(&self, addr: u64) -> Option<WordSpan<'_>> {
+        let _ = addr;
+        None
+    }
+
     /// Loads the 64-bit little-endian word at `addr` (8-byte aligned).
     fn read_u64(&self, addr: u64) -> Option<u64>;
 
@@ -89,13 +126,13 @@ pub trait PhysMemory {
 
 #[cfg(feature = "std")]
 mod vm_memory_impl {
-    use super::PhysMemory;
+    use super::{PhysMemory, WordSpan};
     use core::sync::atomic::{AtomicU64, Ordering};
     use vm_memory::bitmap::Bitmap;
     use vm_memory::guest_memory::GuestMemorySliceIterator;
     use vm_memory::{
         Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
-        Permissions, VolatileMemory,
+        MemoryRegionAddress, Permissions, VolatileMemory,
     };
 
     /// Fast path for plain (non-IOMMU) memory: region lookup plus one atomic load, instead
@@ -126,6 +163,31 @@ mod vm_memory_impl {
     /// [`Bytes`] (so dirty bitmaps see table writes), compare-exchange through an atomic
     /// reference into the backing mapping.
     impl<T: GuestMemory + ?Sized> PhysMemory for T {
+        /// The whole region holding `addr`, when it is plain memory (no IOMMU), has a host
+        /// mapping and starts 8-byte aligned both in guest-physical and in host memory.
+        #[inline]
+        fn word_span(&self, addr: u64) -> Option<WordSpan<'_>> {
+            let phys = self.physical_memory()?;
+            let region = phys.find_region(GuestAddress(addr))?;
+            let base = region.start_addr().raw_value();
+            let host = region.get_host_address(MemoryRegionAddress(0)).ok()?;
+            if base % 8 != 0 || host as usize % 8 != 0 {
+                return None;
+            }
+            let len = usize::try_from(region.len() / 8).ok()?;
+            // SAFETY: `host` is the start of the region's host mapping, `region.len()` bytes
+            // long, so the `len` words lie inside it; it is 8-byte aligned (checked), which
+            // is `AtomicU64`'s alignment. The mapping lives as long as the region, which
+            // `self` owns immutably for the returned lifetime (vm-memory regions are never
+            // unmapped while the collection is borrowed). The guest and other threads may
+            // write these words concurrently: `AtomicU64` is made for shared mutation, and
+            // every access through the span is an atomic load, exactly as `load_direct`
+            // (and vm-memory's own `get_atomic_ref`) does. The slice is at most the
+            // mapping's size, hence below `isize::MAX` bytes.
+            let words = unsafe { core::slice::from_raw_parts(host.cast::<AtomicU64>(), len) };
+            Some(WordSpan { base, words })
+        }
+
         #[inline]
         fn read_u64(&self, addr: u64) -> Option<u64> {
             if addr & 7 != 0 {
@@ -248,6 +310,19 @@ impl FlatMemory {
 }
 
 impl PhysMemory for FlatMemory {
+    /// All of the memory, when `base` is 8-byte aligned (otherwise words would straddle
+    /// two addresses and the word-by-word path is used).
+    #[inline(always)]
+    fn word_span(&self, _addr: u64) -> Option<WordSpan<'_>> {
+        if self.base & 7 != 0 {
+            return None;
+        }
+        Some(WordSpan {
+            base: self.base,
+            words: &self.words,
+        })
+    }
+
     #[inline]
     fn read_u64(&self, addr: u64) -> Option<u64> {
         self.word(addr).map(|w| w.load(Ordering::Relaxed))

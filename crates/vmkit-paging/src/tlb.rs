@@ -21,8 +21,23 @@
 //! * Global entries match every PCID and survive flushes of non-global entries.
 //!
 //! Layout: one direct-mapped array per page size (4 KiB, 2 MiB, 4 MiB, 1 GiB), indexed by
-//! the page number, so a lookup is one to four probes with no allocation. A full flush is
-//! O(1): entries carry a generation number and a flush bumps the current one.
+//! the low bits of the page number (a mask, no hashing), so a lookup is one probe for a
+//! 4 KiB page and at most four in all, with no allocation. A slot is 16 bytes, two words:
+//!
+//! * **tag**: the page number without its index bits (the slot's position supplies them),
+//!   shifted left by 16, ORed with the PCID - equality of tags is equality of
+//!   (page, PCID), exactly;
+//! * **value**: the page's guest-physical frame (bits 51:12), the rights R/W, U/S, XD and the
+//!   leaf's Dirty bit in bits 3:0 (the index of a precomputed per-access verdict bitmap in
+//!   the [`Walker`], so a hit is checked with one shift and one AND), Global in bit 4, the
+//!   protection key in bits 11:8 and a 12-bit generation in bits 63:52.
+//!
+//! A hit is one 16-byte load, a tag compare that ignores the PCID of global entries, a
+//! generation compare and the bitmap test; everything else (a write through a clean entry, a
+//! fault, protection keys) leaves the hit path. A full flush bumps the generation, which
+//! invalidates every slot in O(1); once every 4095 flushes the generation wraps and the
+//! arrays are cleared for real (amortised O(1)). INVLPG probes the one slot per page size
+//! that can hold the address.
 //!
 //! ```
 //! use vmkit_paging::tlb::Tlb;
@@ -44,6 +59,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::builder::PageSize;
+use crate::entry::bits;
 use crate::memory::PhysMemory;
 use crate::walk::{
     Access, Fault, FaultReason, PageFault, PfErrorCode, Rights, TableAccess, Translation, Walker,
@@ -58,39 +74,97 @@ const SIZES: [PageSize; 4] = [
 
 const SHIFTS: [u32; 4] = [12, 21, 22, 30];
 
-const F_GLOBAL: u8 = 1;
-const F_DIRTY: u8 = 2;
-const F_WRITABLE: u8 = 4;
-const F_USER: u8 = 8;
-const F_NX: u8 = 16;
+// Value word of a slot. Bits 3:0 are the walker's fast rights index (R/W, U/S, XD, dirty).
+const V_WRITABLE: u64 = 1 << 0;
+const V_USER: u64 = 1 << 1;
+const V_NX: u64 = 1 << 2;
+const V_DIRTY: u64 = 1 << 3;
+const V_GLOBAL: u64 = 1 << 4;
+const V_PKEY_SHIFT: u32 = 8;
+const V_FRAME: u64 = bits(51, 12);
+const GEN_SHIFT: u32 = 52;
+/// Largest generation; 0 marks a slot that never matches.
+const GEN_MAX: u64 = (1 << (64 - GEN_SHIFT)) - 1;
+/// PCID field of the tag word.
+const TAG_PCID: u64 = 0xffff;
 
-/// 24 bytes: small slots keep the arrays cache-friendly.
+/// 16 bytes: a tag word and a value word (layout in the module docs).
 #[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(16))]
 struct Slot {
-    /// Page number (address >> size shift).
-    vpn: u64,
-    /// Guest-physical base of the page.
-    base: u64,
-    /// Valid only when equal to the TLB's generation.
-    generation: u32,
-    pcid: u16,
-    flags: u8,
-    pkey: u8,
+    tag: u64,
+    val: u64,
 }
 
 impl Slot {
     #[inline]
+    fn pcid(&self) -> u16 {
+        (self.tag & TAG_PCID) as u16
+    }
+    #[inline]
     fn global(&self) -> bool {
-        self.flags & F_GLOBAL != 0
+        self.val & V_GLOBAL != 0
+    }
+    #[inline]
+    fn base(&self) -> u64 {
+        self.val & V_FRAME
     }
     #[inline]
     fn rights(&self) -> Rights {
         Rights {
-            writable: self.flags & F_WRITABLE != 0,
-            user: self.flags & F_USER != 0,
-            no_execute: self.flags & F_NX != 0,
-            pkey: self.pkey,
+            writable: self.val & V_WRITABLE != 0,
+            user: self.val & V_USER != 0,
+            no_execute: self.val & V_NX != 0,
+            pkey: ((self.val >> V_PKEY_SHIFT) & 15) as u8,
         }
+    }
+    /// Whether the slot holds `tag` (page and PCID; any PCID for a global entry) in the
+    /// current generation `gen_bits` (already shifted into place). Branch-free.
+    #[inline(always)]
+    fn matches(&self, tag: u64, gen_bits: u64) -> bool {
+        let ignore = if self.global() { TAG_PCID } else { 0 };
+        ((self.tag ^ tag) & !ignore) | ((self.val ^ gen_bits) >> GEN_SHIFT) == 0
+    }
+    /// [`matches`](Self::matches) for the hot path: the exact tag only, so a global entry
+    /// cached under another PCID is left to the slow path (which re-tags it).
+    #[inline(always)]
+    fn matches_exactly(&self, tag: u64, gen_bits: u64) -> bool {
+        (self.tag ^ tag) | ((self.val ^ gen_bits) >> GEN_SHIFT) == 0
+    }
+    #[inline]
+    fn invalidate(&mut self) {
+        self.val &= !(GEN_MAX << GEN_SHIFT);
+    }
+}
+
+/// One direct-mapped array (one page size).
+#[derive(Debug, Clone)]
+struct Way {
+    /// A power of two long.
+    slots: Vec<Slot>,
+    /// `slots.len() - 1`.
+    mask: usize,
+    /// Page shift plus log2 of the length: what is left of the address once the page offset
+    /// and the index bits are gone.
+    tag_shift: u32,
+}
+
+impl Way {
+    fn new(len: usize, class: usize) -> Self {
+        Way {
+            slots: vec![Slot::default(); len],
+            mask: len - 1,
+            tag_shift: SHIFTS[class] + len.trailing_zeros(),
+        }
+    }
+
+    /// The slot index and tag of `addr` in `pcid`.
+    #[inline(always)]
+    fn locate(&self, class: usize, pcid: u16, addr: u64) -> (usize, u64) {
+        // Truncating the page number is harmless: only the bits under `mask` are used.
+        let index = (addr >> SHIFTS[class]) as usize & self.mask;
+        let tag = ((addr >> self.tag_shift) << 16) | u64::from(pcid);
+        (index, tag)
     }
 }
 
@@ -117,11 +191,12 @@ pub struct TlbStats {
 /// A software TLB.
 #[derive(Debug, Clone)]
 pub struct Tlb {
-    /// One array per page size, each a power of two long.
-    arrays: [Vec<Slot>; 4],
-    generation: u32,
-    /// Whether any entry of that size was ever inserted since the last full flush (skips
-    /// probes of empty arrays).
+    /// One array per page size.
+    ways: [Way; 4],
+    /// The current generation (1..=GEN_MAX), shifted into its place in the value word.
+    gen_bits: u64,
+    /// Whether any large entry of that size was inserted since the last full flush (skips
+    /// probes of empty arrays; the 4 KiB array is always probed).
     populated: [bool; 4],
     stats: TlbStats,
 }
@@ -133,13 +208,13 @@ impl Tlb {
         let small = entries_4k.max(16).next_power_of_two();
         let large = (small / 4).max(4);
         Tlb {
-            arrays: [
-                vec![Slot::default(); small],
-                vec![Slot::default(); large],
-                vec![Slot::default(); large],
-                vec![Slot::default(); large],
+            ways: [
+                Way::new(small, 0),
+                Way::new(large, 1),
+                Way::new(large, 2),
+                Way::new(large, 3),
             ],
-            generation: 1,
+            gen_bits: 1 << GEN_SHIFT,
             populated: [false; 4],
             stats: TlbStats::default(),
         }
@@ -150,78 +225,95 @@ impl Tlb {
         self.stats
     }
 
-    #[inline]
-    fn shift(class: usize) -> u32 {
-        SHIFTS[class & 3]
+    /// Probes the slot of size class `class` for `addr` in `pcid`: (index, slot).
+    #[inline(always)]
+    fn probe(&self, class: usize, pcid: u16, addr: u64) -> Option<(usize, Slot)> {
+        let way = &self.ways[class];
+        let (index, tag) = way.locate(class, pcid, addr);
+        let slot = *way.slots.get(index)?;
+        if slot.matches(tag, self.gen_bits) {
+            Some((index, slot))
+        } else {
+            None
+        }
     }
 
-    #[inline]
-    fn index(&self, class: usize, vpn: u64) -> usize {
-        // Mix the upper bits so that aliases 4 GiB apart do not collide.
-        let h = vpn ^ (vpn >> 17) ^ (vpn >> 31);
-        (h as usize) & (self.arrays[class].len() - 1)
-    }
-
-    #[inline]
-    fn matches(&self, slot: &Slot, pcid: u16, vpn: u64) -> bool {
-        slot.generation == self.generation
-            && slot.vpn == vpn
-            && (slot.global() || slot.pcid == pcid)
-    }
-
-    /// Finds the entry for `addr` in `pcid`: (size class, index).
-    #[inline]
-    fn find(&self, pcid: u16, addr: u64) -> Option<(usize, usize)> {
-        for class in 0..4 {
-            if !self.populated[class] {
-                continue;
+    /// Finds the entry for `addr` in `pcid`: (size class, index, slot).
+    fn find(&self, pcid: u16, addr: u64) -> Option<(usize, usize, Slot)> {
+        (0..4).find_map(|class| {
+            if class > 0 && !self.populated[class] {
+                return None;
             }
-            let vpn = addr >> Self::shift(class);
-            let i = self.index(class, vpn);
-            if self.matches(&self.arrays[class][i], pcid, vpn) {
-                return Some((class, i));
-            }
+            let (index, slot) = self.probe(class, pcid, addr)?;
+            Some((class, index, slot))
+        })
+    }
+
+    /// The hot path: a 4 KiB entry with this exact tag whose rights settle the access
+    /// (see [`Walker`]'s verdict bitmap). `None` leaves everything to
+    /// [`translate_slow`](Self::translate_slow), including the statistics.
+    #[inline(always)]
+    fn fast_hit(
+        &mut self,
+        walker: &Walker,
+        pcid: u16,
+        addr: u64,
+        access: Access,
+    ) -> Option<TlbTranslation> {
+        let way = &self.ways[0];
+        let (index, tag) = way.locate(0, pcid, addr);
+        let slot = way.slots.get(index)?;
+        if slot.matches_exactly(tag, self.gen_bits) && walker.fast_allowed(access, slot.val) {
+            self.stats.hits += 1;
+            return Some(TlbTranslation {
+                gpa: slot.base() | (addr & 0xfff),
+                page_size: PageSize::Size4K,
+                hit: true,
+            });
         }
         None
     }
 
     /// The cached translation of `addr` in `pcid`, without permission checks.
     pub fn lookup(&self, pcid: u16, addr: u64) -> Option<(u64, PageSize, Rights)> {
-        let (class, i) = self.find(pcid, addr)?;
-        let slot = &self.arrays[class][i];
+        let (class, _, slot) = self.find(pcid, addr)?;
         let size = SIZES[class];
-        Some((slot.base | (addr & (size.bytes() - 1)), size, slot.rights()))
+        Some((
+            slot.base() | (addr & (size.bytes() - 1)),
+            size,
+            slot.rights(),
+        ))
     }
 
     /// Caches a successful walk of `addr` in `pcid`.
+    ///
+    /// Page bases are 4 KiB aligned and below 2^52 on x86; other bits of `t.page_base`
+    /// are not stored.
     pub fn insert(&mut self, pcid: u16, addr: u64, t: &Translation) {
         let class = SIZES.iter().position(|s| *s == t.page_size).unwrap_or(0);
-        let vpn = addr >> Self::shift(class);
-        let i = self.index(class, vpn);
-        let mut flags = 0;
+        let mut val =
+            (t.page_base & V_FRAME) | u64::from(t.rights.pkey & 15) << V_PKEY_SHIFT | self.gen_bits;
         for (on, bit) in [
-            (t.global, F_GLOBAL),
-            (t.dirty, F_DIRTY),
-            (t.rights.writable, F_WRITABLE),
-            (t.rights.user, F_USER),
-            (t.rights.no_execute, F_NX),
+            (t.global, V_GLOBAL),
+            (t.dirty, V_DIRTY),
+            (t.rights.writable, V_WRITABLE),
+            (t.rights.user, V_USER),
+            (t.rights.no_execute, V_NX),
         ] {
             if on {
-                flags |= bit;
+                val |= bit;
             }
         }
-        self.arrays[class][i] = Slot {
-            vpn,
-            base: t.page_base,
-            generation: self.generation,
-            pcid,
-            flags,
-            pkey: t.rights.pkey,
-        };
+        let way = &mut self.ways[class];
+        let (index, tag) = way.locate(class, pcid, addr);
+        if let Some(slot) = way.slots.get_mut(index) {
+            *slot = Slot { tag, val };
+        }
         self.populated[class] = true;
     }
 
     /// Translates through the TLB, walking (and caching the result) on a miss.
+    #[inline]
     pub fn translate<M: PhysMemory + ?Sized>(
         &mut self,
         walker: &Walker,
@@ -230,13 +322,12 @@ impl Tlb {
         addr: u64,
         access: Access,
     ) -> Result<TlbTranslation, Fault> {
-        self.translate_with(
-            walker,
-            &mut crate::walk::DirectTables(mem),
-            pcid,
-            addr,
-            access,
-        )
+        match self.fast_hit(walker, pcid, addr, access) {
+            Some(t) => Ok(t),
+            None => self.translate_slow(walker, pcid, addr, access, |w, a, acc| {
+                w.translate(mem, a, acc)
+            }),
+        }
     }
 
     /// [`translate`](Self::translate) with an arbitrary [`TableAccess`].
@@ -249,24 +340,53 @@ impl Tlb {
         addr: u64,
         access: Access,
     ) -> Result<TlbTranslation, Fault> {
-        if let Some((class, i)) = self.find(pcid, addr) {
-            let slot = self.arrays[class][i];
-            if !access.is_write() || slot.flags & F_DIRTY != 0 {
+        match self.fast_hit(walker, pcid, addr, access) {
+            Some(t) => Ok(t),
+            None => self.translate_slow(walker, pcid, addr, access, |w, a, acc| {
+                w.translate_with(tables, a, acc)
+            }),
+        }
+    }
+
+    /// Everything but the hot path: hits on large pages or on global entries cached under
+    /// another PCID, hits the verdict bitmap cannot settle (a write through a clean entry -
+    /// the CPU walks to set D, so that is a miss -, a permission fault, protection keys),
+    /// and misses, which `walk` resolves.
+    #[inline(never)]
+    fn translate_slow(
+        &mut self,
+        walker: &Walker,
+        pcid: u16,
+        addr: u64,
+        access: Access,
+        walk: impl FnOnce(&Walker, u64, Access) -> Result<Translation, Fault>,
+    ) -> Result<TlbTranslation, Fault> {
+        if let Some((class, index, slot)) = self.find(pcid, addr) {
+            if !access.is_write() || slot.val & V_DIRTY != 0 {
                 self.stats.hits += 1;
-                return match walker.check_rights(slot.rights(), access) {
-                    Ok(()) => {
-                        let size = SIZES[class];
-                        Ok(TlbTranslation {
-                            gpa: slot.base | (addr & (size.bytes() - 1)),
-                            page_size: size,
-                            hit: true,
-                        })
+                if slot.global() && slot.pcid() != pcid {
+                    // A global entry matches every PCID, and its PCID field is never looked
+                    // at otherwise: re-tag it so the next access from `pcid` is a fast hit.
+                    if let Some(s) = self.ways[class].slots.get_mut(index) {
+                        s.tag = (s.tag & !TAG_PCID) | u64::from(pcid);
                     }
+                }
+                let size = SIZES[class];
+                return match walker.check_rights(slot.rights(), access) {
+                    Ok(()) => Ok(TlbTranslation {
+                        gpa: slot.base() | (addr & (size.bytes() - 1)),
+                        page_size: size,
+                        hit: true,
+                    }),
                     Err(code) => {
                         // The fault invalidates the entry (SDM 4.10.4.1).
-                        self.arrays[class][i].generation = 0;
+                        if let Some(s) = self.ways[class].slots.get_mut(index) {
+                            s.invalidate();
+                        }
                         let reason = if code.contains(PfErrorCode::PK) {
-                            FaultReason::ProtectionKey { pkey: slot.pkey }
+                            FaultReason::ProtectionKey {
+                                pkey: slot.rights().pkey,
+                            }
                         } else {
                             FaultReason::Protection
                         };
@@ -280,7 +400,7 @@ impl Tlb {
             }
         }
         self.stats.misses += 1;
-        let t = walker.translate_with(tables, addr, access)?;
+        let t = walk(walker, addr, access)?;
         self.insert(pcid, addr, &t);
         Ok(TlbTranslation {
             gpa: t.gpa,
@@ -289,52 +409,66 @@ impl Tlb {
         })
     }
 
-    fn retain(&mut self, mut keep: impl FnMut(&Slot, u32) -> bool) {
-        let generation = self.generation;
-        for (class, array) in self.arrays.iter_mut().enumerate() {
-            let shift = Self::shift(class);
-            for slot in array.iter_mut() {
-                if slot.generation == generation && !keep(slot, shift) {
-                    slot.generation = 0;
+    /// Invalidates every live slot for which `drop` says so.
+    fn invalidate_where(&mut self, mut drop: impl FnMut(&Slot) -> bool) {
+        let gen_bits = self.gen_bits;
+        for way in self.ways.iter_mut() {
+            for slot in way.slots.iter_mut() {
+                if (slot.val ^ gen_bits) >> GEN_SHIFT == 0 && drop(slot) {
+                    slot.invalidate();
                 }
             }
         }
     }
 
-    fn covers(slot: &Slot, shift: u32, addr: u64) -> bool {
-        slot.vpn == addr >> shift
+    /// Invalidates the entries (any size) that map the page containing `addr` and for which
+    /// `drop` says so: one probe per page size, since each page has exactly one slot.
+    fn invalidate_page(&mut self, pcid: u16, addr: u64, drop: impl Fn(&Slot) -> bool) {
+        let gen_bits = self.gen_bits;
+        for (class, way) in self.ways.iter_mut().enumerate() {
+            let (index, tag) = way.locate(class, pcid, addr);
+            if let Some(slot) = way.slots.get_mut(index) {
+                let live = (slot.val ^ gen_bits) >> GEN_SHIFT == 0;
+                if live && (slot.tag ^ tag) & !TAG_PCID == 0 && drop(slot) {
+                    slot.invalidate();
+                }
+            }
+        }
     }
 
     /// INVLPG executed in `pcid`: drops the entries for the page containing `addr` (any
     /// size) of that PCID, and global entries for it.
     pub fn invlpg(&mut self, pcid: u16, addr: u64) {
-        self.retain(|s, shift| !(Self::covers(s, shift, addr) && (s.global() || s.pcid == pcid)));
+        self.invalidate_page(pcid, addr, |s| s.global() || s.pcid() == pcid);
     }
 
     /// INVPCID type 0 (individual address): drops non-global entries for `addr` in `pcid`.
     pub fn invpcid_address(&mut self, pcid: u16, addr: u64) {
-        self.retain(|s, shift| !(Self::covers(s, shift, addr) && !s.global() && s.pcid == pcid));
+        self.invalidate_page(pcid, addr, |s| !s.global() && s.pcid() == pcid);
     }
 
     /// INVPCID type 1 (single context): drops all non-global entries of `pcid`.
     pub fn invpcid_single(&mut self, pcid: u16) {
-        self.retain(|s, _| s.global() || s.pcid != pcid);
+        self.invalidate_where(|s| !s.global() && s.pcid() == pcid);
     }
 
     /// INVPCID type 3 (all contexts, retaining globals).
     pub fn flush_non_global(&mut self) {
-        self.retain(|s, _| s.global());
+        self.invalidate_where(|s| !s.global());
     }
 
-    /// INVPCID type 2 / CR4.PGE toggle: drops everything, in O(1).
+    /// INVPCID type 2 / CR4.PGE toggle: drops everything, in O(1) (amortised: once every
+    /// 4095 flushes the generation wraps and the arrays are cleared).
     pub fn flush_all(&mut self) {
-        self.generation = self.generation.wrapping_add(1);
-        if self.generation == 0 {
-            // After 2^32 flushes, clear for real so no stale slot can match again.
-            for array in self.arrays.iter_mut() {
-                array.fill(Slot::default());
+        let next = (self.gen_bits >> GEN_SHIFT) + 1;
+        if next > GEN_MAX {
+            // Clear for real so no stale slot can match a reused generation.
+            for way in self.ways.iter_mut() {
+                way.slots.fill(Slot::default());
             }
-            self.generation = 1;
+            self.gen_bits = 1 << GEN_SHIFT;
+        } else {
+            self.gen_bits = next << GEN_SHIFT;
         }
         self.populated = [false; 4];
     }
@@ -522,9 +656,9 @@ mod tests {
         assert!(tlb.lookup(2, 0x60_0000).is_none());
         // Generation wrap clears for real.
         fill(&mut tlb);
-        tlb.generation = u32::MAX;
+        tlb.gen_bits = GEN_MAX << GEN_SHIFT;
         tlb.flush_all();
-        assert_eq!(tlb.generation, 1);
+        assert_eq!(tlb.gen_bits, 1 << GEN_SHIFT);
         assert!(tlb.lookup(2, 0x40_1000).is_none());
     }
 }

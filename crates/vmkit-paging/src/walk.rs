@@ -58,9 +58,11 @@
 //! assert_eq!(fault.error_code().map(|e| e.bits()), Some(0b111));
 //! ```
 
+use core::sync::atomic::Ordering;
+
 use crate::builder::PageSize;
 use crate::entry::*;
-use crate::memory::PhysMemory;
+use crate::memory::{PhysMemory, WordSpan};
 
 /// How many times a walk restarts after losing an A/D-bit race before giving up.
 pub const MAX_RETRIES: u32 = 16;
@@ -506,8 +508,45 @@ pub struct Walker {
     /// Precomputed U/S, R/W, XD, SMEP, SMAP rules (as KVM's `permissions[]`): for access
     /// index `kind * 3 + privilege`, bit `rights_index(rights)` is set when denied.
     denied: [u8; 9],
+    /// Fast-path verdicts, by access index: bit `r` (see [`fast_rights_index`]) is set when
+    /// an access with those rights is allowed, needs no Dirty-bit update and no
+    /// protection-key check. A clear bit only means "ask the full rules".
+    fast_allowed: [u16; 9],
     /// Protection keys can apply (4/5-level paging with CR4.PKE or CR4.PKS).
     pk_active: bool,
+    /// `PRESENT`, plus `ACCESSED` when A/D updates are on: bits every entry of a walk must
+    /// have for the fast path to leave memory untouched.
+    fast_need: u64,
+    /// `NO_EXECUTE` with EFER.NXE, else 0.
+    nx_bit: u64,
+    /// `DIRTY` when A/D updates are off (a clean leaf then never needs an update), else 0.
+    dirty_free: u64,
+}
+
+/// Reads the entry at `addr` through `span`, fetching a new span from `mem` when the entry
+/// lies outside the current one.
+#[inline(always)]
+fn read_span<'a, M: PhysMemory + ?Sized>(
+    mem: &'a M,
+    span: &mut WordSpan<'a>,
+    addr: u64,
+) -> Option<u64> {
+    let word = match span.word(addr) {
+        Some(word) => word,
+        None => {
+            *span = mem.word_span(addr)?;
+            span.word(addr)?
+        }
+    };
+    Some(word.load(Ordering::Relaxed))
+}
+
+/// Fast-path rights index from raw entry bits: bit 0 R/W and bit 1 U/S (AND over the
+/// levels), bit 2 XD (OR over the levels, when it counts), bit 3 "the leaf is dirty or need
+/// not be". The low three bits are [`rights_index`].
+#[inline(always)]
+fn fast_rights_index(and_bits: u64, nx: u64, dirty: u64) -> u32 {
+    (((and_bits >> 1) & 3) | (nx >> 61) | ((dirty & DIRTY) >> 3)) as u32
 }
 
 const KINDS: [AccessKind; 3] = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch];
@@ -588,14 +627,30 @@ impl Walker {
         // Level-4/5 "large" entries do not exist: PS is reserved there, use the same mask.
         l[3] = t[3];
         l[4] = t[4];
+        // The fast 4/5-level walk checks `t[0]` on the OR of all entries: it must be what
+        // every level reserves, the other masks adding to it.
+        debug_assert!(
+            !matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5)
+                || (t[1] == t[0]
+                    && t[2] == t[0]
+                    && [t[3], t[4], l[1], l[2]].iter().all(|m| m & t[0] == t[0]))
+        );
         let mut w = Walker {
             cfg,
             rsvd_table: t,
             rsvd_large: l,
             root,
             denied: [0; 9],
+            fast_allowed: [0; 9],
             pk_active: matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5)
                 && (cfg.pke || cfg.pks),
+            fast_need: if cfg.set_accessed_dirty {
+                PRESENT | ACCESSED
+            } else {
+                PRESENT
+            },
+            nx_bit: if cfg.nxe { NO_EXECUTE } else { 0 },
+            dirty_free: if cfg.set_accessed_dirty { 0 } else { DIRTY },
         };
         for kind in KINDS {
             for privilege in PRIVILEGES {
@@ -613,6 +668,15 @@ impl Walker {
                     }
                 }
                 w.denied[access_index(access)] = bitmap;
+                let mut fast = 0u16;
+                for r in 0..16u32 {
+                    let pk_applies = w.pk_active && !access.is_fetch();
+                    let dirty_ok = !access.is_write() || r & 8 != 0;
+                    if bitmap >> (r & 7) & 1 == 0 && dirty_ok && !pk_applies {
+                        fast |= 1 << r;
+                    }
+                }
+                w.fast_allowed[access_index(access)] = fast;
             }
         }
         w
@@ -710,7 +774,24 @@ impl Walker {
         }
     }
 
+    /// Whether an access with the raw rights bits of a cached translation (`bits & 15`:
+    /// R/W, U/S, XD, dirty, as the software TLB stores them) is allowed without a Dirty-bit
+    /// update and without a protection-key check. `false` means "apply the full rules"
+    /// ([`check_rights`](Self::check_rights)), not necessarily a fault.
+    #[inline(always)]
+    pub(crate) fn fast_allowed(&self, access: Access, bits: u64) -> bool {
+        (self.fast_allowed[access_index(access)] >> (bits & 15)) & 1 != 0
+    }
+
     /// Translates `addr` for `access`, reading tables from `mem`.
+    ///
+    /// 4/5-level walks first try a fast path that handles the common case - every entry
+    /// present, no reserved bit, the access allowed, no Accessed/Dirty bit to set - with
+    /// the whole verdict computed from bits gathered across the levels, reading entries
+    /// through a [`WordSpan`] when `mem` offers one. Anything else
+    /// is walked again by the detailed path ([`translate_with`](Self::translate_with) over
+    /// [`DirectTables`]), which builds the exact fault or performs the A/D updates; the two
+    /// agree on every input (`tests/fast_paths.rs` checks it on random tables).
     #[inline]
     pub fn translate<M: PhysMemory + ?Sized>(
         &self,
@@ -718,7 +799,135 @@ impl Walker {
         addr: u64,
         access: Access,
     ) -> Result<Translation, Fault> {
+        // 4-level paging, by far the most common mode, is inlined into the caller; the rest
+        // stays out of line so that the inlined code is small.
+        if self.cfg.mode == PagingMode::Level4 {
+            if let Some(t) = self.walk_fast::<4, M>(mem, addr, access) {
+                return Ok(t);
+            }
+        }
+        self.translate_out_of_line(mem, addr, access)
+    }
+
+    /// [`translate`](Self::translate) past the inlined 4-level fast path: the 5-level fast
+    /// path, then the detailed walk (every mode, exact faults, A/D updates).
+    #[inline(never)]
+    fn translate_out_of_line<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        addr: u64,
+        access: Access,
+    ) -> Result<Translation, Fault> {
+        if self.cfg.mode == PagingMode::Level5 {
+            if let Some(t) = self.walk_fast::<5, M>(mem, addr, access) {
+                return Ok(t);
+            }
+        }
         self.translate_with(&mut DirectTables(mem), addr, access)
+    }
+
+    /// The fast 4/5-level walk: `Some` only for a successful translation that changes
+    /// nothing in memory, `None` for "walk again in detail".
+    ///
+    /// Entries are read through a [`WordSpan`](crate::memory::WordSpan) (one bounds check
+    /// per level; a new span only when a table lies in another region). The checks are
+    /// folded into masks: reserved bits of every entry are ORed into `bad`, the entries are
+    /// ANDed (P, R/W, U/S, A must be set at every level) and ORed (XD at any level), and the
+    /// permission verdict is one lookup in a precomputed bitmap. Nothing branches per check;
+    /// a non-present entry is only noticed at the end (its "next table" is still read, from
+    /// guest RAM or not at all, which has no side effect).
+    #[inline(always)]
+    fn walk_fast<const LEVELS: u32, M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        addr: u64,
+        access: Access,
+    ) -> Option<Translation> {
+        const NEXT: u64 = bits(51, 12);
+        let unused = 64 - (12 + 9 * LEVELS);
+        if ((addr << unused) as i64 >> unused) as u64 != addr {
+            return None;
+        }
+        let mut span = mem.word_span(self.root)?;
+        let mut read = |entry_addr: u64| read_span(mem, &mut span, entry_addr);
+        // Bits reserved in every entry of the walk (above MAXPHYADDR, XD without NXE) are
+        // checked once on the OR of all entries; each level only adds what is specific to it.
+        let mut table = self.root;
+        let mut and_bits = u64::MAX;
+        let mut or_bits = 0u64;
+        let mut bad = 0u64;
+        if LEVELS == 5 {
+            let e = read(table | ((addr >> 45) & 0xff8))?;
+            bad |= e & self.rsvd_table[4];
+            and_bits = e;
+            or_bits = e;
+            table = e & NEXT;
+        }
+        let e = read(table | ((addr >> 36) & 0xff8))?;
+        bad |= e & self.rsvd_table[3];
+        and_bits &= e;
+        or_bits |= e;
+        table = e & NEXT;
+        let entry_addr = table | ((addr >> 27) & 0xff8);
+        let e = read(entry_addr)?;
+        and_bits &= e;
+        or_bits |= e;
+        let (leaf, leaf_addr, level, size) = if e & PAGE_SIZE != 0 {
+            bad |= e & self.rsvd_large[2];
+            (e, entry_addr, 3, PageSize::Size1G)
+        } else {
+            table = e & NEXT;
+            let entry_addr = table | ((addr >> 18) & 0xff8);
+            let e = read(entry_addr)?;
+            and_bits &= e;
+            or_bits |= e;
+            if e & PAGE_SIZE != 0 {
+                bad |= e & self.rsvd_large[1];
+                (e, entry_addr, 2, PageSize::Size2M)
+            } else {
+                table = e & NEXT;
+                let entry_addr = table | ((addr >> 9) & 0xff8);
+                let e = read(entry_addr)?;
+                and_bits &= e;
+                or_bits |= e;
+                (e, entry_addr, 1, PageSize::Size4K)
+            }
+        };
+        bad |= or_bits & self.rsvd_table[0];
+        if bad != 0 || and_bits & self.fast_need != self.fast_need {
+            return None;
+        }
+        let nx = or_bits & self.nx_bit;
+        let dirty = (leaf | self.dirty_free) & DIRTY;
+        let rights = Rights {
+            writable: and_bits & WRITABLE != 0,
+            user: and_bits & USER != 0,
+            no_execute: nx != 0,
+            pkey: ((leaf >> PKEY_SHIFT) & 15) as u8,
+        };
+        let index = fast_rights_index(and_bits, nx, dirty);
+        if (self.fast_allowed[access_index(access)] >> index) & 1 == 0 {
+            // Denied, a Dirty bit to set, or protection keys to check: only the last can
+            // still be a success without a memory update.
+            if !self.pk_active
+                || (access.is_write() && dirty == 0)
+                || self.check_rights(rights, access).is_err()
+            {
+                return None;
+            }
+        }
+        let page_base = leaf & NEXT & !(size.bytes() - 1);
+        Some(Translation {
+            gpa: page_base | (addr & (size.bytes() - 1)),
+            page_base,
+            page_size: size,
+            rights,
+            global: leaf & GLOBAL != 0,
+            dirty: leaf & DIRTY != 0,
+            leaf_entry: leaf,
+            leaf_addr,
+            memory_refs: LEVELS - level + 1,
+        })
     }
 
     /// Translates `addr` for `access`, reading tables through `tables`.
