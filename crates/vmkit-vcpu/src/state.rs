@@ -9,6 +9,10 @@
 //! registers, LAPIC, MSRs, events. A restored vCPU continues exactly where the saved one
 //! stopped.
 //!
+//! What belongs to the VM rather than a vCPU (KVM's in-kernel PICs, IOAPIC, PIT and clock)
+//! is saved by [`KvmVm::platform_state`](crate::kvm::KvmVm::platform_state); a whole-VM
+//! snapshot is guest memory, that blob, each vCPU's state and the VMM's device states.
+//!
 //! State a backend does not offer ([`Error::Unsupported`](crate::hypervisor::Error)) is
 //! saved as absent and skipped on restore; any other failure is an error.
 //!

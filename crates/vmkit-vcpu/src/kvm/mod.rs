@@ -9,6 +9,9 @@
 //! page. `EINTR` from `KVM_RUN` (a kick or another signal) becomes [`VmExit::Interrupted`].
 
 mod kick;
+mod platform;
+
+pub use platform::PLATFORM_STATE_VERSION;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
