@@ -14,7 +14,7 @@
 # virtio modules, then prints one marker per verified step: the token of this run written to
 # its disk at 1 MiB, synced and read back (L2-BLK-OK), 32 bytes from /dev/hwrng (L2-RNG-OK), a
 # ping of 10.0.2.1 over the TAP link (L2-NET-OK), a line written to hvc0 only (L2-HVC0-OK),
-# both CPUs online (L2-CPUS 2); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
+# both CPUs online (L2-CPUS 2), the CMOS RTC found through the DSDT (L2-RTC-OK); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
 # L2's consoles (ttyS0, hvc0) are mini-vmm's stdout, which L1 prints on its own console: the
 # one log holds everything. From here (L0) the script checks every marker and that the disk
 # image file itself holds the token at 1 MiB. On failure the log is printed and the script
@@ -75,7 +75,7 @@ case " $L2_VMM_ARGS " in *" --rng "*) markers+=("L2-RNG-OK");; esac
 case " $L2_VMM_ARGS " in *" --net "*) markers+=("L1-TAP-UP" "L2-NET-OK");; esac
 case " $L2_VMM_ARGS " in *" --console "*) markers+=("L2-HVC0-OK");; esac
 cpus=$(echo "$L2_VMM_ARGS" | sed -n 's/.*--cpus boot=\([0-9]*\).*/\1/p')
-markers+=("L2-CPUS ${cpus:-1}" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
+markers+=("L2-CPUS ${cpus:-1}" "L2-RTC-OK" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
 lg_expect "$LOG" "${markers[@]}"
 case " $L2_VMM_ARGS " in *" --disk "*)
     found=$(dd if="$DISK" bs=512 skip=2048 count=1 2>/dev/null | head -c ${#TOKEN})

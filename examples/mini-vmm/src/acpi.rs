@@ -19,7 +19,9 @@
 //!   GSI *n* to pin *n*, so no interrupt source overrides are needed: the PIT on GSI 0 is not
 //!   used (hardware-reduced Linux skips the legacy timer setup) and every other device here
 //!   uses its own GSI as its pin.
-//! - **DSDT** (AML): `\_SB.COM1` (PNP0501, ports 0x3F8-0x3FF, GSI 4, edge, active high), one
+//! - **DSDT** (AML): `\_SB.COM1` (PNP0501, ports 0x3F8-0x3FF, GSI 4, edge, active high),
+//!   `\_SB.RTC_` (PNP0B00, ports 0x70-0x71, GSI 8: without a firmware-described RTC, Linux's
+//!   `rtc_cmos` asks for legacy IRQ 8, which a PIC-less platform never maps), one
 //!   `\_SB.Vnnn` per virtio-mmio device (`_HID "LNRO0005"`, a `Memory32Fixed` window and an
 //!   edge-triggered, active-high, exclusive interrupt: the device raises it through a KVM
 //!   irqfd), and `\_S5_` so `poweroff` works through the FADT sleep registers.
@@ -124,6 +126,15 @@ pub struct SerialInfo {
     pub gsi: u32,
 }
 
+/// The CMOS RTC in the DSDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtcInfo {
+    /// Index port (the data port follows it).
+    pub port: u16,
+    /// Its GSI.
+    pub gsi: u32,
+}
+
 /// A virtio-mmio device in the DSDT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VirtioMmioInfo {
@@ -142,6 +153,8 @@ pub struct Machine {
     pub cpus: usize,
     /// The serial port, if any.
     pub serial: Option<SerialInfo>,
+    /// The CMOS RTC, if any.
+    pub rtc: Option<RtcInfo>,
     /// The virtio-mmio devices, in `_UID` order.
     pub virtio: Vec<VirtioMmioInfo>,
 }
@@ -182,6 +195,23 @@ pub fn dsdt_aml(machine: &Machine) -> Result<Vec<u8>, AcpiError> {
             vec![
                 &aml::Name::new("_HID".into(), &hid),
                 &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new("_CRS".into(), &crs),
+            ],
+        )
+        .to_aml_bytes(&mut sb);
+    }
+    if let Some(r) = machine.rtc {
+        if r.gsi >= IOAPIC_PINS {
+            return Err(AcpiError::Gsi(r.gsi));
+        }
+        let io = aml::IO::new(r.port, r.port, 1, 2);
+        let irq = aml::Interrupt::new(true, true, false, false, r.gsi);
+        let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+        let hid = aml::EISAName::new("PNP0B00");
+        aml::Device::new(
+            "RTC_".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &hid),
                 &aml::Name::new("_CRS".into(), &crs),
             ],
         )
@@ -346,6 +376,7 @@ mod tests {
                 port: 0x3f8,
                 gsi: 4,
             }),
+            rtc: Some(RtcInfo { port: 0x70, gsi: 8 }),
             virtio: (0..n)
                 .map(|i| VirtioMmioInfo {
                     base: 0xd000_0000 + 0x1000 * i as u64,
@@ -468,7 +499,10 @@ mod tests {
         let want: Vec<_> = m.virtio.iter().map(|d| (d.base as u32, 0x200)).collect();
         assert_eq!(mems, want);
         // Consumer + edge, active high, exclusive: flags 0b0011.
-        assert_eq!(irqs, vec![(3, 4), (3, 5), (3, 6), (3, 7)]);
+        assert_eq!(irqs, vec![(3, 4), (3, 8), (3, 5), (3, 6), (3, 7)]);
+        assert_eq!(count(&dsdt, b"RTC_"), 1);
+        // The RTC's ports: 0x70..0x70, 2 ports.
+        assert_eq!(count(&dsdt, &[0x47, 1, 0x70, 0, 0x70, 0, 1, 2]), 1);
         // The serial port's I/O descriptor: decode16, 0x3f8..0x3f8, 8 ports.
         assert_eq!(count(&dsdt, &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]), 1);
     }
@@ -478,6 +512,7 @@ mod tests {
         let m = Machine {
             cpus: 1,
             serial: None,
+            rtc: None,
             virtio: vec![],
         };
         let d = dsdt(&m).unwrap();
@@ -506,6 +541,12 @@ mod tests {
         m.virtio[0].gsi = 24;
         assert_eq!(build(&m), Err(AcpiError::Gsi(24)));
         let mut m = machine(1, 0);
+        m.rtc = Some(RtcInfo {
+            port: 0x70,
+            gsi: 24,
+        });
+        assert_eq!(build(&m), Err(AcpiError::Gsi(24)));
+        m.rtc = None;
         m.serial = Some(SerialInfo {
             port: 0x3f8,
             gsi: 99,
@@ -518,12 +559,14 @@ mod tests {
         let big = Machine {
             cpus: 200,
             serial: None,
+            rtc: None,
             virtio: vec![],
         };
         assert!(build(&big).is_ok());
         let huge = Machine {
             cpus: 1,
             serial: None,
+            rtc: None,
             virtio: vec![machine(1, 1).virtio[0]; 2000],
         };
         assert!(matches!(

@@ -44,6 +44,8 @@ use crate::virtio::{VirtioDevices, VirtioError};
 
 /// GSI of COM1's interrupt.
 pub const SERIAL_GSI: u32 = 4;
+/// GSI of the CMOS RTC (which never raises it, but Linux's driver claims it).
+pub const RTC_GSI: u32 = 8;
 /// First I/O port of COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// Where KVM puts the three pages it needs for its TSS (Intel; harmless elsewhere): just below
@@ -467,6 +469,10 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     port: SERIAL_PORT,
                     gsi: SERIAL_GSI,
                 }),
+                rtc: Some(acpi::RtcInfo {
+                    port: Cmos::INDEX_PORT,
+                    gsi: RTC_GSI,
+                }),
                 virtio: virtio.as_ref().map(|v| v.acpi_info()).unwrap_or_default(),
             };
             let tables = acpi::build(&machine)?;
@@ -611,6 +617,48 @@ mod tests {
             vmkit_test_guests::HELLO
         )));
         assert!(!is_bzimage(&mut std::io::Cursor::new(vec![0u8; 0x100])));
+    }
+
+    fn leaf(function: u32, index: u32) -> CpuidEntry {
+        CpuidEntry {
+            function,
+            index,
+            flags: 0,
+            eax: 0xdead,
+            ebx: 0xdead,
+            ecx: 0xdead,
+            edx: 0xdead,
+        }
+    }
+
+    #[test]
+    fn cpuid_policy_gives_each_vcpu_its_own_apic_id_and_core() {
+        let mut e = vec![
+            leaf(1, 0),
+            leaf(0xb, 0),
+            leaf(0xb, 1),
+            leaf(0xb, 2),
+            leaf(0x1f, 1),
+            leaf(0x8000_001e, 0),
+            leaf(7, 0),
+        ];
+        cpuid_policy(3, 6, &mut e);
+        // Leaf 1: initial APIC ID 3, 6 logical processors, hypervisor bit.
+        assert_eq!((e[0].ebx >> 24, (e[0].ebx >> 16) & 0xff), (3, 6));
+        assert_ne!(e[0].ecx & (1 << 31), 0);
+        // SMT level: 1 thread, x2APIC ID 3; core level: 3 bits (8 >= 6), 6 processors.
+        assert_eq!((e[1].eax, e[1].ebx, e[1].ecx, e[1].edx), (0, 1, 0x100, 3));
+        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx, e[2].edx), (3, 6, 0x201, 3));
+        assert_eq!(
+            (e[3].eax, e[3].ebx, e[3].ecx & 0xff00, e[3].edx),
+            (0, 0, 0, 3)
+        );
+        assert_eq!(e[4].edx, 3);
+        assert_eq!((e[5].eax, e[5].ebx, e[5].ecx), (3, 3, 0));
+        assert_eq!(e[6].eax, 0xdead, "other leaves untouched");
+        let mut one = vec![leaf(0xb, 1)];
+        cpuid_policy(0, 1, &mut one);
+        assert_eq!((one[0].eax, one[0].ebx), (0, 1));
     }
 
     #[test]
