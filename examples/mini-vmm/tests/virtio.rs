@@ -108,6 +108,17 @@ fn devices_are_wired_into_kvm_the_bus_and_the_event_loop() {
     let mem =
         Arc::new(vmkit_memory::GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap());
     vm.register_memory(&mem, 0, MemoryFlags::default()).unwrap();
+    // One more device than there are GSIs is refused before anything is wired.
+    let too_many: Vec<(String, Box<dyn vmkit_virtio::VirtioDevice<_>>)> = (0..=GSIS.len())
+        .map(|_| {
+            (
+                "rng".to_string(),
+                Box::new(vmkit_virtio::rng::Rng::new()) as _,
+            )
+        })
+        .collect();
+    let e = VirtioDevices::new(too_many, mem.clone(), &vm).unwrap_err();
+    assert_eq!(e.to_string(), "too many virtio devices (19; at most 18)");
     let mut devices = VirtioDevices::new(specs, mem.clone(), &vm).unwrap();
     let info = devices.acpi_info();
     assert_eq!(info.len(), 3);
