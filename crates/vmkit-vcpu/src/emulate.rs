@@ -12,8 +12,10 @@
 //! registers, 16/32/64-bit address sizes, segment overrides):
 //!
 //! * `MOV` (all forms), `MOVZX`, `MOVSX`, `MOVSXD`
-//! * `MOVS` and `STOS` (byte/word/dword/qword), with `REP` and the direction flag
-//! * `CMP`, `TEST`, `AND`, `OR`, `XOR`, `ADD`, `SUB` with exact arithmetic flags
+//! * `MOVS`, `STOS` and `LODS` (byte/word/dword/qword), with `REP` and the direction flag
+//! * `CMPS` and `SCAS`, with `REPE`/`REPNE` ending on the compared condition
+//! * `CMP`, `TEST`, `AND`, `OR`, `XOR`, `ADD`, `SUB`, `ADC`, `SBB`, `NEG`, `INC`, `DEC`
+//!   with exact arithmetic flags (`INC`/`DEC` keep CF), and `NOT`
 //! * `XCHG` (register with memory or register)
 //!
 //! Cloud Hypervisor's emulator, the reference point, implements seven instruction forms.
@@ -211,9 +213,54 @@ pub fn add_flags(a: u64, b: u64, size: usize) -> (u64, u64) {
     (r, f)
 }
 
+/// Result and flags of `a + b + carry` at `size` bytes (ADC).
+pub fn adc_flags(a: u64, b: u64, carry: bool, size: usize) -> (u64, u64) {
+    let (a, b) = (a & mask(size), b & mask(size));
+    let wide = u128::from(a) + u128::from(b) + u128::from(carry);
+    let r = wide as u64 & mask(size);
+    let mut f = szp(r, size);
+    if wide > u128::from(mask(size)) {
+        f |= CF;
+    }
+    if !(a ^ b) & (a ^ r) & sign_bit(size) != 0 {
+        f |= OF;
+    }
+    if (a ^ b ^ r) & 0x10 != 0 {
+        f |= AF;
+    }
+    (r, f)
+}
+
+/// Result and flags of `a - b - borrow` at `size` bytes (SBB).
+pub fn sbb_flags(a: u64, b: u64, borrow: bool, size: usize) -> (u64, u64) {
+    let (a, b) = (a & mask(size), b & mask(size));
+    let r = a.wrapping_sub(b).wrapping_sub(u64::from(borrow)) & mask(size);
+    let mut f = szp(r, size);
+    if u128::from(a) < u128::from(b) + u128::from(borrow) {
+        f |= CF;
+    }
+    if (a ^ b) & (a ^ r) & sign_bit(size) != 0 {
+        f |= OF;
+    }
+    if (a ^ b ^ r) & 0x10 != 0 {
+        f |= AF;
+    }
+    (r, f)
+}
+
 /// Flags of a logic result (AND, OR, XOR, TEST): CF = OF = 0, AF cleared (undefined).
 pub fn logic_flags(r: u64, size: usize) -> u64 {
     szp(r, size)
+}
+
+/// The string instructions the emulator executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StringOp {
+    Movs,
+    Stos,
+    Lods,
+    Cmps,
+    Scas,
 }
 
 struct Ctx<'a, P: EmulatorPlatform + ?Sized> {
@@ -430,16 +477,25 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
         })
     }
 
-    /// MOVS (`copy`) or STOS (`!copy`). Returns whether the instruction completed.
-    fn string(&mut self, copy: bool) -> Result<bool> {
-        let dst_kind = self.ins.op_kind(0);
-        let (si, di, cx, _) =
-            Self::string_regs(dst_kind).ok_or_else(|| self.unsupported_operand(0))?;
+    /// A string instruction. Returns whether it completed (a `REP` may stop early, see
+    /// [`MAX_REP_ITERATIONS`]).
+    fn string(&mut self, op: StringOp) -> Result<bool> {
+        // The string operand that names the address size: the destination of MOVS/STOS/
+        // SCAS ([rdi]) and the source of LODS/CMPS ([rsi]) are both found by `string_regs`.
+        let mem_operand = match op {
+            StringOp::Lods | StringOp::Scas => 1,
+            _ => 0,
+        };
+        let (si, di, cx, _) = Self::string_regs(self.ins.op_kind(mem_operand))
+            .ok_or_else(|| self.unsupported_operand(mem_operand))?;
         let size = self.ins.memory_size().size();
         if !matches!(size, 1 | 2 | 4 | 8) {
-            return Err(self.unsupported_operand(0));
+            return Err(self.unsupported_operand(mem_operand));
         }
-        let rep = self.ins.has_rep_prefix() || self.ins.has_repe_prefix();
+        let repe = self.ins.has_rep_prefix() || self.ins.has_repe_prefix();
+        let repne = self.ins.has_repne_prefix();
+        // MOVS/STOS/LODS repeat under either prefix; CMPS/SCAS stop on the condition.
+        let rep = repe || repne;
         let step = if self.regs.rflags & DF != 0 {
             (size as u64).wrapping_neg()
         } else {
@@ -451,6 +507,11 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
             4 => Register::EAX,
             _ => Register::RAX,
         };
+        let (uses_si, uses_di) = match op {
+            StringOp::Movs | StringOp::Cmps => (true, true),
+            StringOp::Stos | StringOp::Scas => (false, true),
+            StringOp::Lods => (true, false),
+        };
         let mut done = 0u64;
         loop {
             let count = self.read_reg(cx).unwrap_or(0);
@@ -460,17 +521,36 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
             if rep && done == MAX_REP_ITERATIONS {
                 return Ok(false);
             }
-            let value = if copy {
-                let src = self.linear(1)?;
-                self.read_mem(src, size)?
-            } else {
-                self.read_reg(value_reg).unwrap_or(0)
-            };
-            let dst = self.linear(0)?;
-            self.write_mem(dst, size, value)?;
-            let d = self.read_reg(di).unwrap_or(0).wrapping_add(step);
-            self.write_reg(di, d);
-            if copy {
+            match op {
+                StringOp::Movs => {
+                    let v = self.read_mem(self.linear(1)?, size)?;
+                    self.write_mem(self.linear(0)?, size, v)?;
+                }
+                StringOp::Stos => {
+                    let v = self.read_reg(value_reg).unwrap_or(0);
+                    self.write_mem(self.linear(0)?, size, v)?;
+                }
+                StringOp::Lods => {
+                    let v = self.read_mem(self.linear(1)?, size)?;
+                    self.write_op(0, size, v)?;
+                }
+                StringOp::Cmps => {
+                    // [rsi] - [es:rdi]: the source is operand 0.
+                    let a = self.read_mem(self.linear(0)?, size)?;
+                    let b = self.read_mem(self.linear(1)?, size)?;
+                    self.set_flags(sub_flags(a, b, size).1);
+                }
+                StringOp::Scas => {
+                    let a = self.read_reg(value_reg).unwrap_or(0);
+                    let b = self.read_mem(self.linear(1)?, size)?;
+                    self.set_flags(sub_flags(a, b, size).1);
+                }
+            }
+            if uses_di {
+                let d = self.read_reg(di).unwrap_or(0).wrapping_add(step);
+                self.write_reg(di, d);
+            }
+            if uses_si {
                 let s = self.read_reg(si).unwrap_or(0).wrapping_add(step);
                 self.write_reg(si, s);
             }
@@ -479,6 +559,13 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
                 return Ok(true);
             }
             self.write_reg(cx, count.wrapping_sub(1));
+            if matches!(op, StringOp::Cmps | StringOp::Scas) {
+                let zf = self.regs.rflags & ZF != 0;
+                // REPE continues while equal, REPNE while not equal.
+                if (repne && zf) || (!repne && !zf) {
+                    return Ok(true);
+                }
+            }
         }
     }
 
@@ -532,10 +619,52 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
                 self.write_op(0, size, b)?;
                 self.write_op(1, size, a)?;
             }
-            Movsb | Movsw | Movsd | Movsq if Self::string_regs(self.ins.op_kind(0)).is_some() => {
-                return self.string(true);
+            Adc | Sbb => {
+                let size = self.op_size(0)?;
+                let a = self.read_op(0, size)?;
+                let b = self.read_op(1, size)?;
+                let carry = self.regs.rflags & CF != 0;
+                let (r, f) = if m == Adc {
+                    adc_flags(a, b, carry, size)
+                } else {
+                    sbb_flags(a, b, carry, size)
+                };
+                self.write_op(0, size, r)?;
+                self.set_flags(f);
             }
-            Stosb | Stosw | Stosd | Stosq => return self.string(false),
+            Inc | Dec => {
+                let size = self.op_size(0)?;
+                let a = self.read_op(0, size)?;
+                let (r, f) = if m == Inc {
+                    add_flags(a, 1, size)
+                } else {
+                    sub_flags(a, 1, size)
+                };
+                self.write_op(0, size, r)?;
+                // INC and DEC leave CF alone.
+                self.set_flags((f & !CF) | (self.regs.rflags & CF));
+            }
+            Neg => {
+                let size = self.op_size(0)?;
+                let a = self.read_op(0, size)?;
+                let (r, f) = sub_flags(0, a, size);
+                self.write_op(0, size, r)?;
+                self.set_flags(f);
+            }
+            Not => {
+                let size = self.op_size(0)?;
+                let a = self.read_op(0, size)?;
+                self.write_op(0, size, !a & mask(size))?;
+            }
+            Movsb | Movsw | Movsd | Movsq if Self::string_regs(self.ins.op_kind(0)).is_some() => {
+                return self.string(StringOp::Movs);
+            }
+            Cmpsb | Cmpsw | Cmpsd | Cmpsq if Self::string_regs(self.ins.op_kind(0)).is_some() => {
+                return self.string(StringOp::Cmps);
+            }
+            Stosb | Stosw | Stosd | Stosq => return self.string(StringOp::Stos),
+            Lodsb | Lodsw | Lodsd | Lodsq => return self.string(StringOp::Lods),
+            Scasb | Scasw | Scasd | Scasq => return self.string(StringOp::Scas),
             other => return Err(EmulateError::Unsupported(other)),
         }
         Ok(true)
@@ -896,6 +1025,111 @@ mod tests {
     }
 
     #[test]
+    fn lods_cmps_and_scas_with_rep_conditions() {
+        let (mut r, mut m) = (regs(), Mock::new());
+        // lodsb from a device, then rep lodsd leaves the last dword in eax.
+        r.rsi = MMIO;
+        r.rax = u64::MAX;
+        run(&[0xac], &mut r, &mut m); // lodsb
+        assert_eq!(r.rax, (u64::MAX & !0xff) | u64::from(mmio_byte(MMIO, 0)));
+        assert_eq!(r.rsi, MMIO + 1);
+        m.put(0x3000, &[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+        r.rsi = 0x3000;
+        r.rcx = 3;
+        run(&[0xf3, 0xad], &mut r, &mut m); // rep lodsd
+        assert_eq!(
+            (r.rax, r.rcx, r.rsi),
+            (3, 0, 0x300c),
+            "32-bit load zero-extends"
+        );
+        // repe cmpsb stops at the first difference, after comparing it.
+        m.put(0x4000, b"abcXefgh");
+        m.put(0x6000, b"abcdefgh");
+        r.rsi = 0x4000;
+        r.rdi = 0x6000;
+        r.rcx = 8;
+        run(&[0xf3, 0xa6], &mut r, &mut m);
+        assert_eq!((r.rcx, r.rsi, r.rdi), (4, 0x4004, 0x6004));
+        assert_eq!(r.rflags & ZF, 0);
+        assert_ne!(
+            r.rflags & CF,
+            0,
+            "the flags are those of 'X' - 'd', which borrows"
+        );
+        // Equal buffers run to the count with ZF set.
+        r.rsi = 0x6000;
+        r.rdi = 0x6000;
+        r.rcx = 8;
+        run(&[0xf3, 0x48, 0xa7], &mut r, &mut m); // repe cmpsq
+        assert_eq!((r.rcx, r.rsi), (0, 0x6000 + 64));
+        assert_ne!(r.rflags & ZF, 0);
+        // repne scasb finds a byte: stops on it with ZF set.
+        r.rax = u64::from(b'e');
+        r.rdi = 0x6000;
+        r.rcx = 100;
+        run(&[0xf2, 0xae], &mut r, &mut m);
+        assert_eq!((r.rcx, r.rdi), (95, 0x6005));
+        assert_ne!(r.rflags & ZF, 0);
+        // Not found: runs out the count with ZF clear.
+        r.rax = u64::from(b'z');
+        r.rdi = 0x6000;
+        r.rcx = 8;
+        run(&[0xf2, 0xae], &mut r, &mut m);
+        assert_eq!((r.rcx, r.rdi), (0, 0x6008));
+        assert_eq!(r.rflags & ZF, 0);
+        // scasw backwards, no prefix: one compare.
+        r.rflags |= DF;
+        r.rax = u64::from(u16::from_le_bytes(*b"gh"));
+        r.rdi = 0x6006;
+        run(&[0x66, 0xaf], &mut r, &mut m);
+        assert_ne!(r.rflags & ZF, 0);
+        assert_eq!(r.rdi, 0x6004);
+        // A huge repe count on equal data stops at the iteration bound, RIP unmoved.
+        r.rflags &= !DF;
+        r.rsi = 0x6000;
+        r.rdi = 0x6000;
+        r.rcx = u64::MAX;
+        let rip = r.rip;
+        let e = emulate(64, &[0xf3, 0xa6], &mut r, &mut m).unwrap();
+        assert!(!e.complete);
+        assert_eq!((r.rip, r.rcx), (rip, u64::MAX - MAX_REP_ITERATIONS));
+    }
+
+    #[test]
+    fn adc_sbb_neg_not_inc_dec_on_memory() {
+        let (mut r, mut m) = (regs(), Mock::new());
+        m.put(0x3000, &u32::MAX.to_le_bytes());
+        r.rax = 0x3000;
+        r.rbx = 0;
+        r.rflags |= CF;
+        run(&[0x11, 0x18], &mut r, &mut m); // adc [rax], ebx: 0xffffffff + 0 + 1
+        assert_eq!(m.get(0x3000, 4), &0u32.to_le_bytes());
+        assert_eq!(r.rflags & (CF | ZF), CF | ZF);
+        run(&[0x19, 0x18], &mut r, &mut m); // sbb [rax], ebx: 0 - 0 - 1
+        assert_eq!(m.get(0x3000, 4), &u32::MAX.to_le_bytes());
+        assert_eq!(r.rflags & (CF | SF), CF | SF);
+        run(&[0xf7, 0x10], &mut r, &mut m); // not dword [rax]
+        assert_eq!(m.get(0x3000, 4), &0u32.to_le_bytes());
+        assert_ne!(r.rflags & CF, 0, "NOT leaves flags alone");
+        run(&[0xf7, 0x18], &mut r, &mut m); // neg dword [rax]: neg 0 clears CF
+        assert_eq!(r.rflags & (CF | ZF), ZF);
+        m.put(0x3000, &5u32.to_le_bytes());
+        run(&[0xf7, 0x18], &mut r, &mut m);
+        assert_eq!(m.get(0x3000, 4), &(-5i32).to_le_bytes());
+        assert_eq!(r.rflags & (CF | SF), CF | SF);
+        // inc/dec keep CF.
+        r.rflags &= !CF;
+        m.put(0x3000, &[0xff]);
+        run(&[0xfe, 0x00], &mut r, &mut m); // inc byte [rax]
+        assert_eq!(m.get(0x3000, 1), &[0]);
+        assert_eq!(r.rflags & (CF | ZF), ZF, "INC wraps without setting CF");
+        r.rflags |= CF;
+        run(&[0xfe, 0x08], &mut r, &mut m); // dec byte [rax]
+        assert_eq!(m.get(0x3000, 1), &[0xff]);
+        assert_eq!(r.rflags & (CF | SF | ZF), CF | SF);
+    }
+
+    #[test]
     fn xchg_swaps_register_and_memory() {
         let (mut r, mut m) = (regs(), Mock::new());
         m.put(0x3000, &0x1111_2222u32.to_le_bytes());
@@ -1024,6 +1258,72 @@ mod tests {
         }};
     }
 
+    /// Like `host_flags!`, with CF set to `$c` first (for ADC/SBB/INC/DEC) and a unary form.
+    macro_rules! host_flags_cf {
+        ($op:literal, $a:expr, $b:expr, $c:expr, $mod:literal, $class:ident) => {{
+            let f: u64;
+            // SAFETY: `bt` copies bit 0 of `c` into CF, then one flag-setting ALU
+            // instruction on registers, then pushfq/pop.
+            unsafe {
+                core::arch::asm!(
+                    "bt {c}, 0",
+                    concat!($op, " {a", $mod, "}, {b", $mod, "}"),
+                    "pushfq",
+                    "pop {f}",
+                    c = in(reg) u64::from($c),
+                    a = inout($class) $a => _,
+                    b = in($class) $b,
+                    f = out(reg) f,
+                )
+            }
+            f
+        }};
+        ($op:literal, $a:expr, $c:expr, $mod:literal, $class:ident) => {{
+            let f: u64;
+            // SAFETY: as above, with a one-operand instruction.
+            unsafe {
+                core::arch::asm!(
+                    "bt {c}, 0",
+                    concat!($op, " {a", $mod, "}"),
+                    "pushfq",
+                    "pop {f}",
+                    c = in(reg) u64::from($c),
+                    a = inout($class) $a => _,
+                    f = out(reg) f,
+                )
+            }
+            f
+        }};
+    }
+
+    fn host_cf(op: &str, a: u64, b: u64, carry: bool, size: usize) -> u64 {
+        macro_rules! all_sizes {
+            ($op:literal) => {
+                match size {
+                    1 => host_flags_cf!($op, a as u8, b as u8, carry, "", reg_byte),
+                    2 => host_flags_cf!($op, a as u16, b as u16, carry, ":x", reg),
+                    4 => host_flags_cf!($op, a as u32, b as u32, carry, ":e", reg),
+                    _ => host_flags_cf!($op, a, b, carry, ":r", reg),
+                }
+            };
+            ($op:literal, unary) => {
+                match size {
+                    1 => host_flags_cf!($op, a as u8, carry, "", reg_byte),
+                    2 => host_flags_cf!($op, a as u16, carry, ":x", reg),
+                    4 => host_flags_cf!($op, a as u32, carry, ":e", reg),
+                    _ => host_flags_cf!($op, a, carry, ":r", reg),
+                }
+            };
+        }
+        match op {
+            "adc" => all_sizes!("adc"),
+            "sbb" => all_sizes!("sbb"),
+            "neg" => all_sizes!("neg", unary),
+            "inc" => all_sizes!("inc", unary),
+            _ => all_sizes!("dec", unary),
+        }
+    }
+
     fn host(op: &str, a: u64, b: u64, size: usize) -> u64 {
         macro_rules! all_sizes {
             ($op:literal) => {
@@ -1068,6 +1368,42 @@ mod tests {
             emulate(64, &code, &mut r, &mut m).unwrap();
             let relevant = if matches!(name, "cmp" | "add") { ARITH_FLAGS } else { ARITH_FLAGS & !AF };
             prop_assert_eq!(r.rflags & relevant, host(name, a, b, size) & relevant, "{} size {}", name, size);
+        }
+
+        /// ADC, SBB (with either carry in) and NEG, INC, DEC (which must keep CF) set the
+        /// flags the host CPU sets.
+        #[test]
+        fn carry_and_unary_flags_match_the_host_cpu(a in any::<u64>(), b in any::<u64>(), carry in any::<bool>(), size_idx in 0usize..4, op in 0usize..5) {
+            let size = [1, 2, 4, 8][size_idx];
+            let name = ["adc", "sbb", "neg", "inc", "dec"][op];
+            let (mut r, mut m) = (regs(), Mock::new());
+            m.put(0x3000, &a.to_le_bytes());
+            r.rax = 0x3000;
+            r.rbx = b;
+            if carry {
+                r.rflags |= CF;
+            }
+            // adc/sbb [rax], bl..rbx (0x10/0x18); neg/inc/dec [rax] (f6/f7 /3, fe/ff /0, /1)
+            let (opcode, modrm) = match name {
+                "adc" => (0x10, 0x18),
+                "sbb" => (0x18, 0x18),
+                "neg" => (0xf6, 0x18),
+                "inc" => (0xfe, 0x00),
+                _ => (0xfe, 0x08),
+            };
+            let mut code = Vec::new();
+            match size {
+                1 => code.extend_from_slice(&[opcode, modrm]),
+                2 => code.extend_from_slice(&[0x66, opcode + 1, modrm]),
+                4 => code.extend_from_slice(&[opcode + 1, modrm]),
+                _ => code.extend_from_slice(&[0x48, opcode + 1, modrm]),
+            }
+            emulate(64, &code, &mut r, &mut m).unwrap();
+            prop_assert_eq!(
+                r.rflags & ARITH_FLAGS,
+                host_cf(name, a, b, carry, size) & ARITH_FLAGS,
+                "{} size {} carry {}", name, size, carry
+            );
         }
 
         /// Random bytes never panic, in any mode.
