@@ -1031,7 +1031,7 @@ mod tests {
         r.rsi = MMIO;
         r.rax = u64::MAX;
         run(&[0xac], &mut r, &mut m); // lodsb
-        assert_eq!(r.rax, (u64::MAX & !0xff) | u64::from(mmio_byte(MMIO, 0)));
+        assert_eq!(r.rax, !0xff | u64::from(mmio_byte(MMIO, 0)));
         assert_eq!(r.rsi, MMIO + 1);
         m.put(0x3000, &[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
         r.rsi = 0x3000;
