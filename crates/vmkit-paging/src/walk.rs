@@ -802,9 +802,9 @@ impl Walker {
         // 4-level paging, by far the most common mode, is inlined into the caller; the rest
         // stays out of line so that the inlined code is small.
         if self.cfg.mode == PagingMode::Level4 {
-            if let Some(t) = self.walk_fast::<4, M>(mem, addr, access) {
-                return Ok(t);
-            }
+            return self.walk_fast::<4, M>(mem, addr, access, || {
+                self.translate_out_of_line(mem, addr, access)
+            });
         }
         self.translate_out_of_line(mem, addr, access)
     }
@@ -818,16 +818,16 @@ impl Walker {
         addr: u64,
         access: Access,
     ) -> Result<Translation, Fault> {
+        let detailed = || self.translate_with(&mut DirectTables(mem), addr, access);
         if self.cfg.mode == PagingMode::Level5 {
-            if let Some(t) = self.walk_fast::<5, M>(mem, addr, access) {
-                return Ok(t);
-            }
+            return self.walk_fast::<5, M>(mem, addr, access, detailed);
         }
-        self.translate_with(&mut DirectTables(mem), addr, access)
+        detailed()
     }
 
-    /// The fast 4/5-level walk: `Some` only for a successful translation that changes
-    /// nothing in memory, `None` for "walk again in detail".
+    /// The fast 4/5-level walk. It answers only a successful translation that changes
+    /// nothing in memory; everything else is handed to `detailed` ("walk again in detail"),
+    /// called in tail position so that both paths return into the same place.
     ///
     /// Entries are read through a [`WordSpan`](crate::memory::WordSpan) (one bounds check
     /// per level; a new span only when a table lies in another region). The checks are
@@ -842,13 +842,16 @@ impl Walker {
         mem: &M,
         addr: u64,
         access: Access,
-    ) -> Option<Translation> {
+        detailed: impl FnOnce() -> Result<Translation, Fault>,
+    ) -> Result<Translation, Fault> {
         const NEXT: u64 = bits(51, 12);
         let unused = 64 - (12 + 9 * LEVELS);
         if ((addr << unused) as i64 >> unused) as u64 != addr {
-            return None;
+            return detailed();
         }
-        let mut span = mem.word_span(self.root)?;
+        let Some(mut span) = mem.word_span(self.root) else {
+            return detailed();
+        };
         let mut read = |entry_addr: u64| read_span(mem, &mut span, entry_addr);
         // Bits reserved in every entry of the walk (above MAXPHYADDR, XD without NXE) are
         // checked once on the OR of all entries; each level only adds what is specific to it.
@@ -857,19 +860,25 @@ impl Walker {
         let mut or_bits = 0u64;
         let mut bad = 0u64;
         if LEVELS == 5 {
-            let e = read(table | ((addr >> 45) & 0xff8))?;
+            let Some(e) = read(table | ((addr >> 45) & 0xff8)) else {
+                return detailed();
+            };
             bad |= e & self.rsvd_table[4];
             and_bits = e;
             or_bits = e;
             table = e & NEXT;
         }
-        let e = read(table | ((addr >> 36) & 0xff8))?;
+        let Some(e) = read(table | ((addr >> 36) & 0xff8)) else {
+            return detailed();
+        };
         bad |= e & self.rsvd_table[3];
         and_bits &= e;
         or_bits |= e;
         table = e & NEXT;
         let entry_addr = table | ((addr >> 27) & 0xff8);
-        let e = read(entry_addr)?;
+        let Some(e) = read(entry_addr) else {
+            return detailed();
+        };
         and_bits &= e;
         or_bits |= e;
         let (leaf, leaf_addr, level, size) = if e & PAGE_SIZE != 0 {
@@ -878,7 +887,9 @@ impl Walker {
         } else {
             table = e & NEXT;
             let entry_addr = table | ((addr >> 18) & 0xff8);
-            let e = read(entry_addr)?;
+            let Some(e) = read(entry_addr) else {
+                return detailed();
+            };
             and_bits &= e;
             or_bits |= e;
             if e & PAGE_SIZE != 0 {
@@ -887,15 +898,17 @@ impl Walker {
             } else {
                 table = e & NEXT;
                 let entry_addr = table | ((addr >> 9) & 0xff8);
-                let e = read(entry_addr)?;
+                let Some(e) = read(entry_addr) else {
+                    return detailed();
+                };
                 and_bits &= e;
                 or_bits |= e;
                 (e, entry_addr, 1, PageSize::Size4K)
             }
         };
         bad |= or_bits & self.rsvd_table[0];
-        if bad != 0 || and_bits & self.fast_need != self.fast_need {
-            return None;
+        if bad | (!and_bits & self.fast_need) != 0 {
+            return detailed();
         }
         let nx = or_bits & self.nx_bit;
         let dirty = (leaf | self.dirty_free) & DIRTY;
@@ -913,11 +926,11 @@ impl Walker {
                 || (access.is_write() && dirty == 0)
                 || self.check_rights(rights, access).is_err()
             {
-                return None;
+                return detailed();
             }
         }
         let page_base = leaf & NEXT & !(size.bytes() - 1);
-        Some(Translation {
+        Ok(Translation {
             gpa: page_base | (addr & (size.bytes() - 1)),
             page_base,
             page_size: size,

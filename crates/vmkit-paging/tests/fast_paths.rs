@@ -15,6 +15,7 @@
 
 use proptest::prelude::*;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmkit_paging::builder::PageSize;
 use vmkit_paging::entry::*;
 use vmkit_paging::tlb::Tlb;
 use vmkit_paging::walk::{
@@ -259,7 +260,20 @@ proptest! {
                     let walker = &walkers[usize::from(pcid)][i % configs.len()];
                     let a = access(access_bits);
                     let before = tlb.stats();
-                    let cached = tlb.translate(walker, &mem, pcid, va, a);
+                    // Half the time through the GPA-only hot path first.
+                    let fast = if i % 2 == 0 {
+                        tlb.fast_translate(walker, pcid, va, a)
+                    } else {
+                        None
+                    };
+                    let cached = match fast {
+                        Some(gpa) => Ok(vmkit_paging::tlb::TlbTranslation {
+                            gpa,
+                            page_size: PageSize::Size4K,
+                            hit: true,
+                        }),
+                        None => tlb.translate(walker, &mem, pcid, va, a),
+                    };
                     let direct = walker.translate(&mem, va, a);
                     match (&cached, &direct) {
                         (Ok(c), Ok(d)) => {
