@@ -546,6 +546,13 @@ impl<W: Write + Send + 'static> Vmm<W> {
     /// Runs the guest until it halts, shuts down, resets or powers off. Starts the virtio
     /// event loop first and stops it before returning.
     pub fn run(&mut self) -> Result<Outcome, VmmError> {
+        // A machine that was reset or powered off stays so: its vCPUs do not run again.
+        if self.reset.load(Ordering::SeqCst) {
+            return Ok(Outcome::Reset);
+        }
+        if self.power_off.load(Ordering::SeqCst) {
+            return Ok(Outcome::PowerOff);
+        }
         if let Some(v) = &mut self.virtio {
             v.start()?;
         }
