@@ -21,11 +21,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$LG_ROOT/target}"
 W="$LG_CACHE/vhost-user-bench"
 rm -rf "$W"; mkdir -p "$W"
 
-lg_prepare
-command -v qemu-storage-daemon >/dev/null || {
-    lg_log "installing qemu-system-common (qemu-storage-daemon)"
-    apt-get install -y -qq --no-install-recommends qemu-system-common >/dev/null
-}
+lg_prepare # QEMU >= 10 with qemu-storage-daemon (qemu-utils)
+command -v qemu-storage-daemon >/dev/null || { lg_log "qemu-storage-daemon is missing"; exit 1; }
+lg_log "$(qemu-system-x86_64 --version | head -n1); $(qemu-storage-daemon --version | head -n1)"
 lg_log "building vmkit-vhost-user (release) and the guest helper"
 (cd "$LG_ROOT" && cargo build -q --release -p vmkit-vhost-user --bin vmkit-vhost-user)
 VU="$CARGO_TARGET_DIR/release/vmkit-vhost-user"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real-guest test of vmkit-vhost-user: Debian's stock Linux kernel (virtio_blk, virtio-rng,
 # virtio_net drivers we did not write) drives vmkit-virtio's devices through QEMU's vhost-user
-# frontends (QEMU >= 10, installed by lg_prepare).
+# frontends (bookworm's QEMU 7.2, or QEMU 10 with LG_QEMU_BACKPORTS=1: both pass).
 #
 # One QEMU boot (TCG) with four backends:
 #   vu-rw  vhost-user-blk over a 16 MiB image: O_DIRECT and page-cache writes of a random
@@ -92,7 +92,13 @@ done
 ip netns exec "$NS" bash "$HERE/vhost-user/net-host.sh" "$W" "$BOOT_TIMEOUT" > "$W/net-host.log" 2>&1 &
 NET_HOST=$!
 
-lg_log "booting the guest (timeout ${BOOT_TIMEOUT}s)"
+# QEMU 7.2 (Debian bookworm) dies with SIGSEGV in vhost_net_start -> msix_set_vector_notifiers
+# under TCG when the vhost-user netdev uses MSI-X; the driver falls back to INTx with vectors=0.
+# QEMU 10 (LG_QEMU_BACKPORTS=1) runs it with MSI-X.
+NET_VECTORS=""
+[ "$(lg_qemu_major)" -ge 10 ] || NET_VECTORS=",vectors=0"
+
+lg_log "booting the guest with $(qemu-system-x86_64 --version | head -n1) (timeout ${BOOT_TIMEOUT}s)"
 BOOT_OK=1
 lg_run "$BOOT_TIMEOUT" "$W/console.log" qemu-system-x86_64 -M pc -accel tcg -m 512M -smp 1 \
     -nographic -no-reboot \
@@ -101,7 +107,7 @@ lg_run "$BOOT_TIMEOUT" "$W/console.log" qemu-system-x86_64 -M pc -accel tcg -m 5
     -chardev socket,id=vu1,path="$W/ro.sock" -device vhost-user-blk-pci,chardev=vu1,num-queues=1 \
     -chardev socket,id=vu2,path="$W/rng.sock" -device vhost-user-rng-pci,chardev=vu2 \
     -chardev socket,id=vu3,path="$W/net.sock" -netdev vhost-user,id=net0,chardev=vu3 \
-    -device virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02 \
+    -device "virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02$NET_VECTORS" \
     -kernel "$LG_KERNEL" -initrd "$W/initramfs.gz" \
     -append 'console=ttyS0 panic=-1 quiet' || BOOT_OK=0
 check "guest booted and powered off" [ "$BOOT_OK" = 1 ]
@@ -139,7 +145,8 @@ check "blk: discard succeeded" grep -aq "^VU discard rc=0" "$W/console.log"
 check "blk: write-zeroes succeeded" grep -aq "^VU zeroout rc=0" "$W/console.log"
 check "blk: guest reads back the O_DIRECT pattern" [ "$(field readback direct)" = "$PSUM" ]
 check "blk: guest reads back the page-cache pattern" [ "$(field readback cached)" = "$PSUM" ]
-check "blk: guest reads zeros after discard/write-zeroes" [ "$(field readback zeros)" = "$(field readback zeros_ref)" ]
+check "blk: guest reads zeros after discard/write-zeroes" \
+    bash -c '[ -n "$1" ] && [ "$1" = "$2" ]' _ "$(field readback zeros)" "$(field readback zeros_ref)"
 # blk, host side: the image file after the backend exited.
 check "blk: image holds the O_DIRECT pattern at 0" [ "$(range_sum "$W/rw.img" 0 64)" = "$PSUM" ]
 check "blk: image holds the page-cache pattern at 4 MiB" [ "$(range_sum "$W/rw.img" 64 64)" = "$PSUM" ]
