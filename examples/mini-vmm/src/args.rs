@@ -4,7 +4,7 @@
 //! mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] [--cmdline TEXT]
 //!           [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
 //!           [--rng] [--console [tty|file=PATH]]]
-//!          [--memory size=SIZE] [--param N] [--stats]
+//!          [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] [--stats]
 //! ```
 //!
 //! Device options follow Cloud Hypervisor's `key=value,key=value` style; a wrong key or value
@@ -69,6 +69,19 @@ pub enum ConsoleArg {
     File(PathBuf),
 }
 
+/// Where COM1's output goes (`--serial`). The binary opens it; library users pass their own
+/// writer to [`crate::vmm::Vmm::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialArg {
+    /// mini-vmm's standard output (the default).
+    #[default]
+    Tty,
+    /// Discarded.
+    Off,
+    /// Written to a file (created or truncated).
+    File(PathBuf),
+}
+
 /// Command line given to a kernel when `--cmdline` is absent: the console on COM1, reboot
 /// through the keyboard controller (which ends the VM) and reboot at once on panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -109,6 +122,8 @@ pub struct Args {
     pub rng: bool,
     /// A virtio-console device.
     pub console: Option<ConsoleArg>,
+    /// COM1's output.
+    pub serial: SerialArg,
 }
 
 impl Default for Args {
@@ -126,6 +141,7 @@ impl Default for Args {
             nets: Vec::new(),
             rng: false,
             console: None,
+            serial: SerialArg::Tty,
         }
     }
 }
@@ -137,7 +153,8 @@ pub const MAX_CPUS: u8 = 32;
 /// Usage text.
 pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] \
 [--cmdline TEXT] [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]... \
-[--rng] [--console [tty|file=PATH]]] [--memory size=SIZE] [--param N] [--stats]
+[--rng] [--console [tty|file=PATH]]] [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] \
+[--stats]
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
@@ -154,6 +171,8 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
   --rng               virtio-rng device (host getrandom)
   --console [tty|file=PATH]
                       virtio-console (hvc0) writing to stdout (tty, the default) or a file
+  --serial tty|off|file=PATH
+                      where COM1's output goes (default tty: stdout)
   Devices are virtio-mmio, described to the kernel in the ACPI DSDT (bzImage kernels).
   --param N           value the guest reads from port 0x510
   --stats             print per-exit-kind counts and handling latency at the end";
@@ -268,6 +287,17 @@ fn parse_console(v: &str) -> Result<ConsoleArg, ArgsError> {
     }
 }
 
+fn parse_serial(v: &str) -> Result<SerialArg, ArgsError> {
+    match v {
+        "tty" => Ok(SerialArg::Tty),
+        "off" => Ok(SerialArg::Off),
+        _ => match v.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => Ok(SerialArg::File(PathBuf::from(p))),
+            _ => Err(invalid("--serial", v, "expected tty, off or file=PATH")),
+        },
+    }
+}
+
 fn parse_cpus(v: &str) -> Result<u8, ArgsError> {
     let mut cpus = None;
     for (_, val) in key_values("--cpus", v, &["boot"])? {
@@ -334,6 +364,7 @@ impl Args {
                 "--disk" => out.disks.push(parse_disk(&next_value(&mut it, "--disk")?)?),
                 "--net" => out.nets.push(parse_net(&next_value(&mut it, "--net")?)?),
                 "--rng" => out.rng = true,
+                "--serial" => out.serial = parse_serial(&next_value(&mut it, "--serial")?)?,
                 "--console" => {
                     // The value is optional: `--console` alone means the terminal.
                     let v = match it.peek() {
@@ -564,6 +595,15 @@ mod tests {
         assert_eq!(a.console, Some(ConsoleArg::Tty));
         let a = p(&["--kernel", "/k", "--disk", "path=/d,readonly=off"]).unwrap();
         assert!(!a.disks[0].readonly);
+        // --serial works for every payload.
+        assert_eq!(p(&[]).unwrap().serial, SerialArg::Tty);
+        for (v, want) in [
+            ("off", SerialArg::Off),
+            ("tty", SerialArg::Tty),
+            ("file=/tmp/s", SerialArg::File("/tmp/s".into())),
+        ] {
+            assert_eq!(p(&["--serial", v]).unwrap().serial, want);
+        }
     }
 
     #[test]
@@ -615,6 +655,11 @@ mod tests {
                 "`pty` for `--console`: expected tty or file=PATH",
             ),
             (&["--console", "file="], "expected tty or file=PATH"),
+            (
+                &["--serial", "pty"],
+                "`pty` for `--serial`: expected tty, off or file=PATH",
+            ),
+            (&["--serial", "file="], "expected tty, off or file=PATH"),
             (
                 &["--cpus", "boot=0"],
                 "`0` for `--cpus boot`: expected 1 to 32",

@@ -3,9 +3,10 @@
 //! With no arguments it boots the bundled `hello` guest on KVM, shows its serial output and
 //! exits with the status the guest reported. `--help` lists the options.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use mini_vmm::args::{self, Args};
+use mini_vmm::args::{self, Args, SerialArg};
 use mini_vmm::vmm::{Outcome, Vmm};
 
 fn main() -> ExitCode {
@@ -20,7 +21,18 @@ fn main() -> ExitCode {
         println!("{}", args::USAGE);
         return ExitCode::SUCCESS;
     }
-    let result = Vmm::new(&args, std::io::stdout()).and_then(|mut vmm| {
+    let serial: Box<dyn Write + Send> = match &args.serial {
+        SerialArg::Tty => Box::new(std::io::stdout()),
+        SerialArg::Off => Box::new(std::io::sink()),
+        SerialArg::File(p) => match std::fs::File::create(p) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                eprintln!("mini-vmm: `--serial file={}`: {e}", p.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let result = Vmm::new(&args, serial).and_then(|mut vmm| {
         let outcome = vmm.run();
         if args.stats {
             eprintln!("{}", vmm.stats());

@@ -145,3 +145,23 @@ fn devices_need_the_linux_machine() {
     }
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn serial_output_goes_where_serial_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("serial.out");
+    let out = mini_vmm(&["--serial", &format!("file={}", file.display())]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("Hello from a vmkit guest!"), "{text}");
+    let out = mini_vmm(&["--serial", "off"]);
+    assert_eq!((out.status.code(), out.stdout.len()), (Some(0), 0));
+    let out = mini_vmm(&["--serial", "file=/nonexistent/dir/serial.out"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`--serial file=/nonexistent/dir/serial.out`"),
+        "{stderr}"
+    );
+}
