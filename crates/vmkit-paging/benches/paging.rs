@@ -145,6 +145,24 @@ fn bench_walks(c: &mut Criterion) {
             }
         })
     });
+    // Address only, on both sides: `Translate::translate_addr` vs `Walker::fast_translate`.
+    assert!(addrs.iter().all(|&a| walker
+        .fast_translate(&flat, a, Access::user_read())
+        .is_some()));
+    g.bench_function("x86_64_translate_addr", |b| {
+        b.iter(|| {
+            for &a in &addrs {
+                consume(x86.translate_addr(VirtAddr::new(black_box(a))));
+            }
+        })
+    });
+    g.bench_function("ours_flat_memory_fast_translate", |b| {
+        b.iter(|| {
+            for &a in &addrs {
+                consume(walker.fast_translate(&flat, black_box(a), Access::user_read()));
+            }
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("tlb");
@@ -427,7 +445,8 @@ criterion_group! {
 /// 1024-address batch in `#[inline(never)] icount_loop` and exits, so
 /// `valgrind --tool=callgrind --toggle-collect=*icount_loop* <bench binary>` reports the
 /// instructions of 102,400 translations. Workloads: `x86_64`, `ours_flat`, `ours_mmap`,
-/// `tlb_hit`, `tlb_hit_gpa`.
+/// `x86_64_addr`, `ours_flat_gpa` (address only), `tlb_hit`, `tlb_hit_gpa`; `ratios` times
+/// them instead (see `min_time_ratios`).
 fn icount(workload: &str) {
     #[inline(never)]
     fn icount_loop(addrs: &[u64], mut f: impl FnMut(u64)) {
@@ -469,6 +488,12 @@ fn icount(workload: &str) {
         "ours_flat" => icount_loop(&addrs, |a| {
             consume(walker.translate(&flat, a, Access::user_read()));
         }),
+        "x86_64_addr" => icount_loop(&addrs, |a| {
+            consume(x86.translate_addr(VirtAddr::new(a)));
+        }),
+        "ours_flat_gpa" => icount_loop(&addrs, |a| {
+            consume(walker.fast_translate(&flat, a, Access::user_read()));
+        }),
         "ours_mmap" => icount_loop(&addrs, |a| {
             consume(walker.translate(&mem, a, Access::user_read()));
         }),
@@ -496,13 +521,15 @@ fn min_time_ratios(
 ) {
     const ROUNDS: usize = 300;
     const REPS: usize = 20;
-    let mut best = [f64::MAX; 5];
+    let mut best = [f64::MAX; 7];
     let names = [
         "x86_64 OffsetPageTable::translate",
         "our walk, FlatMemory",
         "our walk, GuestMemoryMmap",
         "TLB hit (Tlb::translate)",
         "TLB hit (Tlb::fast_translate)",
+        "x86_64 translate_addr",
+        "our walk, FlatMemory, fast_translate",
     ];
     for _ in 0..ROUNDS {
         for (i, b) in best.iter_mut().enumerate() {
@@ -523,6 +550,12 @@ fn min_time_ratios(
                         3 => {
                             consume(tlb.translate(walker, flat, 1, a, Access::user_read()));
                         }
+                        5 => {
+                            consume(x86.translate_addr(VirtAddr::new(a)));
+                        }
+                        6 => {
+                            consume(walker.fast_translate(flat, a, Access::user_read()));
+                        }
                         _ => {
                             consume(tlb.fast_translate(walker, 1, a, Access::user_read()));
                         }
@@ -537,8 +570,10 @@ fn min_time_ratios(
         println!("{name:36} {ns:6.2} ns");
     }
     println!(
-        "walk (FlatMemory) speed vs x86_64: {:.2}x; TLB hit vs walk: {:.1}x (translate), {:.1}x (fast_translate)",
+        "walk (FlatMemory) speed vs x86_64: {:.2}x (full result), {:.2}x (address only); \
+         TLB hit vs walk: {:.1}x (translate), {:.1}x (fast_translate)",
         best[0] / best[1],
+        best[5] / best[6],
         best[1] / best[3],
         best[1] / best[4]
     );

@@ -523,6 +523,16 @@ pub struct Walker {
     dirty_free: u64,
 }
 
+/// What a successful fast walk learned (the rest of a [`Translation`] follows from it).
+#[derive(Clone, Copy)]
+struct FastWalk {
+    leaf: u64,
+    leaf_addr: u64,
+    level: u32,
+    size: PageSize,
+    rights: Rights,
+}
+
 /// Reads the entry at `addr` through `span`, fetching a new span from `mem` when the entry
 /// lies outside the current one.
 #[inline(always)]
@@ -825,9 +835,8 @@ impl Walker {
         detailed()
     }
 
-    /// The fast 4/5-level walk. It answers only a successful translation that changes
-    /// nothing in memory; everything else is handed to `detailed` ("walk again in detail"),
-    /// called in tail position so that both paths return into the same place.
+    /// The fast 4/5-level walk: `Some` only for a successful translation that changes
+    /// nothing in memory, `None` for "walk again in detail".
     ///
     /// Entries are read through a [`WordSpan`](crate::memory::WordSpan) (one bounds check
     /// per level; a new span only when a table lies in another region). The checks are
@@ -837,47 +846,48 @@ impl Walker {
     /// a non-present entry is only noticed at the end (its "next table" is still read, from
     /// guest RAM or not at all, which has no side effect).
     #[inline(always)]
-    fn walk_fast<const LEVELS: u32, M: PhysMemory + ?Sized>(
+    fn fast_walk<const LEVELS: u32, M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
         addr: u64,
         access: Access,
-        detailed: impl FnOnce() -> Result<Translation, Fault>,
-    ) -> Result<Translation, Fault> {
+    ) -> Option<FastWalk> {
         const NEXT: u64 = bits(51, 12);
         let unused = 64 - (12 + 9 * LEVELS);
         if ((addr << unused) as i64 >> unused) as u64 != addr {
-            return detailed();
+            return None;
         }
         let Some(mut span) = mem.word_span(self.root) else {
-            return detailed();
+            return None;
         };
         let mut read = |entry_addr: u64| read_span(mem, &mut span, entry_addr);
-        // Bits reserved in every entry of the walk (above MAXPHYADDR, XD without NXE) are
-        // checked once on the OR of all entries; each level only adds what is specific to it.
+        // Entry addresses are `table + index` (equal to `|`: tables are 4 KiB aligned),
+        // which lets the compiler fold the span's base into the index. Bits reserved in
+        // every entry of the walk (above MAXPHYADDR, XD without NXE) are checked once on
+        // the OR of all entries; each level only adds what is specific to it.
         let mut table = self.root;
         let mut and_bits = u64::MAX;
         let mut or_bits = 0u64;
         let mut bad = 0u64;
         if LEVELS == 5 {
-            let Some(e) = read(table | ((addr >> 45) & 0xff8)) else {
-                return detailed();
+            let Some(e) = read(table + ((addr >> 45) & 0xff8)) else {
+                return None;
             };
             bad |= e & self.rsvd_table[4];
             and_bits = e;
             or_bits = e;
             table = e & NEXT;
         }
-        let Some(e) = read(table | ((addr >> 36) & 0xff8)) else {
-            return detailed();
+        let Some(e) = read(table + ((addr >> 36) & 0xff8)) else {
+            return None;
         };
         bad |= e & self.rsvd_table[3];
         and_bits &= e;
         or_bits |= e;
         table = e & NEXT;
-        let entry_addr = table | ((addr >> 27) & 0xff8);
+        let entry_addr = table + ((addr >> 27) & 0xff8);
         let Some(e) = read(entry_addr) else {
-            return detailed();
+            return None;
         };
         and_bits &= e;
         or_bits |= e;
@@ -886,9 +896,9 @@ impl Walker {
             (e, entry_addr, 3, PageSize::Size1G)
         } else {
             table = e & NEXT;
-            let entry_addr = table | ((addr >> 18) & 0xff8);
+            let entry_addr = table + ((addr >> 18) & 0xff8);
             let Some(e) = read(entry_addr) else {
-                return detailed();
+                return None;
             };
             and_bits &= e;
             or_bits |= e;
@@ -897,9 +907,9 @@ impl Walker {
                 (e, entry_addr, 2, PageSize::Size2M)
             } else {
                 table = e & NEXT;
-                let entry_addr = table | ((addr >> 9) & 0xff8);
+                let entry_addr = table + ((addr >> 9) & 0xff8);
                 let Some(e) = read(entry_addr) else {
-                    return detailed();
+                    return None;
                 };
                 and_bits &= e;
                 or_bits |= e;
@@ -908,7 +918,7 @@ impl Walker {
         };
         bad |= or_bits & self.rsvd_table[0];
         if bad | (!and_bits & self.fast_need) != 0 {
-            return detailed();
+            return None;
         }
         let nx = or_bits & self.nx_bit;
         let dirty = (leaf | self.dirty_free) & DIRTY;
@@ -926,21 +936,69 @@ impl Walker {
                 || (access.is_write() && dirty == 0)
                 || self.check_rights(rights, access).is_err()
             {
-                return detailed();
+                return None;
             }
         }
-        let page_base = leaf & NEXT & !(size.bytes() - 1);
-        Ok(Translation {
-            gpa: page_base | (addr & (size.bytes() - 1)),
-            page_base,
-            page_size: size,
-            rights,
-            global: leaf & GLOBAL != 0,
-            dirty: leaf & DIRTY != 0,
-            leaf_entry: leaf,
+        Some(FastWalk {
+            leaf,
             leaf_addr,
-            memory_refs: LEVELS - level + 1,
+            level,
+            size,
+            rights,
         })
+    }
+
+    /// [`fast_walk`](Self::fast_walk) building the full [`Translation`], or handing over
+    /// to `detailed` (called in tail position so that both paths return into the same
+    /// place).
+    #[inline(always)]
+    fn walk_fast<const LEVELS: u32, M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        addr: u64,
+        access: Access,
+        detailed: impl FnOnce() -> Result<Translation, Fault>,
+    ) -> Result<Translation, Fault> {
+        let Some(w) = self.fast_walk::<LEVELS, M>(mem, addr, access) else {
+            return detailed();
+        };
+        let page_base = w.leaf & bits(51, 12) & !(w.size.bytes() - 1);
+        Ok(Translation {
+            gpa: page_base | (addr & (w.size.bytes() - 1)),
+            page_base,
+            page_size: w.size,
+            rights: w.rights,
+            global: w.leaf & GLOBAL != 0,
+            dirty: w.leaf & DIRTY != 0,
+            leaf_entry: w.leaf,
+            leaf_addr: w.leaf_addr,
+            memory_refs: LEVELS - w.level + 1,
+        })
+    }
+
+    /// The guest-physical address of `addr` when the common case applies, `None` otherwise.
+    ///
+    /// This is the fast path of [`translate`](Self::translate) on its own, for callers
+    /// that only need the address (an emulator's memory access): 4/5-level paging, every
+    /// check done (canonical address, P, reserved bits, U/S, R/W with CR0.WP, NX, SMEP,
+    /// SMAP, protection keys), and the access needing no Accessed/Dirty update. `Some`
+    /// is exactly the `gpa` that [`translate`](Self::translate) would return; `None` means
+    /// "call [`translate`](Self::translate)", which then reports the fault, sets the A/D
+    /// bits or walks another paging mode. The answer comes back in registers.
+    #[inline]
+    pub fn fast_translate<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        addr: u64,
+        access: Access,
+    ) -> Option<u64> {
+        let w = match self.cfg.mode {
+            PagingMode::Level4 => self.fast_walk::<4, M>(mem, addr, access)?,
+            PagingMode::Level5 => self.fast_walk::<5, M>(mem, addr, access)?,
+            _ => return None,
+        };
+        let size = w.size.bytes();
+        Some((w.leaf & bits(51, 12) & !(size - 1)) | (addr & (size - 1)))
     }
 
     /// Translates `addr` for `access`, reading tables through `tables`.
