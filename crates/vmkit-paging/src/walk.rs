@@ -857,9 +857,7 @@ impl Walker {
         if ((addr << unused) as i64 >> unused) as u64 != addr {
             return None;
         }
-        let Some(mut span) = mem.word_span(self.root) else {
-            return None;
-        };
+        let mut span = mem.word_span(self.root)?;
         let mut read = |entry_addr: u64| read_span(mem, &mut span, entry_addr);
         // Entry addresses are `table + index` (equal to `|`: tables are 4 KiB aligned),
         // which lets the compiler fold the span's base into the index. Bits reserved in
@@ -870,25 +868,19 @@ impl Walker {
         let mut or_bits = 0u64;
         let mut bad = 0u64;
         if LEVELS == 5 {
-            let Some(e) = read(table + ((addr >> 45) & 0xff8)) else {
-                return None;
-            };
+            let e = read(table + ((addr >> 45) & 0xff8))?;
             bad |= e & self.rsvd_table[4];
             and_bits = e;
             or_bits = e;
             table = e & NEXT;
         }
-        let Some(e) = read(table + ((addr >> 36) & 0xff8)) else {
-            return None;
-        };
+        let e = read(table + ((addr >> 36) & 0xff8))?;
         bad |= e & self.rsvd_table[3];
         and_bits &= e;
         or_bits |= e;
         table = e & NEXT;
         let entry_addr = table + ((addr >> 27) & 0xff8);
-        let Some(e) = read(entry_addr) else {
-            return None;
-        };
+        let e = read(entry_addr)?;
         and_bits &= e;
         or_bits |= e;
         let (leaf, leaf_addr, level, size) = if e & PAGE_SIZE != 0 {
@@ -897,9 +889,7 @@ impl Walker {
         } else {
             table = e & NEXT;
             let entry_addr = table + ((addr >> 18) & 0xff8);
-            let Some(e) = read(entry_addr) else {
-                return None;
-            };
+            let e = read(entry_addr)?;
             and_bits &= e;
             or_bits |= e;
             if e & PAGE_SIZE != 0 {
@@ -908,9 +898,7 @@ impl Walker {
             } else {
                 table = e & NEXT;
                 let entry_addr = table + ((addr >> 9) & 0xff8);
-                let Some(e) = read(entry_addr) else {
-                    return None;
-                };
+                let e = read(entry_addr)?;
                 and_bits &= e;
                 or_bits |= e;
                 (e, entry_addr, 1, PageSize::Size4K)
