@@ -7,6 +7,8 @@ pub mod metrics;
 pub mod scheduler;
 pub mod sim;
 pub mod task;
+#[cfg(feature = "vcpu")]
+pub mod vcpu;
 
 pub use credit::{CreditConfig, CreditScheduler};
 pub use executor::{Accounting, Executor, ExecutorError, ExecutorMetrics, Waker};
