@@ -53,6 +53,12 @@ fn a_bzimage_gets_acpi_devices_and_vcpus_and_powers_off() {
             "--rng",
             "--console",
             &format!("file={}", console.display()),
+            // Creating a TAP interface needs root and /dev/net/tun, as the CI has.
+            "--net",
+            &format!(
+                "tap=mvmm{},mac=02:00:00:00:00:01",
+                std::process::id() % 100_000
+            ),
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -60,7 +66,18 @@ fn a_bzimage_gets_acpi_devices_and_vcpus_and_powers_off() {
     .unwrap();
     let mut vmm = Vmm::new(&args, Vec::new()).unwrap();
     assert_eq!(vmm.aps.len(), 2);
-    assert_eq!(vmm.virtio.as_ref().unwrap().slots().len(), 3);
+    let names: Vec<_> = vmm
+        .virtio
+        .as_ref()
+        .unwrap()
+        .slots()
+        .iter()
+        .map(|s| s.name.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["virtio-blk", "virtio-net", "virtio-rng", "virtio-console"]
+    );
     // The tables are in guest memory, and the zero page points at the RSDP.
     let tables = vmm.acpi.clone().unwrap();
     assert_eq!(tables.rsdp_addr, RSDP_ADDR);
