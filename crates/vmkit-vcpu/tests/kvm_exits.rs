@@ -417,7 +417,18 @@ fn the_paging_guest_reports_its_page_faults() {
             other => panic!("unexpected exit {other:?}"),
         }
     }
-    assert_eq!(probes, vec![0, 1, 2, 3]);
-    assert_eq!(faults, vec![(0x1ff000, 0), (0x1fe000, 3), (0x1fd000, 0x11)]);
+    assert_eq!(probes, (0..9).collect::<Vec<u32>>());
+    assert_eq!(
+        faults,
+        vec![
+            (0x1ff000, 0),
+            (0x1fe000, 3),
+            (0x1fd000, 0x11),
+            (0x1fb000, 1),
+            (0x1fa000, 0x11),
+            (0x40a0_0000, 9),
+            (0x1fb000, 3)
+        ]
+    );
     let _ = Ordering::SeqCst;
 }

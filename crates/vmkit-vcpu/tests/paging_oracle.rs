@@ -1,8 +1,10 @@
 //! Differential test: KVM's MMU as the oracle for `vmkit_paging::walk::Walker`.
 //!
 //! The paging guest (`examples/guests/src/bin/paging.rs`) builds its own 4-level tables,
-//! sets EFER.NXE and CR0.WP and probes four supervisor accesses, reporting every #PF (CR2 and
-//! error code) on ports 0x520..=0x522 and each probe's index on port 0x511. After it halts we
+//! sets EFER.NXE, CR0.WP, CR4.SMEP and CR4.SMAP and probes nine supervisor accesses (not
+//! present, read-only, no-execute, a plain write, SMAP with RFLAGS.AC clear and set, SMEP,
+//! a reserved bit in a 2 MiB PDE, a SMAP write), reporting every #PF (CR2 and error code) on
+//! ports 0x520..=0x522 and each probe's index on port 0x511. After it halts we
 //! read the vCPU's CR0/CR3/CR4/EFER/RFLAGS, build a `PagingConfig` from them and walk the
 //! guest's own tables in guest memory for the same accesses: the walker must reach the
 //! hardware's verdict (fault or not, CR2, every error-code bit).
@@ -24,12 +26,17 @@ use vmkit_paging::walk::{
 use vmkit_test_guests as guests;
 use vmkit_vcpu::{Vcpu, VmExit};
 
-/// The guest's probes, in the order it runs them: address and access.
-const PROBES: [(u64, AccessKind); 4] = [
-    (0x1ff000, AccessKind::Read),  // not present
-    (0x1fe000, AccessKind::Write), // read-only, CR0.WP = 1
-    (0x1fd000, AccessKind::Fetch), // no-execute, EFER.NXE = 1
-    (0x1fc000, AccessKind::Write), // writable: no fault
+/// The guest's probes, in the order it runs them: address, access, RFLAGS.AC during it.
+const PROBES: [(u64, AccessKind, bool); 9] = [
+    (0x1ff000, AccessKind::Read, false),    // not present
+    (0x1fe000, AccessKind::Write, false),   // read-only, CR0.WP = 1
+    (0x1fd000, AccessKind::Fetch, false),   // no-execute, EFER.NXE = 1
+    (0x1fc000, AccessKind::Write, false),   // writable: no fault
+    (0x1fb000, AccessKind::Read, false),    // user page, SMAP
+    (0x1fb000, AccessKind::Read, true),     // user page, SMAP, but AC = 1: no fault
+    (0x1fa000, AccessKind::Fetch, false),   // user page, SMEP
+    (0x40a0_0000, AccessKind::Read, false), // 2 MiB PDE with reserved bit 13
+    (0x1fb000, AccessKind::Write, false),   // user page, SMAP, write
 ];
 
 /// What the hardware reported for one probe: `Some((cr2, error_code))` or no fault.
@@ -114,6 +121,11 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
     assert_eq!(cfg.mode, PagingMode::Level4);
     assert!(cfg.write_protect, "the guest set CR0.WP");
     assert!(cfg.nxe, "the guest set EFER.NXE");
+    assert!(cfg.smep && cfg.smap, "the guest set CR4.SMEP and CR4.SMAP");
+    assert!(
+        !cfg.alignment_check,
+        "the guest cleared RFLAGS.AC after its AC probe"
+    );
     // The guest installed its own tables (a static inside its image near 1 MiB), not the
     // boot tables.
     let root = sregs.cr3 & !0xfff;
@@ -122,9 +134,13 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
         "CR3 {root:#x} is not the guest's own PML4"
     );
     // The last fault the hardware delivered is still in CR2.
-    assert_eq!(sregs.cr2, 0x1fd000, "CR2 after the run");
+    assert_eq!(sregs.cr2, 0x1fb000, "CR2 after the run");
 
     let walker = Walker::new(cfg);
+    let walker_ac = Walker::new(PagingConfig {
+        alignment_check: true,
+        ..cfg
+    });
 
     // Snapshot the tables the walks go through (PML4, PDPT, PD 0, the 4 KiB PT) so we can
     // prove the walker left them alone.
@@ -138,8 +154,9 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
     let before: Vec<Vec<u8>> = table_pages.iter().map(|&a| page(&t.mem, a)).collect();
 
     // --- Differential part: the walker's verdict must equal the hardware's. ---
-    for (i, ((addr, kind), hw_outcome)) in PROBES.iter().zip(&hw).enumerate() {
-        let result = walker.translate(&t.mem, *addr, supervisor(*kind));
+    for (i, ((addr, kind, ac), hw_outcome)) in PROBES.iter().zip(&hw).enumerate() {
+        let w = if *ac { &walker_ac } else { &walker };
+        let result = w.translate(&t.mem, *addr, supervisor(*kind));
         let ours = verdict(&result);
         assert_eq!(
             ours,
@@ -160,6 +177,11 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
             Some((0x1fe000, PfErrorCode::PRESENT | PfErrorCode::WRITE)),
             Some((0x1fd000, PfErrorCode::PRESENT | PfErrorCode::FETCH)),
             None,
+            Some((0x1fb000, PfErrorCode::PRESENT)),
+            None,
+            Some((0x1fa000, PfErrorCode::PRESENT | PfErrorCode::FETCH)),
+            Some((0x40a0_0000, PfErrorCode::PRESENT | PfErrorCode::RSVD)),
+            Some((0x1fb000, PfErrorCode::PRESENT | PfErrorCode::WRITE)),
         ]
     );
     // The hardware's own A/D updates, read back through the walker: the successful write to
@@ -218,11 +240,22 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
     fault(0x1ff000, supervisor(AccessKind::Fetch), PfErrorCode::FETCH);
     // Ordinary 4 KiB pages below 2 MiB and 2 MiB pages up to 4 GiB allow everything.
     for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
-        ok(0x1f_b123, kind, PageSize::Size4K);
+        ok(0x1f_8123, kind, PageSize::Size4K);
         ok(0x40_0123, kind, PageSize::Size2M);
         ok(0xffff_fff8, kind, PageSize::Size2M);
     }
-    // No entry has U/S set: a user read faults as a protection violation.
+    // The two user pages are user pages for user accesses (SMEP/SMAP bind the supervisor
+    // only).
+    for access in [Access::user_read(), Access::user_write()] {
+        let tr = walker
+            .translate(&t.mem, 0x1fb010, access)
+            .expect("user data page");
+        assert!(tr.rights.user);
+    }
+    walker
+        .translate(&t.mem, 0x1fa000, Access::user_fetch())
+        .expect("user code page");
+    // No other leaf has U/S set: a user read faults as a protection violation.
     fault(
         0x40_0000,
         Access::user_read(),

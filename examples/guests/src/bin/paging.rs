@@ -11,11 +11,21 @@
 //! | `0x1fe000` | present, read-only (CR0.WP = 1)  | write                 | `0x3` (P, W)        |
 //! | `0x1fd000` | present, no-execute (EFER.NXE=1) | call (instr. fetch)   | `0x11` (P, I/D)     |
 //! | `0x1fc000` | present, writable                | write (no fault)      | -                   |
+//! | `0x1fb000` | user, writable (CR4.SMAP = 1)    | read, RFLAGS.AC = 0   | `0x1` (P)           |
+//! | `0x1fb000` | same                             | read, RFLAGS.AC = 1   | -                   |
+//! | `0x1fa000` | user, executable (CR4.SMEP = 1)  | call (instr. fetch)   | `0x11` (P, I/D)     |
+//! | `0x40a00000` | 2 MiB page, reserved bit 13 set | read                 | `0x9` (P, RSVD)     |
+//! | `0x1fb000` | user, writable (CR4.SMAP = 1)    | write, RFLAGS.AC = 0  | `0x3` (P, W)        |
+//!
+//! The user pages are user pages because every level above them has U/S set too (the
+//! permission is the AND over the walk); all other leaves are supervisor-only. CR4.SMEP and
+//! CR4.SMAP are enabled after the tables are live (the guest needs both in CPUID; without
+//! them the `mov cr4` raises #GP and the guest ends with status 0xfa17).
 //!
 //! Protocol, for each probe in the order above: on a page fault the handler writes CR2 bits
 //! 31:0 to port 0x520, CR2 bits 63:32 to port 0x521 and the error code to port 0x522, then
 //! resumes after the probing instruction; after each probe the guest writes the probe's index
-//! (0..3) to port 0x511. Any other exception writes its vector to port 0x523 and ends with
+//! (0..8) to port 0x511. Any other exception writes its vector to port 0x523 and ends with
 //! status 0xfa17. At the end the guest writes status 0 to port 0xf4 and halts.
 #![no_std]
 #![no_main]
@@ -39,6 +49,7 @@ static mut PF_RECOVER: u64 = 0;
 
 const P: u64 = 1;
 const W: u64 = 2;
+const U: u64 = 4;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 
@@ -46,6 +57,12 @@ const NOT_PRESENT: u64 = 0x1ff000;
 const READ_ONLY: u64 = 0x1fe000;
 const NO_EXEC: u64 = 0x1fd000;
 const WRITABLE: u64 = 0x1fc000;
+const USER_DATA: u64 = 0x1fb000;
+const USER_CODE: u64 = 0x1fa000;
+/// A 2 MiB page whose PDE has bit 13 set: reserved in a 2 MiB PDE whatever MAXPHYADDR is.
+const RESERVED_2M: u64 = 0x40a0_0000;
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
 
 global_asm!(
     ".global pf_handler",
@@ -102,22 +119,28 @@ fn setup() {
         let pdpt = &mut *addr_of_mut!(PDPT);
         let pds = &mut *addr_of_mut!(PDS);
         let pt = &mut *addr_of_mut!(PT);
-        pml4.0[0] = addr_of!(PDPT) as u64 | P | W;
+        // U/S on the upper levels: only the leaves decide who may access what below.
+        pml4.0[0] = addr_of!(PDPT) as u64 | P | W | U;
         for (i, pd) in pds.iter_mut().enumerate() {
-            pdpt.0[i] = pd as *const Table as u64 | P | W;
+            pdpt.0[i] = pd as *const Table as u64 | P | W | U;
             for (j, e) in pd.0.iter_mut().enumerate() {
                 *e = (((i as u64) << 30) | ((j as u64) << 21)) | P | W | PS;
             }
         }
-        pds[0].0[0] = addr_of!(PT) as u64 | P | W;
+        pds[0].0[0] = addr_of!(PT) as u64 | P | W | U;
+        pds[(RESERVED_2M >> 30) as usize].0[((RESERVED_2M >> 21) & 511) as usize] |= 1 << 13;
         for (k, e) in pt.0.iter_mut().enumerate() {
             *e = ((k as u64) << 12) | P | W;
         }
         // A `ret` in the page that becomes no-execute.
         core::ptr::write_volatile(NO_EXEC as *mut u8, 0xc3);
+        // And one in the user page the supervisor must not execute under SMEP.
+        core::ptr::write_volatile(USER_CODE as *mut u8, 0xc3);
         pt.0[(NOT_PRESENT >> 12) as usize] = 0;
         pt.0[(READ_ONLY >> 12) as usize] = READ_ONLY | P;
         pt.0[(NO_EXEC >> 12) as usize] = NO_EXEC | P | W | NX;
+        pt.0[(USER_DATA >> 12) as usize] = USER_DATA | P | W | U;
+        pt.0[(USER_CODE >> 12) as usize] = USER_CODE | P | W | U;
 
         let idt = &mut *addr_of_mut!(IDT);
         for v in 0..32 {
@@ -148,6 +171,39 @@ fn setup() {
             root = in(reg) addr_of!(PML4) as u64,
             options(nostack),
         );
+        asm!(
+            "mov {t}, cr4",
+            "or {t}, {bits}",
+            "mov cr4, {t}",
+            t = out(reg) _,
+            bits = in(reg) CR4_SMEP | CR4_SMAP,
+            options(nostack),
+        );
+    }
+}
+
+/// A read with RFLAGS.AC set, which SMAP exempts; AC is cleared again after. (`popfq`
+/// rather than `stac`/`clac`: this host's software KVM cannot emulate those.)
+fn probe_read_with_ac(addr: u64) {
+    // SAFETY: as for probe_read; AC is cleared on both the normal and the fault path, and
+    // the pushes and pops balance.
+    unsafe {
+        asm!(
+            "pushfq",
+            "or qword ptr [rsp], {ac}",
+            "popfq",
+            "lea {t}, [rip + 2f]",
+            "mov [rip + PF_RECOVER], {t}",
+            "mov {t}, [{a}]",
+            "2:",
+            "pushfq",
+            "and qword ptr [rsp], {not_ac}",
+            "popfq",
+            a = in(reg) addr,
+            t = out(reg) _,
+            ac = in(reg) 1u64 << 18,
+            not_ac = in(reg) !(1u64 << 18),
+        )
     }
 }
 
@@ -209,6 +265,16 @@ fn main() -> ! {
     outl(DATA_PORT, 2);
     probe_write(WRITABLE);
     outl(DATA_PORT, 3);
+    probe_read(USER_DATA);
+    outl(DATA_PORT, 4);
+    probe_read_with_ac(USER_DATA);
+    outl(DATA_PORT, 5);
+    probe_exec(USER_CODE);
+    outl(DATA_PORT, 6);
+    probe_read(RESERVED_2M);
+    outl(DATA_PORT, 7);
+    probe_write(USER_DATA);
+    outl(DATA_PORT, 8);
     exit(0)
 }
 
