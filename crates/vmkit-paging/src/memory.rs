@@ -14,6 +14,12 @@
 //! guest-controlled, so "the guest pointed outside RAM" is an ordinary outcome, not a bug.
 //! Addresses are naturally aligned by every caller in this crate (entries are 4 or 8 bytes at
 //! an index inside an aligned table); implementations may return `None` for unaligned ones.
+//!
+//! One optional method serves speed: [`PhysMemory::word_span`] hands out a [`WordSpan`], a
+//! run of RAM as a slice of atomic words, so that the fast page walk reads an entry with one
+//! bounds check instead of a memory-map lookup per level. `FlatMemory` and every plain
+//! vm-memory region provide it; other implementations simply keep the default (`None`) and
+//! are read word by word.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};

@@ -24,8 +24,9 @@
 //! the low bits of the page number (a mask, no hashing), so a lookup is one probe for a
 //! 4 KiB page and at most four in all, with no allocation. A slot is 16 bytes, two words:
 //!
-//! * **tag**: the page number without its index bits (the slot's position supplies them),
-//!   shifted left by 16, ORed with the PCID - equality of tags is equality of
+//! * **tag**: the address bits above the page offset and the index bits (the slot's
+//!   position supplies those), in place, ORed with the PCID in bits 15:0 (the index bits and
+//!   the page offset together are at least 16 bits wide) - equality of tags is equality of
 //!   (page, PCID), exactly;
 //! * **value**: the page's guest-physical frame (bits 51:12), the rights R/W, U/S, XD and the
 //!   leaf's Dirty bit in bits 3:0 (the index of a precomputed per-access verdict bitmap in
@@ -144,9 +145,10 @@ struct Way {
     slots: Vec<Slot>,
     /// `slots.len() - 1`.
     mask: usize,
-    /// Page shift plus log2 of the length: what is left of the address once the page offset
-    /// and the index bits are gone.
-    tag_shift: u32,
+    /// The address bits above the page offset and the index bits (page shift plus log2 of
+    /// the length, always at least 16): kept in place in the tag, whose low 16 bits
+    /// (always zero in `addr & tag_mask`) hold the PCID.
+    tag_mask: u64,
 }
 
 impl Way {
@@ -154,7 +156,9 @@ impl Way {
         Way {
             slots: vec![Slot::default(); len],
             mask: len - 1,
-            tag_shift: SHIFTS[class] + len.trailing_zeros(),
+            tag_mask: u64::MAX
+                .checked_shl(SHIFTS[class] + len.trailing_zeros())
+                .unwrap_or(0),
         }
     }
 
@@ -163,7 +167,7 @@ impl Way {
     fn locate(&self, class: usize, pcid: u16, addr: u64) -> (usize, u64) {
         // Truncating the page number is harmless: only the bits under `mask` are used.
         let index = (addr >> SHIFTS[class]) as usize & self.mask;
-        let tag = ((addr >> self.tag_shift) << 16) | u64::from(pcid);
+        let tag = (addr & self.tag_mask) | u64::from(pcid);
         (index, tag)
     }
 }

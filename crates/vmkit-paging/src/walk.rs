@@ -28,6 +28,18 @@
 //!    [`MAX_RETRIES`] lost races the walker gives up with [`Fault::Contended`] instead of
 //!    spinning forever against a hostile vCPU.
 //!
+//! # Fast path
+//!
+//! Most walks in a running guest succeed and change nothing (the A/D bits are already
+//! set). [`Walker::translate`] answers those with a fast 4/5-level walk that reads entries
+//! through a [`WordSpan`], ORs the entries to check the bits every
+//! level reserves at once, ANDs them for P, R/W, U/S and A, and takes the permission verdict
+//! from a bitmap precomputed per configuration (as KVM's `permissions[]`). Any doubt - a
+//! missing entry, a reserved bit, a denied access, an A/D bit to set, protection keys that
+//! need the full rule - sends the walk to the detailed path below, which computes the exact
+//! fault or update; `tests/fast_paths.rs` checks the two agree on random tables.
+//! [`Walker::fast_translate`] is the fast path alone, returning just the address.
+//!
 //! The error code's I/D bit is set for fetches only when it would be on hardware: with
 //! CR4.SMEP, or with PAE/4/5-level paging and EFER.NXE. U is set for user-mode accesses
 //! only; an implicit supervisor access (a descriptor-table read from CPL3) reports U=0.
