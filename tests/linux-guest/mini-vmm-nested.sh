@@ -5,14 +5,15 @@
 # This host's /dev/kvm cannot boot Linux, so the test runs one level down: QEMU's software CPU
 # (TCG, -cpu max, which emulates AMD SVM with nested paging) boots an L1 Linux whose
 # initramfs holds the kvm modules, mini-vmm (with the shared libraries `ldd` lists, at the
-# same paths), the same stock kernel and an L2 busybox initramfs. QEMU also gives L1 a raw
-# disk image file as a virtio-blk-pci disk. L1's /init loads kvm-amd, and runs
-#   mini-vmm --kernel /vmlinuz --initramfs /l2.cpio.gz --disk path=/dev/vda --net tap=tap0
-#            --rng --console --cpus boot=2
+# same paths), the same stock kernel and an L2 busybox initramfs. QEMU also gives L1 two raw
+# disk image files as virtio-blk-pci disks. L1's /init loads kvm-amd, and runs
+#   mini-vmm --kernel /vmlinuz --initramfs /l2.cpio.gz --stats --disk path=/dev/vda
+#            --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console --cpus boot=2
 # configuring L1's end of tap0 (10.0.2.1) as soon as mini-vmm has created it. mini-vmm
 # describes two vCPUs and its virtio-mmio devices to L2 in ACPI tables. L2's /init loads the
 # virtio modules, then prints one marker per verified step: the token of this run written to
-# its disk at 1 MiB, synced and read back (L2-BLK-OK), 32 bytes from /dev/hwrng (L2-RNG-OK), a
+# its disk at 1 MiB, synced and read back (L2-BLK-OK), the second disk read-only and refusing
+# a write (L2-RO-OK), 32 bytes from /dev/hwrng (L2-RNG-OK), a
 # ping of 10.0.2.1 over the TAP link (L2-NET-OK), a line written to hvc0 only (L2-HVC0-OK),
 # both CPUs online (L2-CPUS 2), the CMOS RTC found through the DSDT (L2-RTC-OK); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
 # L2's consoles (ttyS0, hvc0) are mini-vmm's stdout, which L1 prints on its own console: the
@@ -43,7 +44,7 @@ VMM="$CARGO_TARGET_DIR/release/mini-vmm"
 WORK="$LG_CACHE/mini-vmm-nested"
 mkdir -p "$WORK"
 L2_CMDLINE="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1}"
-L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --net tap=tap0 --rng --console --cpus boot=2}"
+L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console --cpus boot=2}"
 echo "$L2_CMDLINE" > "$WORK/l2-cmdline"
 echo "$L2_VMM_ARGS" > "$WORK/l2-vmm-args"
 # A token unique to this run: L2 writes it to its disk, the check below finds it in the image.
@@ -52,6 +53,12 @@ echo -n "$TOKEN" > "$WORK/token"
 DISK="$WORK/disk.img"
 rm -f "$DISK"
 truncate -s 16M "$DISK"
+# The read-only disk starts with a known label L2 reads back.
+RODISK="$WORK/ro-disk.img"
+rm -f "$RODISK"
+truncate -s 1M "$RODISK"
+printf 'VMKIT-RO-DISK-OK' | dd of="$RODISK" conv=notrunc 2>/dev/null
+RO_SUM=$(sha256sum < "$RODISK")
 
 lg_initramfs "$WORK/l2.cpio.gz" "$HERE/mini-vmm/l2-init" "$WORK/token:token"
 
@@ -68,11 +75,12 @@ lg_log "booting L1 under TCG (log: $LOG)"
 start=$(date +%s.%N)
 lg_run "${LG_TIMEOUT:-240}" "$LOG" qemu-system-x86_64 -M pc -accel tcg -cpu max -m 2G \
     -nographic -no-reboot -kernel "$LG_KERNEL" -initrd "$WORK/l1.cpio.gz" \
-    -drive "file=$DISK,format=raw,if=virtio" \
+    -drive "file=$DISK,format=raw,if=virtio" -drive "file=$RODISK,format=raw,if=virtio" \
     -append 'console=ttyS0 panic=-1 quiet'
 end=$(date +%s.%N)
 markers=("L1-KVM-OK" "L2-INIT-OK" "L2-UNAME $(basename "$LG_KERNEL" | sed 's/^vmlinuz-//')")
 case " $L2_VMM_ARGS " in *" --disk "*) markers+=("L2-BLK-OK");; esac
+case " $L2_VMM_ARGS " in *"readonly=on"*) markers+=("L2-RO-OK VMKIT-RO-DISK-OK");; esac
 case " $L2_VMM_ARGS " in *" --rng "*) markers+=("L2-RNG-OK");; esac
 case " $L2_VMM_ARGS " in *" --net "*) markers+=("L1-TAP-UP" "L2-NET-OK");; esac
 case " $L2_VMM_ARGS " in *" --console "*) markers+=("L2-HVC0-OK");; esac
@@ -88,6 +96,9 @@ case " $L2_VMM_ARGS " in *" --disk "*)
     fi
     lg_log "disk image holds this run's token at 1 MiB: $TOKEN";;
 esac
+if [ "$(sha256sum < "$RODISK")" != "$RO_SUM" ]; then
+    lg_log "the read-only disk image $RODISK changed"; exit 1
+fi
 lg_log "PASS: mini-vmm booted the stock kernel as L2 on nested KVM; markers: ${markers[*]}"
 tr -d '\r' < "$LOG" | awk '
     /^L1-SAW-L2-INIT/ { printf "[linux-guest]   mini-vmm start -> L2 init first line: %s s (L1 clock)\n", $3 }
