@@ -524,19 +524,28 @@ impl<W: Write + Send + 'static> Vmm<W> {
         })
     }
 
-    /// Per-exit-kind counts and mean handling latency, one line per kind seen.
+    /// Per-exit-kind counts and mean handling latency over all vCPUs, one line per kind seen.
     pub fn stats(&self) -> String {
-        let m = self.dispatcher.metrics();
+        let dispatchers =
+            std::iter::once(&self.dispatcher).chain(self.aps.iter().map(|a| &a.dispatcher));
         let mut out = String::from("exit kind        count   mean ns   max ns");
         for kind in vmkit_vcpu::ExitKind::ALL {
-            let k = m.kind(kind);
-            if k.count > 0 {
+            // Summed over every vCPU's dispatcher.
+            let (count, total, max) = dispatchers.clone().fold((0u64, 0u64, 0u64), |acc, d| {
+                let k = d.metrics().kind(kind);
+                (
+                    acc.0.saturating_add(k.count),
+                    acc.1.saturating_add(k.total_ns),
+                    acc.2.max(k.max_ns),
+                )
+            });
+            if count > 0 {
                 out.push_str(&format!(
                     "\n{:<14} {:>7} {:>9} {:>8}",
                     kind.name(),
-                    k.count,
-                    k.mean_ns(),
-                    k.max_ns
+                    count,
+                    total / count,
+                    max
                 ));
             }
         }
