@@ -8,13 +8,16 @@
 # same paths), the same stock kernel and an L2 busybox initramfs. QEMU also gives L1 two raw
 # disk image files as virtio-blk-pci disks. L1's /init loads kvm-amd, and runs
 #   mini-vmm --kernel /vmlinuz --initramfs /l2.cpio.gz --stats --disk path=/dev/vda
-#            --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console --cpus boot=2
+#            --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console file=/hvc0.out
+#            --cpus boot=2
 # configuring L1's end of tap0 (10.0.2.1) as soon as mini-vmm has created it. mini-vmm
 # describes two vCPUs and its virtio-mmio devices to L2 in ACPI tables. L2's /init loads the
 # virtio modules, then prints one marker per verified step: the token of this run written to
 # its disk at 1 MiB, synced and read back (L2-BLK-OK), the second disk read-only and refusing
 # a write (L2-RO-OK), 32 bytes from /dev/hwrng (L2-RNG-OK), a
-# ping of 10.0.2.1 over the TAP link (L2-NET-OK), a line written to hvc0 only (L2-HVC0-OK),
+# ping of 10.0.2.1 over the TAP link (L2-NET-OK), a line written to hvc0 only (L2-HVC0-OK,
+# which L1 prints from the console's file after mini-vmm exits: on the shared stdout it could
+# land inside a serial line still draining),
 # both CPUs online (L2-CPUS 2), the CMOS RTC found through the DSDT (L2-RTC-OK); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
 # L2's consoles (ttyS0, hvc0) are mini-vmm's stdout, which L1 prints on its own console: the
 # one log holds everything. From here (L0) the script checks every marker and that the disk
@@ -30,6 +33,8 @@
 #   L2_CMDLINE=...   L2's kernel command line (default: console=ttyS0 reboot=k panic=-1;
 #                    add earlyprintk=serial,ttyS0 to see where an early boot dies)
 #   L2_VMM_ARGS=...  mini-vmm's device options (default: the list above)
+#   L2_KERNEL=...    the kernel mini-vmm boots (default: the same bzImage as L1; a vmlinux
+#                    with a PVH entry, e.g. Debian's unpacked from that bzImage, also works)
 #   LG_TIMEOUT=...   seconds before the L1 run is killed (default 240)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,7 +49,7 @@ VMM="$CARGO_TARGET_DIR/release/mini-vmm"
 WORK="$LG_CACHE/mini-vmm-nested"
 mkdir -p "$WORK"
 L2_CMDLINE="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1}"
-L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console --cpus boot=2}"
+L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console file=/hvc0.out --cpus boot=2}"
 echo "$L2_CMDLINE" > "$WORK/l2-cmdline"
 echo "$L2_VMM_ARGS" > "$WORK/l2-vmm-args"
 # A token unique to this run: L2 writes it to its disk, the check below finds it in the image.
@@ -63,7 +68,7 @@ RO_SUM=$(sha256sum < "$RODISK")
 lg_initramfs "$WORK/l2.cpio.gz" "$HERE/mini-vmm/l2-init" "$WORK/token:token"
 
 # mini-vmm is linked against glibc: ship the libraries and the loader at their own paths.
-specs=("$VMM:bin/mini-vmm" "$LG_KERNEL:vmlinuz" "$WORK/l2.cpio.gz:l2.cpio.gz"
+specs=("$VMM:bin/mini-vmm" "${L2_KERNEL:-$LG_KERNEL}:vmlinuz" "$WORK/l2.cpio.gz:l2.cpio.gz"
        "$WORK/l2-cmdline:l2-cmdline" "$WORK/l2-vmm-args:l2-vmm-args")
 for lib in $(ldd "$VMM" | grep -o '/[^ ]*'); do
     specs+=("$lib:${lib#/}")

@@ -158,9 +158,10 @@ pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initra
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
-  --kernel PATH       kernel image to boot (ELF, PVH ELF or bzImage); a bzImage gets the
-                      Linux machine: KVM's in-kernel IOAPIC/LAPICs and PIT, ACPI tables,
-                      COM1 on GSI 4, the CMOS RTC, reboot (i8042) and poweroff (ACPI S5)
+  --kernel PATH       kernel image to boot (ELF, PVH ELF or bzImage); a bzImage or a PVH
+                      vmlinux gets the Linux machine: KVM's in-kernel IOAPIC/LAPICs and PIT,
+                      ACPI tables, COM1 on GSI 4, the CMOS RTC, reboot (i8042) and poweroff
+                      (ACPI S5)
   --initramfs PATH    initial RAM disk for the kernel
   --memory size=SIZE  guest RAM, e.g. size=128M (K, M, G suffixes; default 64M)
   --cmdline TEXT      kernel command line (default: console=ttyS0 reboot=k panic=-1)
@@ -176,7 +177,7 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
                       where COM1's output goes (default tty: stdout)
   --param N           value the guest reads from port 0x510
   --stats             print per-exit-kind counts and handling latency at the end
-Devices (bzImage kernels only) are virtio-mmio, described to the kernel in the ACPI DSDT.";
+Devices (Linux machine only) are virtio-mmio, described to the kernel in the ACPI DSDT.";
 
 fn invalid(arg: &str, value: &str, why: impl Into<String>) -> ArgsError {
     ArgsError::Invalid {

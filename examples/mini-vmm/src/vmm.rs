@@ -4,7 +4,8 @@
 //! Two machine flavours share it:
 //! - the bundled guests (and ELF kernels) run on one vCPU without interrupt controllers: they
 //!   poll the serial port and end with `hlt`, which exits to the VMM;
-//! - a Linux bzImage gets what a stock kernel needs on a PC without a BIOS: KVM's in-kernel
+//! - a Linux kernel (a bzImage, or a vmlinux through its PVH entry) gets what a stock kernel
+//!   needs on a PC without a BIOS: KVM's in-kernel
 //!   irqchip (IOAPIC, LAPICs; the 8259 PIC is masked, the platform is ACPI hardware-reduced)
 //!   and PIT, COM1 raising GSI 4 through an irqfd, the i8042 reset line, the initramfs at the
 //!   top of low RAM, ACPI tables ([`crate::acpi`]) describing the vCPUs, COM1 and the
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -98,9 +100,10 @@ pub enum VmmError {
     /// The ACPI tables could not be built or written.
     #[error("ACPI tables: {0}")]
     Acpi(#[from] acpi::AcpiError),
-    /// An option needs the Linux machine (a bzImage kernel).
+    /// An option needs the Linux machine (a bzImage or PVH kernel).
     #[error(
-        "`{0}` needs a Linux bzImage kernel (the machine with interrupt controllers and ACPI)"
+        "`{0}` needs a Linux kernel, a bzImage or a PVH vmlinux (the machine with interrupt \
+         controllers and ACPI)"
     )]
     NeedsLinux(&'static str),
 }
@@ -243,15 +246,6 @@ fn mask_pic(vm: &KvmVm) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Points the kernel at the RSDP: the zero page's `acpi_rsdp_addr` (boot protocol 2.14).
-fn set_rsdp_addr(memory: &GuestRam, rsdp: u64) -> Result<(), VmmError> {
-    let zero_page = GuestAddress(boot::ZERO_PAGE_ADDR);
-    let err = |e: vm_memory::GuestMemoryError| VmmError::Guest(format!("zero page: {e}"));
-    let mut params: boot_params = memory.read_obj(zero_page).map_err(err)?;
-    params.acpi_rsdp_addr = rsdp;
-    memory.write_obj(params, zero_page).map_err(err)
-}
-
 /// Builds the exit routing of one vCPU: every port device, the virtio windows, hypercalls.
 fn make_dispatcher<W: Write + Send + 'static>(
     devices: &Devices<W>,
@@ -328,26 +322,24 @@ fn hv_error(op: &'static str, e: impl Into<std::io::Error>) -> VmmError {
     })
 }
 
-/// Reads the initramfs at `path` into the top of low RAM and records it in the zero page.
+/// Where the PVH module list (the initramfs) goes: in the PVH page, past the start info and
+/// its memory map.
+pub const PVH_MODLIST_ADDR: u64 = boot::PVH_INFO_ADDR + 0x800;
+
+/// Reads the initramfs at `path` into the top of low RAM (below `limit`, above `kernel_end`);
+/// returns its `(address, size)`.
 fn load_initramfs(
     memory: &vmkit_memory::GuestRam,
     layout: &MemoryLayout,
     path: &std::path::Path,
     kernel_end: u64,
-) -> Result<(), VmmError> {
+    limit: u64,
+) -> Result<(u64, u64), VmmError> {
     let err = |why: String| VmmError::Initramfs {
         path: path.display().to_string(),
         why,
     };
     let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let zero_page = GuestAddress(boot::ZERO_PAGE_ADDR);
-    let mut params: boot_params = memory
-        .read_obj(zero_page)
-        .map_err(|e| err(format!("cannot read the zero page: {e}")))?;
-    let limit = match params.hdr.initrd_addr_max {
-        0 => 0x37ff_ffff,
-        n => u64::from(n),
-    };
     let size = data.len() as u64;
     let addr = initramfs_addr(layout, size, kernel_end, limit).ok_or_else(|| {
         err(format!(
@@ -357,11 +349,62 @@ fn load_initramfs(
     memory
         .write_slice(&data, GuestAddress(addr))
         .map_err(|e| err(e.to_string()))?;
-    params.hdr.ramdisk_image = addr as u32;
-    params.hdr.ramdisk_size = size as u32;
-    memory
-        .write_obj(params, zero_page)
-        .map_err(|e| err(format!("cannot write the zero page: {e}")))
+    Ok((addr, size))
+}
+
+/// Tells a kernel where its initramfs and the ACPI RSDP are, the way its boot protocol
+/// carries them: the zero page (`ramdisk_image`/`ramdisk_size`, `acpi_rsdp_addr`) for the
+/// 64-bit Linux protocol, the start info (module 0, `rsdp_paddr`) for PVH.
+pub fn record_boot_extras(
+    memory: &GuestRam,
+    protocol: boot::BootProtocol,
+    initramfs: Option<(u64, u64)>,
+    rsdp: Option<u64>,
+) -> Result<(), VmmError> {
+    let err = |what: &str, e: vm_memory::GuestMemoryError| {
+        VmmError::Guest(format!("cannot update the {what}: {e}"))
+    };
+    match protocol {
+        boot::BootProtocol::Linux64 { zero_page } => {
+            let at = GuestAddress(zero_page);
+            let mut params: boot_params = memory.read_obj(at).map_err(|e| err("zero page", e))?;
+            if let Some((addr, size)) = initramfs {
+                // initramfs_addr keeps both below the kernel's 32-bit initrd_addr_max.
+                params.hdr.ramdisk_image = addr as u32;
+                params.hdr.ramdisk_size = size as u32;
+            }
+            if let Some(r) = rsdp {
+                params.acpi_rsdp_addr = r;
+            }
+            memory
+                .write_obj(params, at)
+                .map_err(|e| err("zero page", e))
+        }
+        boot::BootProtocol::Pvh { start_info } => {
+            let at = GuestAddress(start_info);
+            let mut info: hvm_start_info =
+                memory.read_obj(at).map_err(|e| err("PVH start info", e))?;
+            if let Some((paddr, size)) = initramfs {
+                let module = hvm_modlist_entry {
+                    paddr,
+                    size,
+                    ..Default::default()
+                };
+                memory
+                    .write_obj(module, GuestAddress(PVH_MODLIST_ADDR))
+                    .map_err(|e| err("PVH module list", e))?;
+                info.nr_modules = 1;
+                info.modlist_paddr = PVH_MODLIST_ADDR;
+            }
+            if let Some(r) = rsdp {
+                info.rsdp_paddr = r;
+            }
+            memory
+                .write_obj(info, at)
+                .map_err(|e| err("PVH start info", e))
+        }
+        boot::BootProtocol::Elf => Ok(()),
+    }
 }
 
 impl<W: Write + Send + 'static> Vmm<W> {
@@ -380,6 +423,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
 
         let mut linux = false;
         let mut protocol = None;
+        let mut initramfs_at = None;
         let kernel = match &args.payload {
             Payload::Guest(name) => {
                 let elf = vmkit_test_guests::ALL
@@ -404,8 +448,23 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     Some(args.kernel_cmdline()),
                     &e820,
                 )?;
+                // A PVH entry is Linux's too (a vmlinux): it gets the same machine.
+                linux |= matches!(k.protocol, boot::BootProtocol::Pvh { .. });
                 if let Some(initramfs) = &args.initramfs {
-                    load_initramfs(&memory, &layout, initramfs, k.end)?;
+                    let limit = match k.protocol {
+                        boot::BootProtocol::Linux64 { zero_page } => {
+                            let params: boot_params = memory
+                                .read_obj(GuestAddress(zero_page))
+                                .map_err(|e| VmmError::Guest(format!("zero page: {e}")))?;
+                            params.hdr.initrd_addr_max
+                        }
+                        _ => 0,
+                    };
+                    let limit = match limit {
+                        0 => 0x37ff_ffff,
+                        n => u64::from(n),
+                    };
+                    initramfs_at = Some(load_initramfs(&memory, &layout, initramfs, k.end, limit)?);
                 }
                 protocol = Some(k.protocol);
                 k
@@ -477,13 +536,14 @@ impl<W: Write + Send + 'static> Vmm<W> {
             };
             let tables = acpi::build(&machine)?;
             tables.write_to(&memory)?;
-            if matches!(protocol, Some(boot::BootProtocol::Linux64 { .. })) {
-                set_rsdp_addr(&memory, tables.rsdp_addr)?;
-            }
             (virtio, Some(tables))
         } else {
             (None, None)
         };
+        if let Some(p) = protocol {
+            let rsdp = acpi_tables.as_ref().map(|t| t.rsdp_addr);
+            record_boot_extras(&memory, p, initramfs_at, rsdp)?;
+        }
 
         let devices = Devices {
             serial: Arc::new(Mutex::new(SerialPort::with_irq(out, serial_irq))),
@@ -675,6 +735,51 @@ mod tests {
         let mut one = vec![leaf(0xb, 1)];
         cpuid_policy(0, 1, &mut one);
         assert_eq!((one[0].eax, one[0].ebx), (0, 1));
+    }
+
+    #[test]
+    fn boot_extras_go_where_each_protocol_looks() {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let e820 = [(0, 1 << 20, 1)];
+        // 64-bit Linux protocol: the zero page.
+        boot::write_zero_page(&mem, None, "", &e820).unwrap();
+        let linux = boot::BootProtocol::Linux64 {
+            zero_page: boot::ZERO_PAGE_ADDR,
+        };
+        record_boot_extras(&mem, linux, Some((0x8_0000, 0x1234)), Some(0xe_0000)).unwrap();
+        let p: boot_params = mem.read_obj(GuestAddress(boot::ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!(
+            (p.hdr.ramdisk_image, p.hdr.ramdisk_size, p.acpi_rsdp_addr),
+            (0x8_0000, 0x1234, 0xe_0000)
+        );
+        assert_eq!(p.e820_entries, 1, "the rest of the zero page is kept");
+        // PVH: module 0 and rsdp_paddr in the start info.
+        boot::write_pvh_info(&mem, &e820).unwrap();
+        let pvh = boot::BootProtocol::Pvh {
+            start_info: boot::PVH_INFO_ADDR,
+        };
+        record_boot_extras(&mem, pvh, Some((0x9_0000, 0x777)), Some(0xe_0000)).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(boot::PVH_INFO_ADDR)).unwrap();
+        assert_eq!(
+            (info.nr_modules, info.modlist_paddr, info.rsdp_paddr),
+            (1, PVH_MODLIST_ADDR, 0xe_0000)
+        );
+        assert_eq!((info.magic, info.memmap_entries), (0x336e_c578, 1));
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
+        assert_eq!((m.paddr, m.size), (0x9_0000, 0x777));
+        // The memory map ends before the module list.
+        let map_end = info.memmap_paddr + 24 * u64::from(info.memmap_entries);
+        assert!(map_end <= PVH_MODLIST_ADDR);
+        // Neither: only what was given changes; a plain ELF has nothing to record.
+        record_boot_extras(&mem, pvh, None, None).unwrap();
+        let again: hvm_start_info = mem.read_obj(GuestAddress(boot::PVH_INFO_ADDR)).unwrap();
+        assert_eq!(again.nr_modules, 1);
+        record_boot_extras(&mem, boot::BootProtocol::Elf, Some((1, 1)), Some(1)).unwrap();
+        // Outside guest memory: an error, not a panic.
+        let far = boot::BootProtocol::Pvh {
+            start_info: 1 << 30,
+        };
+        assert!(record_boot_extras(&mem, far, None, None).is_err());
     }
 
     #[test]

@@ -139,7 +139,9 @@ fn devices_need_the_linux_machine() {
         assert_eq!(out.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains(&format!("`{name}` needs a Linux bzImage kernel")),
+            stderr.contains(&format!(
+                "`{name}` needs a Linux kernel, a bzImage or a PVH vmlinux"
+            )),
             "{stderr}"
         );
     }
