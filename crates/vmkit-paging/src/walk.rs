@@ -520,9 +520,10 @@ pub struct Walker {
     /// Precomputed U/S, R/W, XD, SMEP, SMAP rules (as KVM's `permissions[]`): for access
     /// index `kind * 3 + privilege`, bit `rights_index(rights)` is set when denied.
     denied: [u8; 9],
-    /// Fast-path verdicts, by access index: bit `r` (see [`fast_rights_index`]) is set when
-    /// an access with those rights is allowed, needs no Dirty-bit update and no
-    /// protection-key check. A clear bit only means "ask the full rules".
+    /// The software TLB's hit verdicts, by access index: bit `r` is set when an access
+    /// with rights `r` (bit 0 R/W, bit 1 U/S, bit 2 XD - [`rights_index`] - and bit 3 "the
+    /// leaf is dirty") is allowed, needs no Dirty-bit update and no protection-key check.
+    /// A clear bit only means "ask the full rules".
     fast_allowed: [u16; 9],
     /// Protection keys can apply (4/5-level paging with CR4.PKE or CR4.PKS).
     pk_active: bool,
@@ -531,8 +532,24 @@ pub struct Walker {
     fast_need: u64,
     /// `NO_EXECUTE` with EFER.NXE, else 0.
     nx_bit: u64,
-    /// `DIRTY` when A/D updates are off (a clean leaf then never needs an update), else 0.
-    dirty_free: u64,
+    /// The fast walk's verdict as bit masks, by access index (see [`FastMasks`]).
+    fast_masks: [FastMasks; 9],
+}
+
+/// One access's rules as masks over the entries of a walk: the walk may be answered by the
+/// fast path only if `(!AND & need_and) | (AND & forbid_and) | (OR & forbid_or) |
+/// (!leaf & need_leaf)` is zero, AND/OR being over all entries. Derived in
+/// [`Walker::new`] from the `denied` table, so the rules are still written only once.
+#[derive(Debug, Clone, Copy, Default)]
+struct FastMasks {
+    /// P, A (with A/D updates), R/W and U/S where the access needs them at every level.
+    need_and: u64,
+    /// U/S where a user page is denied (SMEP, SMAP).
+    forbid_and: u64,
+    /// Bits reserved at every level, and XD for fetches (with EFER.NXE).
+    forbid_or: u64,
+    /// D for writes with A/D updates (else the detailed walk must set it).
+    need_leaf: u64,
 }
 
 /// What a successful fast walk learned (the rest of a [`Translation`] follows from it).
@@ -561,14 +578,6 @@ fn read_span<'a, M: PhysMemory + ?Sized>(
         }
     };
     Some(word.load(Ordering::Relaxed))
-}
-
-/// Fast-path rights index from raw entry bits: bit 0 R/W and bit 1 U/S (AND over the
-/// levels), bit 2 XD (OR over the levels, when it counts), bit 3 "the leaf is dirty or need
-/// not be". The low three bits are [`rights_index`].
-#[inline(always)]
-fn fast_rights_index(and_bits: u64, nx: u64, dirty: u64) -> u32 {
-    (((and_bits >> 1) & 3) | (nx >> 61) | ((dirty & DIRTY) >> 3)) as u32
 }
 
 const KINDS: [AccessKind; 3] = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch];
@@ -672,7 +681,7 @@ impl Walker {
                 PRESENT
             },
             nx_bit: if cfg.nxe { NO_EXECUTE } else { 0 },
-            dirty_free: if cfg.set_accessed_dirty { 0 } else { DIRTY },
+            fast_masks: [FastMasks::default(); 9],
         };
         for kind in KINDS {
             for privilege in PRIVILEGES {
@@ -699,9 +708,51 @@ impl Walker {
                     }
                 }
                 w.fast_allowed[access_index(access)] = fast;
+                w.fast_masks[access_index(access)] = w.fast_masks_for(access, bitmap);
             }
         }
         w
+    }
+
+    /// Expresses the `denied` bitmap of `access` as masks: the one combination of "needs
+    /// R/W", "needs U/S", "forbids U/S" and "forbids XD" that reproduces it for all eight
+    /// rights. (Every x86 rule has that shape; were one not to, the masks would send every
+    /// walk of that access to the detailed path, never give a wrong answer.)
+    fn fast_masks_for(&self, access: Access, denied: u8) -> FastMasks {
+        let cfg = &self.cfg;
+        let fits = |c: u32| {
+            (0..8u32).all(|r| {
+                let (w, u, nx) = (r & 1 != 0, r & 2 != 0, r & 4 != 0);
+                let deny = (c & 1 != 0 && !w)
+                    || (c & 2 != 0 && !u)
+                    || (c & 4 != 0 && u)
+                    || (c & 8 != 0 && nx);
+                deny == (denied >> r & 1 != 0)
+            })
+        };
+        let found = (0..16u32).find(|&c| fits(c));
+        debug_assert!(
+            found.is_some(),
+            "{access:?}: no mask form for {denied:#010b}"
+        );
+        let Some(c) = found else {
+            // PRESENT is in every entry of a successful walk: always "walk in detail".
+            return FastMasks {
+                forbid_or: PRESENT,
+                ..FastMasks::default()
+            };
+        };
+        let pick = |bit: u32, mask: u64| if c & bit != 0 { mask } else { 0 };
+        FastMasks {
+            need_and: self.fast_need | pick(1, WRITABLE) | pick(2, USER),
+            forbid_and: pick(4, USER),
+            forbid_or: self.rsvd_table[0] | (pick(8, NO_EXECUTE) & self.nx_bit),
+            need_leaf: if access.is_write() && cfg.set_accessed_dirty {
+                DIRTY
+            } else {
+                0
+            },
+        }
     }
 
     /// The U/S, R/W + WP, XD, SMEP and SMAP rules (SDM 4.6.1), spelled out; evaluated once
@@ -916,28 +967,26 @@ impl Walker {
                 (e, entry_addr, 1, PageSize::Size4K)
             }
         };
-        bad |= or_bits & self.rsvd_table[0];
-        if bad | (!and_bits & self.fast_need) != 0 {
+        // Presence, reserved bits, rights, A and D in one expression (see `FastMasks`).
+        let m = &self.fast_masks[access_index(access)];
+        if bad
+            | (!and_bits & m.need_and)
+            | (and_bits & m.forbid_and)
+            | (or_bits & m.forbid_or)
+            | (!leaf & m.need_leaf)
+            != 0
+        {
             return None;
         }
-        let nx = or_bits & self.nx_bit;
-        let dirty = (leaf | self.dirty_free) & DIRTY;
         let rights = Rights {
             writable: and_bits & WRITABLE != 0,
             user: and_bits & USER != 0,
-            no_execute: nx != 0,
+            no_execute: or_bits & self.nx_bit != 0,
             pkey: ((leaf >> PKEY_SHIFT) & 15) as u8,
         };
-        let index = fast_rights_index(and_bits, nx, dirty);
-        if (self.fast_allowed[access_index(access)] >> index) & 1 == 0 {
-            // Denied, a Dirty bit to set, or protection keys to check: only the last can
-            // still be a success without a memory update.
-            if !self.pk_active
-                || (access.is_write() && dirty == 0)
-                || self.check_rights(rights, access).is_err()
-            {
-                return None;
-            }
+        // Protection keys depend on the key's PKRU/PKRS bits: the full rule decides.
+        if self.pk_active && !access.is_fetch() && self.check_rights(rights, access).is_err() {
+            return None;
         }
         Some(FastWalk {
             leaf,
@@ -2205,6 +2254,57 @@ mod tests {
             w4.translate(&mem, 0x1abc, Access::user_read()).unwrap().gpa,
             0x9abc
         );
+    }
+
+    /// The fast walk's masks (derived from the `denied` table) give exactly the verdict of
+    /// the full rules plus "no Dirty bit to set", for every configuration, access and
+    /// rights combination.
+    #[test]
+    fn fast_masks_match_the_rules_for_every_configuration() {
+        for bits in 0..64u32 {
+            let mut cfg = cfg4();
+            cfg.write_protect = bits & 1 != 0;
+            cfg.smep = bits & 2 != 0;
+            cfg.smap = bits & 4 != 0;
+            cfg.alignment_check = bits & 8 != 0;
+            cfg.nxe = bits & 16 != 0;
+            cfg.set_accessed_dirty = bits & 32 != 0;
+            let w = Walker::new(cfg);
+            for kind in KINDS {
+                for privilege in PRIVILEGES {
+                    let access = Access::new(kind, privilege);
+                    let m = w.fast_masks[access_index(access)];
+                    for r in 0..16u32 {
+                        let (writable, user) = (r & 1 != 0, r & 2 != 0);
+                        let no_execute = r & 4 != 0 && cfg.nxe;
+                        let dirty = r & 8 != 0;
+                        let mut and = PRESENT | ACCESSED;
+                        if writable {
+                            and |= WRITABLE;
+                        }
+                        if user {
+                            and |= USER;
+                        }
+                        let or = and | if no_execute { NO_EXECUTE } else { 0 };
+                        let leaf = and | if dirty { DIRTY } else { 0 };
+                        let fast_ok = (!and & m.need_and)
+                            | (and & m.forbid_and)
+                            | (or & m.forbid_or)
+                            | (!leaf & m.need_leaf)
+                            == 0;
+                        let rights = Rights {
+                            writable,
+                            user,
+                            no_execute,
+                            pkey: 0,
+                        };
+                        let needs_dirty = access.is_write() && cfg.set_accessed_dirty && !dirty;
+                        let expected = w.check_rights(rights, access).is_ok() && !needs_dirty;
+                        assert_eq!(fast_ok, expected, "{cfg:?} {access:?} rights {r:#06b}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
