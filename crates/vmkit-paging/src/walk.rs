@@ -32,12 +32,12 @@
 //!
 //! Most walks in a running guest succeed and change nothing (the A/D bits are already
 //! set). [`Walker::translate`] answers those with a fast 4/5-level walk that reads entries
-//! through a [`WordSpan`], ORs the entries to check the bits every
-//! level reserves at once, ANDs them for P, R/W, U/S and A, and takes the permission verdict
-//! from a bitmap precomputed per configuration (as KVM's `permissions[]`). Any doubt - a
-//! missing entry, a reserved bit, a denied access, an A/D bit to set, protection keys that
-//! need the full rule - sends the walk to the detailed path below, which computes the exact
-//! fault or update; `tests/fast_paths.rs` checks the two agree on random tables.
+//! through a [`WordSpan`], ORs the entries to check the bits every level reserves at once,
+//! ANDs them for P, R/W, U/S and A, and decides the access with four masks precomputed per
+//! configuration from the rule table (as KVM's `permissions[]`). Any doubt - a missing
+//! entry, a reserved bit, a denied access, an A/D bit to set, protection keys that need the
+//! full rule - sends the walk to the detailed path below, which computes the exact fault or
+//! update; `tests/fast_paths.rs` checks the two agree on random tables.
 //! [`Walker::fast_translate`] is the fast path alone, returning just the address.
 //!
 //! The error code's I/D bit is set for fetches only when it would be on hardware: with
@@ -903,9 +903,10 @@ impl Walker {
     ///
     /// Entries are read through a [`WordSpan`](crate::memory::WordSpan) (one bounds check
     /// per level; a new span only when a table lies in another region). The checks are
-    /// folded into masks: reserved bits of every entry are ORed into `bad`, the entries are
-    /// ANDed (P, R/W, U/S, A must be set at every level) and ORed (XD at any level), and the
-    /// permission verdict is one lookup in a precomputed bitmap. Nothing branches per check;
+    /// folded into masks: level-specific reserved bits are ORed into `bad`, the entries are
+    /// ANDed (P, R/W, U/S, A must be set at every level) and ORed (common reserved bits, XD
+    /// at any level), and one expression over the access's [`FastMasks`] decides. Nothing
+    /// branches per check;
     /// a non-present entry is only noticed at the end (its "next table" is still read, from
     /// guest RAM or not at all, which has no side effect).
     #[inline(always)]
