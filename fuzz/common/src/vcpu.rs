@@ -1,5 +1,8 @@
 //! Seeds and input decoding for the vmkit-vcpu fuzz targets.
 //!
+//! `vcpu_state`: the fuzzer's bytes are a saved vCPU state (a snapshot file's vCPU part):
+//! decoding must succeed or return an error, and a decoded state must re-encode losslessly.
+//!
 //! `vcpu_emulator`: the fuzzer's bytes are a register file, an instruction and a memory
 //! image; the MMIO instruction emulator must decode-or-reject and execute-or-reject without
 //! panicking, and when it completes an instruction RIP must move past it.
@@ -18,7 +21,10 @@
 use std::path::Path;
 
 use vmkit_vcpu::emulate::{emulate, AccessError, EmulatorPlatform, SegmentReg};
-use vmkit_vcpu::Regs;
+use vmkit_vcpu::state::VcpuState;
+use vmkit_vcpu::{
+    DebugRegs, Fpu, LapicState, MpState, MsrEntry, Regs, SpecialRegs, VcpuEvents, Xcr, XsaveArea,
+};
 
 /// Name of the emulator fuzz target (and of its seed directory).
 pub const VCPU_EMULATOR: &str = "vcpu_emulator";
@@ -226,15 +232,106 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             input(1, 0, &[(RAX, 0x2000), (RBX, 1)], &[0x89, 0x18]),
         ),
         ("mode16", input(0, 0, &[(RBX, 0x2000)], &[0x89, 0x07])),
+        (
+            "rep_lodsd",
+            input(2, 0, &[(RSI, 0x2000), (RCX, 3)], &[0xf3, 0xad]),
+        ),
+        (
+            "repe_cmpsb",
+            input(
+                2,
+                0,
+                &[(RSI, 0x2000), (RDI, mmio), (RCX, 16)],
+                &[0xf3, 0xa6],
+            ),
+        ),
+        (
+            "repne_scasb",
+            input(
+                2,
+                0,
+                &[(RDI, 0x2000), (RCX, 64), (RAX, 0x15)],
+                &[0xf2, 0xae],
+            ),
+        ),
+        (
+            "adc",
+            input(2, 0, &[(RAX, 0x2000), (RBX, 3)], &[0x48, 0x11, 0x18]),
+        ),
+        ("neg", input(2, 0, &[(RAX, 0x2000)], &[0xf7, 0x18])),
+        ("dec_byte", input(2, 0, &[(RAX, mmio)], &[0xfe, 0x08])),
+    ]
+}
+
+/// Name of the vCPU-state decoding fuzz target (and of its seed directory).
+pub const VCPU_STATE: &str = "vcpu_state";
+
+/// Decodes `data` as a saved vCPU state (an untrusted snapshot file). It must decode or be
+/// refused with an error, never panic; what decodes must re-encode to a blob that decodes
+/// to the same state. Returns whether `data` decoded.
+pub fn decode_state(data: &[u8]) -> bool {
+    match VcpuState::from_bytes(data) {
+        Ok(state) => {
+            let again =
+                VcpuState::from_bytes(&state.to_bytes()).expect("a re-encoded state must decode");
+            assert_eq!(again, state, "re-encoding changed the state");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Seeds for `vcpu_state`: a minimal state, one with every optional part, and the same as
+/// a version-1 blob.
+pub fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let minimal = VcpuState {
+        regs: Regs::default(),
+        sregs: SpecialRegs::default(),
+        fpu: Fpu::default(),
+        msrs: Vec::new(),
+        lapic: None,
+        events: VcpuEvents::default(),
+        mp_state: MpState::Runnable,
+        xsave: None,
+        xcrs: Vec::new(),
+        debug_regs: None,
+    };
+    let mut full = minimal.clone();
+    full.regs.rip = 0x10_0000;
+    full.msrs = vec![MsrEntry {
+        index: 0xc000_0080,
+        data: 0x500,
+    }];
+    full.lapic = Some(LapicState::default());
+    full.mp_state = MpState::Halted;
+    full.xsave = Some(XsaveArea {
+        bytes: vec![0; 4096],
+    });
+    full.xcrs = vec![Xcr { index: 0, value: 7 }];
+    full.debug_regs = Some(DebugRegs {
+        db: [1, 2, 3, 4],
+        dr6: 0xffff_0ff0,
+        dr7: 0x400,
+    });
+    let mut v1 = minimal.to_bytes();
+    // Version 1 has no XSAVE/XCR/debug tail (1 + 4 + 1 bytes when all are absent).
+    v1.truncate(v1.len() - 6);
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    vec![
+        ("minimal", minimal.to_bytes()),
+        ("full", full.to_bytes()),
+        ("version1", v1),
     ]
 }
 
 /// Writes the seed corpora of the vmkit-vcpu fuzz targets under `dir`.
 pub fn write_seeds(dir: &Path) -> std::io::Result<()> {
-    let target = dir.join(VCPU_EMULATOR);
-    std::fs::create_dir_all(&target)?;
-    for (name, bytes) in seeds() {
-        std::fs::write(target.join(name), bytes)?;
+    for (target, seeds) in [(VCPU_EMULATOR, seeds()), (VCPU_STATE, state_seeds())] {
+        let target = dir.join(target);
+        std::fs::create_dir_all(&target)?;
+        for (name, bytes) in seeds {
+            std::fs::write(target.join(name), bytes)?;
+        }
     }
     Ok(())
 }
@@ -268,5 +365,18 @@ mod tests {
             .unwrap()
             .count();
         assert_eq!(n, seeds().len());
+        let n = std::fs::read_dir(dir.path().join(VCPU_STATE))
+            .unwrap()
+            .count();
+        assert_eq!(n, state_seeds().len());
+    }
+
+    #[test]
+    fn state_seeds_decode_and_garbage_is_refused() {
+        for (name, bytes) in state_seeds() {
+            assert!(decode_state(&bytes), "seed {name} did not decode");
+        }
+        assert!(!decode_state(&[]));
+        assert!(!decode_state(b"VKVCPU\0\0\x09\0\0\0"));
     }
 }
