@@ -76,6 +76,23 @@ pub enum IoEventAddress {
     Mmio(u64),
 }
 
+/// Which guest writes an ioeventfd fires on. A value match is exactly as wide as the
+/// guest's store: a 32-bit `QueueNotify` write matches only [`DataMatch::U32`] (KVM compares
+/// the access length too, so a value of the wrong width silently never fires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataMatch {
+    /// Every write, whatever its value and width.
+    Any,
+    /// One-byte writes of this value.
+    U8(u8),
+    /// Two-byte writes of this value.
+    U16(u16),
+    /// Four-byte writes of this value.
+    U32(u32),
+    /// Eight-byte writes of this value.
+    U64(u64),
+}
+
 /// Flags for a guest memory registration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryFlags {
@@ -122,20 +139,19 @@ pub trait Vm: Send + Sync {
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
     /// Undoes [`Vm::register_irqfd`].
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
-    /// Makes guest writes to `addr` (optionally only of value `datamatch`) signal `fd`
-    /// instead of exiting.
+    /// Makes guest writes to `addr` that match `datamatch` signal `fd` instead of exiting.
     fn register_ioevent(
         &self,
         fd: &EventFd,
         addr: IoEventAddress,
-        datamatch: Option<u64>,
+        datamatch: DataMatch,
     ) -> Result<()>;
-    /// Undoes [`Vm::register_ioevent`].
+    /// Undoes [`Vm::register_ioevent`] (same address and match).
     fn unregister_ioevent(
         &self,
         fd: &EventFd,
         addr: IoEventAddress,
-        datamatch: Option<u64>,
+        datamatch: DataMatch,
     ) -> Result<()>;
     /// Returns and clears the dirty bitmap of memory slot `slot` of `len` bytes: bit `i` of
     /// word `w` is page `w * 64 + i` of the slot.

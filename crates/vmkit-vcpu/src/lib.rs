@@ -22,7 +22,8 @@ pub mod state;
 
 pub use exit::{ExitKind, Hypercall, MsrRead, MsrWrite, SystemEventKind, VmExit};
 pub use hypervisor::{
-    Capability, Error, Hypervisor, IoEventAddress, MemoryFlags, Result, Vcpu, VcpuKick, Vm,
+    Capability, DataMatch, Error, Hypervisor, IoEventAddress, MemoryFlags, Result, Vcpu, VcpuKick,
+    Vm,
 };
 pub use regs::{
     CpuidEntry, DebugRegs, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment,

@@ -13,7 +13,7 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 use vmkit_test_guests as guests;
 use vmkit_vcpu::dispatch::{Action, ScratchMsr};
-use vmkit_vcpu::{ExitKind, IoEventAddress, Vcpu, VcpuKick, Vm, VmExit};
+use vmkit_vcpu::{DataMatch, ExitKind, IoEventAddress, Vcpu, VcpuKick, Vm, VmExit};
 use vmm_sys_util::eventfd::EventFd;
 
 const TEST_MSR: u32 = 0x4b56_4d99;
@@ -351,12 +351,12 @@ fn ioeventfd_absorbs_port_writes_without_exits() {
     let efd = EventFd::new(0).unwrap();
     let mut t = boot(guests::PIO_LOOP, 5);
     let _w = Watchdog::new(t.vcpu.kick_handle(), 20);
-    t.vm.register_ioevent(&efd, IoEventAddress::Pio(0x511), None)
+    t.vm.register_ioevent(&efd, IoEventAddress::Pio(0x511), DataMatch::Any)
         .unwrap();
     assert_eq!(t.dispatcher.run(&mut t.vcpu).unwrap(), Action::Halt);
     assert_eq!(efd.read().unwrap(), 5);
     assert!(t.rec.data.lock().unwrap().is_empty());
-    t.vm.unregister_ioevent(&efd, IoEventAddress::Pio(0x511), None)
+    t.vm.unregister_ioevent(&efd, IoEventAddress::Pio(0x511), DataMatch::Any)
         .unwrap();
     // Only the parameter read and the status write exited.
     let m = t.dispatcher.metrics();
@@ -364,6 +364,32 @@ fn ioeventfd_absorbs_port_writes_without_exits() {
         (m.kind(ExitKind::IoIn).count, m.kind(ExitKind::IoOut).count),
         (1, 1)
     );
+}
+
+#[test]
+fn a_value_matched_ioeventfd_fires_only_on_writes_of_its_width_and_value() {
+    // The guest writes 0..5 to port 0x511 as 32-bit stores. Matching the value 3 as a
+    // 32-bit write absorbs exactly that store; the same value as a 64-bit match (the width
+    // a plain `u64` datamatch would give) never fires.
+    let hit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let wrong_width = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut t = boot(guests::PIO_LOOP, 5);
+    let _w = Watchdog::new(t.vcpu.kick_handle(), 20);
+    t.vm.register_ioevent(&hit, IoEventAddress::Pio(0x511), DataMatch::U32(3))
+        .unwrap();
+    t.vm.register_ioevent(&wrong_width, IoEventAddress::Pio(0x511), DataMatch::U64(1))
+        .unwrap();
+    assert_eq!(t.dispatcher.run(&mut t.vcpu).unwrap(), Action::Halt);
+    assert_eq!(hit.read().unwrap(), 1);
+    assert!(
+        wrong_width.read().is_err(),
+        "a 64-bit match fired on 32-bit stores"
+    );
+    assert_eq!(*t.rec.data.lock().unwrap(), vec![0, 1, 2, 4]);
+    t.vm.unregister_ioevent(&hit, IoEventAddress::Pio(0x511), DataMatch::U32(3))
+        .unwrap();
+    t.vm.unregister_ioevent(&wrong_width, IoEventAddress::Pio(0x511), DataMatch::U64(1))
+        .unwrap();
 }
 
 #[test]

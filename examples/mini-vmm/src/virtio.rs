@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmkit_memory::GuestRam;
 use vmkit_vcpu::dispatch::{DispatchError, Dispatcher};
 use vmkit_vcpu::kvm::KvmVm;
-use vmkit_vcpu::Vm;
+use vmkit_vcpu::{DataMatch, IoEventAddress, Vm};
 use vmkit_virtio::block::{Block, BlockConfig, RawDisk};
 use vmkit_virtio::console::{Console, ConsoleBackend};
 use vmkit_virtio::mmio::{regs, MMIO_WINDOW_SIZE};
@@ -228,12 +228,11 @@ impl VirtioDevices {
                 .map_err(|e| kvm("KVM_IRQFD", &e))?;
             let transport = MmioTransport::new(device, mem.clone(), Box::new(irq))
                 .map_err(|e| device_error(name.clone(), e))?;
-            let notify = kvm_ioctls::IoEventAddress::Mmio(base + regs::QUEUE_NOTIFY);
+            let notify = IoEventAddress::Mmio(base + regs::QUEUE_NOTIFY);
             for (q, evt) in transport.queue_events().iter().enumerate() {
                 // The guest writes QueueNotify as a 32-bit value: the datamatch must be 4
                 // bytes wide too, or KVM never matches the write.
-                vm.fd()
-                    .register_ioevent(evt, &notify, q as u32)
+                vm.register_ioevent(evt, notify, DataMatch::U32(q as u32))
                     .map_err(|e| kvm("KVM_IOEVENTFD", &e))?;
             }
             slots.push(VirtioSlot {

@@ -34,7 +34,7 @@ pub use kick::{kick_signal, KvmKick, KICK_SIGNAL_OFFSET};
 
 use crate::exit::{Hypercall, MsrRead, MsrWrite, SystemEventKind, VmExit};
 use crate::hypervisor::{
-    Capability, Error, Hypervisor, IoEventAddress, MemoryFlags, Result, Vcpu, Vm,
+    Capability, DataMatch, Error, Hypervisor, IoEventAddress, MemoryFlags, Result, Vcpu, Vm,
 };
 use crate::regs::{
     CpuidEntry, DebugRegs, DescriptorTable, Fpu, LapicState, MpState, MsrEntry, Regs, Segment,
@@ -163,18 +163,29 @@ fn ioevent_call(
     vm: &VmFd,
     fd: &EventFd,
     addr: IoEventAddress,
-    datamatch: Option<u64>,
+    datamatch: DataMatch,
     register: bool,
 ) -> std::result::Result<(), vmm_sys_util::errno::Error> {
     let addr = match addr {
         IoEventAddress::Pio(p) => kvm_ioctls::IoEventAddress::Pio(p),
         IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
     };
-    match (datamatch, register) {
-        (Some(v), true) => vm.register_ioevent(fd, &addr, v),
-        (None, true) => vm.register_ioevent(fd, &addr, NoDatamatch),
-        (Some(v), false) => vm.unregister_ioevent(fd, &addr, v),
-        (None, false) => vm.unregister_ioevent(fd, &addr, NoDatamatch),
+    // kvm-ioctls takes the match length from the value's type: keep each width's own type.
+    macro_rules! call {
+        ($v:expr) => {
+            if register {
+                vm.register_ioevent(fd, &addr, $v)
+            } else {
+                vm.unregister_ioevent(fd, &addr, $v)
+            }
+        };
+    }
+    match datamatch {
+        DataMatch::Any => call!(NoDatamatch),
+        DataMatch::U8(v) => call!(v),
+        DataMatch::U16(v) => call!(v),
+        DataMatch::U32(v) => call!(v),
+        DataMatch::U64(v) => call!(v),
     }
 }
 
@@ -273,7 +284,7 @@ impl Vm for KvmVm {
         &self,
         fd: &EventFd,
         addr: IoEventAddress,
-        datamatch: Option<u64>,
+        datamatch: DataMatch,
     ) -> Result<()> {
         ioevent_call(&self.fd, fd, addr, datamatch, true).map_err(backend("KVM_IOEVENTFD"))
     }
@@ -282,7 +293,7 @@ impl Vm for KvmVm {
         &self,
         fd: &EventFd,
         addr: IoEventAddress,
-        datamatch: Option<u64>,
+        datamatch: DataMatch,
     ) -> Result<()> {
         ioevent_call(&self.fd, fd, addr, datamatch, false)
             .map_err(backend("KVM_IOEVENTFD (deassign)"))
