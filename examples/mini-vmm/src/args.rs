@@ -5,6 +5,8 @@
 //!           [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
 //!           [--rng] [--console [tty|file=PATH]]]
 //!          [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] [--stats]
+//!          [--data-log PATH] [--snapshot path=DIR,after=MS]
+//! mini-vmm --restore path=DIR [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
 //! ```
 //!
 //! Device options follow Cloud Hypervisor's `key=value,key=value` style; a wrong key or value
@@ -34,6 +36,10 @@ pub enum ArgsError {
     /// Options that exclude each other.
     #[error("`--guest` and `--kernel` cannot be used together")]
     Conflict,
+    /// An option that describes the machine, given with `--restore` (the snapshot's
+    /// machine description decides it).
+    #[error("`{0}` cannot be used with `--restore` (the snapshot describes the machine)")]
+    RestoreConflict(String),
     /// An option that only makes sense with `--kernel`.
     #[error("`{0}` needs `--kernel`")]
     NeedsKernel(&'static str),
@@ -82,6 +88,15 @@ pub enum SerialArg {
     File(PathBuf),
 }
 
+/// A `--snapshot` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotArg {
+    /// Directory the snapshot files are written to (created if missing).
+    pub dir: PathBuf,
+    /// Milliseconds the guest runs before it is paused and saved.
+    pub after_ms: u64,
+}
+
 /// Command line given to a kernel when `--cmdline` is absent: the console on COM1, reboot
 /// through the keyboard controller (which ends the VM) and reboot at once on panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -124,6 +139,12 @@ pub struct Args {
     pub console: Option<ConsoleArg>,
     /// COM1's output.
     pub serial: SerialArg,
+    /// File the values written to the data port (0x511) are appended to, one a line.
+    pub data_log: Option<PathBuf>,
+    /// Pause and save the whole VM after a while (`--snapshot`).
+    pub snapshot: Option<SnapshotArg>,
+    /// Continue a saved VM instead of booting one (`--restore`).
+    pub restore: Option<PathBuf>,
 }
 
 impl Default for Args {
@@ -142,6 +163,9 @@ impl Default for Args {
             rng: false,
             console: None,
             serial: SerialArg::Tty,
+            data_log: None,
+            snapshot: None,
+            restore: None,
         }
     }
 }
@@ -154,7 +178,8 @@ pub const MAX_CPUS: u8 = 32;
 pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initramfs PATH] \
 [--cmdline TEXT] [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]... \
 [--rng] [--console [tty|file=PATH]]] [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] \
-[--stats]
+[--stats] [--data-log PATH] [--snapshot path=DIR,after=MS]
+       mini-vmm --restore path=DIR [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
@@ -177,6 +202,13 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
                       where COM1's output goes (default tty: stdout)
   --param N           value the guest reads from port 0x510
   --stats             print per-exit-kind counts and handling latency at the end
+  --data-log PATH     append every value the guest writes to port 0x511 to PATH, one a line
+  --snapshot path=DIR,after=MS
+                      after the guest ran MS milliseconds, pause every vCPU, save the whole VM
+                      (memory, vCPUs, KVM platform, devices, machine description) into DIR
+                      and exit with status 75
+  --restore path=DIR  continue the VM saved in DIR (no boot); only --serial, --data-log,
+                      --snapshot and --stats may be added
 Devices (Linux machine only) are virtio-mmio, described to the kernel in the ACPI DSDT.";
 
 fn invalid(arg: &str, value: &str, why: impl Into<String>) -> ArgsError {
@@ -318,6 +350,39 @@ fn parse_cpus(v: &str) -> Result<u8, ArgsError> {
     cpus.ok_or_else(|| invalid("--cpus", v, "boot= is required"))
 }
 
+fn parse_snapshot(v: &str) -> Result<SnapshotArg, ArgsError> {
+    let (mut dir, mut after) = (None, None);
+    for (k, val) in key_values("--snapshot", v, &["path", "after"])? {
+        match k {
+            "path" if val.is_empty() => return Err(invalid("--snapshot", v, "empty path")),
+            "path" => dir = Some(PathBuf::from(val)),
+            _ => {
+                after = Some(
+                    val.parse::<u64>()
+                        .map_err(|e| invalid("--snapshot after", val, format!("{e}")))?,
+                )
+            }
+        }
+    }
+    Ok(SnapshotArg {
+        dir: dir.ok_or_else(|| invalid("--snapshot", v, "path= is required"))?,
+        after_ms: after.ok_or_else(|| invalid("--snapshot", v, "after= is required"))?,
+    })
+}
+
+/// `--restore path=DIR` (or just `--restore DIR`).
+fn parse_restore(v: &str) -> Result<PathBuf, ArgsError> {
+    let path = match v.split_once('=') {
+        Some(("path", p)) => p,
+        Some(_) => return Err(invalid("--restore", v, "expected path=DIR")),
+        None => v,
+    };
+    if path.is_empty() {
+        return Err(invalid("--restore", v, "empty path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
 /// The value after option `name`.
 fn next_value(it: &mut impl Iterator<Item = String>, name: &str) -> Result<String, ArgsError> {
     it.next()
@@ -346,8 +411,30 @@ impl Args {
         let mut out = Args::default();
         let (mut guest, mut kernel) = (None, None);
         let mut it = args.into_iter().peekable();
+        // Options that describe the machine, which `--restore` takes from the snapshot.
+        let mut machine_opts: Vec<String> = Vec::new();
         while let Some(arg) = it.next() {
+            if !matches!(
+                arg.as_str(),
+                "-h" | "--help"
+                    | "--stats"
+                    | "--serial"
+                    | "--data-log"
+                    | "--snapshot"
+                    | "--restore"
+            ) {
+                machine_opts.push(arg.clone());
+            }
             match arg.as_str() {
+                "--data-log" => {
+                    out.data_log = Some(PathBuf::from(next_value(&mut it, "--data-log")?))
+                }
+                "--snapshot" => {
+                    out.snapshot = Some(parse_snapshot(&next_value(&mut it, "--snapshot")?)?)
+                }
+                "--restore" => {
+                    out.restore = Some(parse_restore(&next_value(&mut it, "--restore")?)?)
+                }
                 "-h" | "--help" => out.help = true,
                 "--stats" => out.stats = true,
                 "--guest" => guest = Some(next_value(&mut it, "--guest")?),
@@ -391,6 +478,11 @@ impl Args {
                     }
                 }
                 _ => return Err(ArgsError::Unknown(arg)),
+            }
+        }
+        if out.restore.is_some() {
+            if let Some(first) = machine_opts.into_iter().next() {
+                return Err(ArgsError::RestoreConflict(first));
             }
         }
         if kernel.is_none() {
@@ -442,6 +534,7 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn p(args: &[&str]) -> Result<Args, ArgsError> {
         Args::parse(args.iter().map(|s| s.to_string()))
@@ -695,6 +788,46 @@ mod tests {
             (&["--cpus", "boot=2"], "--cpus"),
         ] {
             assert_eq!(p(args).unwrap_err(), ArgsError::NeedsKernel(name));
+        }
+    }
+
+    #[test]
+    fn snapshot_and_restore_options_parse() {
+        let a = p(&["--guest", "counter", "--snapshot", "path=/s,after=250"]).unwrap();
+        assert_eq!(
+            a.snapshot,
+            Some(SnapshotArg {
+                dir: "/s".into(),
+                after_ms: 250
+            })
+        );
+        let a = p(&[
+            "--restore",
+            "path=/s",
+            "--data-log",
+            "/l",
+            "--serial",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.restore.as_deref(), a.data_log.as_deref()),
+            (Some(Path::new("/s")), Some(Path::new("/l")))
+        );
+        assert_eq!(p(&["--restore", "/d"]).unwrap().restore, Some("/d".into()));
+        for (args, what) in [
+            (&["--snapshot", "after=1"][..], "path= is required"),
+            (&["--snapshot", "path=/s,after=x"][..], "invalid digit"),
+            (&["--snapshot", "path=,after=1"][..], "empty path"),
+            (&["--restore", "dir=/s"][..], "expected path=DIR"),
+            (&["--restore", "path="][..], "empty path"),
+            (
+                &["--restore", "/s", "--guest", "hello"][..],
+                "`--guest` cannot be used",
+            ),
+        ] {
+            let e = p(args).unwrap_err().to_string();
+            assert!(e.contains(what), "{args:?}: {e}");
         }
     }
 }

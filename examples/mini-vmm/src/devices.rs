@@ -7,12 +7,14 @@
 //! a KVM irqfd for GSI 4 ([`SerialIrq::EventFd`]), so raising it costs a `write(2)` and no
 //! extra exit; KVM's in-kernel PIC/IOAPIC deliver it.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -58,6 +60,19 @@ impl<W: Write> SerialPort<W> {
     pub fn writer(&self) -> &W {
         self.serial.writer()
     }
+
+    /// The port's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.serial.state()
+    }
+
+    /// A port continuing from `state`, writing to `out` and raising `irq`. Fails if the saved
+    /// FIFO holds more than the 16550's 64 bytes.
+    pub fn from_state(state: &SerialState, out: W, irq: SerialIrq) -> Result<Self, String> {
+        Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
+            .map(|serial| SerialPort { serial })
+            .map_err(|e| format!("{e:?}"))
+    }
 }
 
 impl<W: Write> MutDevicePio for SerialPort<W> {
@@ -96,6 +111,12 @@ impl ExitPort {
         let v = self.status.load(Ordering::SeqCst);
         (v != Self::UNSET).then_some(v as u32)
     }
+
+    /// Sets (or clears) the reported status, when restoring a snapshot.
+    pub fn set_status(&self, status: Option<u32>) {
+        let v = status.map_or(Self::UNSET, u64::from);
+        self.status.store(v, Ordering::SeqCst);
+    }
 }
 
 impl vm_device::DevicePio for ExitPort {
@@ -121,11 +142,22 @@ pub struct TestPorts {
     /// Values written to 0x511: the first [`TestPorts::MAX_RECORDED`]` - 1` and the latest
     /// (a guest writing in a loop must not grow host memory without bound).
     pub data: Mutex<Vec<u32>>,
+    /// Where every value written to 0x511 also goes, one decimal number a line
+    /// (`--data-log`).
+    pub log: Mutex<Option<BufWriter<File>>>,
 }
 
 impl TestPorts {
     /// How many values [`TestPorts::data`] holds at most.
     pub const MAX_RECORDED: usize = 4096;
+
+    /// Writes buffered [`TestPorts::log`] lines to their file.
+    pub fn flush_log(&self) -> std::io::Result<()> {
+        match self.log.lock() {
+            Ok(mut log) => log.as_mut().map_or(Ok(()), |w| w.flush()),
+            Err(_) => Err(std::io::Error::other("data log lock poisoned")),
+        }
+    }
 }
 
 impl vm_device::DevicePio for TestPorts {
@@ -147,6 +179,12 @@ impl vm_device::DevicePio for TestPorts {
                 *d = *s;
             }
             let v = u32::from_le_bytes(v);
+            if let Ok(mut log) = self.log.lock() {
+                if let Some(w) = log.as_mut() {
+                    // A full disk must not stop the guest; the line is lost.
+                    let _ = writeln!(w, "{v}");
+                }
+            }
             if let Ok(mut log) = self.data.lock() {
                 if log.len() < Self::MAX_RECORDED {
                     log.push(v);
@@ -173,6 +211,19 @@ pub struct I8042 {
     /// The next data-port write is the argument of this command.
     pending: Option<u8>,
     reset: Arc<AtomicBool>,
+}
+
+/// What [`I8042::state`] saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct I8042State {
+    /// Configuration byte.
+    pub config: u8,
+    /// Byte in the output buffer.
+    pub output: Option<u8>,
+    /// Command waiting for its data byte.
+    pub pending: Option<u8>,
+    /// The reset line was pulsed.
+    pub reset: bool,
 }
 
 impl Default for I8042 {
@@ -216,6 +267,25 @@ impl I8042 {
     /// Shared flag that becomes true when the guest pulses the reset line.
     pub fn reset_requested(&self) -> Arc<AtomicBool> {
         self.reset.clone()
+    }
+
+    /// The controller's state, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            config: self.config,
+            output: self.output,
+            pending: self.pending,
+            reset: self.reset.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Puts the controller in `state` (keeping its reset flag's identity, which the VMM
+    /// watches).
+    pub fn set_state(&mut self, state: &I8042State) {
+        self.config = state.config;
+        self.output = state.output;
+        self.pending = state.pending;
+        self.reset.store(state.reset, Ordering::SeqCst);
     }
 
     fn status(&self) -> u8 {
@@ -316,6 +386,18 @@ impl Cmos {
         // Valid RAM and time.
         nvram[Self::REG_D] = 0x80;
         Cmos { index: 0, nvram }
+    }
+
+    /// The index register and the 128 bytes of NVRAM, for a snapshot (the clock registers
+    /// follow the host clock and need no saving).
+    pub fn state(&self) -> (u8, [u8; 128]) {
+        (self.index, self.nvram)
+    }
+
+    /// Puts the RTC in a saved state (the index is masked to 7 bits as a guest write is).
+    pub fn set_state(&mut self, index: u8, nvram: [u8; 128]) {
+        self.index = index & 0x7f;
+        self.nvram = nvram;
     }
 
     fn read(&self, index: usize) -> u8 {
@@ -448,6 +530,11 @@ impl AcpiSleep {
     /// Shared flag that becomes true when the guest enters S5.
     pub fn power_off_requested(&self) -> Arc<AtomicBool> {
         self.off.clone()
+    }
+
+    /// Sets the S5 flag, when restoring a snapshot.
+    pub fn set_power_off(&self, off: bool) {
+        self.off.store(off, Ordering::SeqCst);
     }
 }
 

@@ -3,5 +3,6 @@
 pub mod acpi;
 pub mod args;
 pub mod devices;
+pub mod snapshot;
 pub mod virtio;
 pub mod vmm;

@@ -2,12 +2,17 @@
 //!
 //! With no arguments it boots the bundled `hello` guest on KVM, shows its serial output and
 //! exits with the status the guest reported. `--help` lists the options.
+//!
+//! Exit status: the guest's, 2 for a bad command line, 1 for a VMM error, and
+//! [`SNAPSHOT_EXIT_STATUS`] (75) after `--snapshot` saved the VM.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use mini_vmm::args::{self, Args, SerialArg};
+use mini_vmm::snapshot::SNAPSHOT_EXIT_STATUS;
 use mini_vmm::vmm::{Outcome, Vmm};
+use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -32,11 +37,39 @@ fn main() -> ExitCode {
             }
         },
     };
-    let result = Vmm::new(&args, serial).and_then(|mut vmm| {
+    let built = match &args.restore {
+        Some(dir) => {
+            let start = Instant::now();
+            Vmm::restore(dir, &args, serial).inspect(|_| {
+                eprintln!(
+                    "mini-vmm: restored {} in {:.1} ms",
+                    dir.display(),
+                    start.elapsed().as_secs_f64() * 1e3
+                )
+            })
+        }
+        None => Vmm::new(&args, serial),
+    };
+    let result = built.and_then(|mut vmm| {
+        // `--snapshot` applies to restored machines too.
+        vmm.snapshot_after = args
+            .snapshot
+            .as_ref()
+            .map(|s| Duration::from_millis(s.after_ms));
         let outcome = vmm.run();
         if args.stats {
             eprintln!("{}", vmm.stats());
         }
+        if let (Ok(Outcome::Paused), Some(snap)) = (&outcome, &args.snapshot) {
+            let start = Instant::now();
+            vmm.save_snapshot(&snap.dir)?;
+            eprintln!(
+                "mini-vmm: snapshot written to {} in {:.1} ms",
+                snap.dir.display(),
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        vmm.flush_data_log()?;
         outcome
     });
     match result {
@@ -49,6 +82,7 @@ fn main() -> ExitCode {
             eprintln!("mini-vmm: the guest powered off");
             ExitCode::from(0)
         }
+        Ok(Outcome::Paused) => ExitCode::from(SNAPSHOT_EXIT_STATUS),
         Ok(Outcome::Reset) => {
             eprintln!("mini-vmm: the guest reset the machine");
             ExitCode::from(0)

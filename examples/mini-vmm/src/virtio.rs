@@ -276,6 +276,46 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// Saves every transport's state, in slot order. Stop the event loop and pause the
+    /// vCPUs first.
+    pub fn save_states(&self) -> Result<Vec<Vec<u8>>, VirtioError> {
+        self.slots
+            .iter()
+            .map(|s| {
+                s.transport
+                    .lock()
+                    .map(|t| t.save_state())
+                    .map_err(|_| VirtioError::EventLoop(format!("{}: lock poisoned", s.name)))
+            })
+            .collect()
+    }
+
+    /// Restores each transport from `(bytes, file)` (slot order), then signals every queue
+    /// once: a notification the saved VM had not processed yet is not lost (a spurious one is
+    /// harmless).
+    pub fn restore_states(
+        &self,
+        states: &[(Vec<u8>, std::path::PathBuf)],
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        for (slot, (bytes, file)) in self.slots.iter().zip(states) {
+            let err = |why: String| crate::snapshot::SnapshotError::Virtio {
+                file: file.clone(),
+                why,
+            };
+            let mut t = slot
+                .transport
+                .lock()
+                .map_err(|_| err(format!("{}: lock poisoned", slot.name)))?;
+            t.restore_state(bytes)
+                .map_err(|e| err(format!("{}: {e}", slot.name)))?;
+            for evt in t.queue_events() {
+                evt.write(1)
+                    .map_err(|e| err(format!("{}: queue eventfd: {e}", slot.name)))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the event loop thread (once; later calls do nothing).
     pub fn start(&mut self) -> Result<(), VirtioError> {
         if self.thread.is_some() {

@@ -22,8 +22,11 @@
 //! kick (a signal that makes `KVM_RUN` return), so a reboot issued on any CPU ends the run.
 
 use std::io::{Read, Seek, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
@@ -42,7 +45,12 @@ use vmkit_vcpu::VcpuKick;
 use crate::acpi::{self, AcpiTables};
 use crate::args::{Args, Payload};
 use crate::devices::{AcpiSleep, Cmos, Devices, ExitPort, SerialIrq, SerialPort, TestPorts, I8042};
+use crate::snapshot::{
+    self, DeviceStates, Machine, SnapshotError, DEVICES_FILE, MACHINE_FILE, MEMORY_FILE,
+    PLATFORM_FILE,
+};
 use crate::virtio::{VirtioDevices, VirtioError};
+use vmkit_vcpu::state::VcpuState;
 
 /// GSI of COM1's interrupt.
 pub const SERIAL_GSI: u32 = 4;
@@ -106,6 +114,17 @@ pub enum VmmError {
          controllers and ACPI)"
     )]
     NeedsLinux(&'static str),
+    /// A snapshot could not be written or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The `--data-log` file could not be opened or written.
+    #[error("`--data-log {path}`: {source}")]
+    DataLog {
+        /// Path given.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// How a run ended.
@@ -119,6 +138,9 @@ pub enum Outcome {
     Reset,
     /// The guest powered the machine off through the ACPI sleep registers (S5).
     PowerOff,
+    /// Every vCPU was paused for a snapshot ([`Vmm::snapshot_after`]); the VM can be saved
+    /// with [`Vmm::save_snapshot`].
+    Paused,
 }
 
 /// True if `image` is a Linux bzImage (the "HdrS" magic of the setup header at 0x202).
@@ -186,6 +208,10 @@ pub struct Vmm<W: Write + Send + 'static> {
     reset: Arc<AtomicBool>,
     /// Set by the ACPI sleep registers when the guest enters S5.
     power_off: Arc<AtomicBool>,
+    /// What a restore needs to rebuild this machine.
+    pub machine: Machine,
+    /// Pause every vCPU after the guest ran this long ([`Outcome::Paused`]).
+    pub snapshot_after: Option<Duration>,
 }
 
 /// The CPUID policy of vCPU `id` in a machine of `cpus` vCPUs: the default policy (APIC ID in
@@ -273,6 +299,13 @@ fn make_dispatcher<W: Write + Send + 'static>(
     Ok(dispatcher)
 }
 
+/// What [`Vmm::restore`] hands the machine builder.
+struct Restoring<'a> {
+    machine: &'a Machine,
+    devices: &'a DeviceStates,
+    devices_file: &'a Path,
+}
+
 /// The flags that end a run, shared by every vCPU thread.
 #[derive(Clone)]
 struct EndFlags {
@@ -280,6 +313,8 @@ struct EndFlags {
     power_off: Arc<AtomicBool>,
     /// Another vCPU ended the VM.
     stop: Arc<AtomicBool>,
+    /// Park for a snapshot.
+    pause: Arc<AtomicBool>,
     exit: Arc<ExitPort>,
 }
 
@@ -299,6 +334,9 @@ fn run_vcpu(
             return Ok(Some(Outcome::PowerOff));
         }
         match action {
+            Action::Interrupted if end.pause.load(Ordering::SeqCst) => {
+                return Ok(Some(Outcome::Paused))
+            }
             Action::Interrupted if end.stop.load(Ordering::SeqCst) => return Ok(None),
             Action::Continue | Action::Interrupted | Action::Debug { .. } => continue,
             Action::Halt => return Ok(Some(Outcome::Exited(end.exit.status().unwrap_or(0)))),
@@ -410,6 +448,160 @@ pub fn record_boot_extras(
 impl<W: Write + Send + 'static> Vmm<W> {
     /// Builds a VM for `args`, with serial output going to `out`.
     pub fn new(args: &Args, out: W) -> Result<Self, VmmError> {
+        Self::build(args, out, None)
+    }
+
+    /// Builds the VM saved in `dir` (see [`crate::snapshot`]) and restores its state: the next
+    /// [`Vmm::run`] continues the guest where it stopped. `args` gives what may differ from the
+    /// saved run (`--data-log`; COM1's output is `out`). Every file is checked: a bad one is an
+    /// error naming it, before anything runs.
+    pub fn restore(dir: &Path, args: &Args, out: W) -> Result<Self, VmmError> {
+        let machine_file = dir.join(MACHINE_FILE);
+        let text = snapshot::read(&machine_file)?;
+        let text = String::from_utf8(text).map_err(|_| SnapshotError::Format {
+            file: machine_file.clone(),
+            why: "not UTF-8 text".into(),
+        })?;
+        let machine = Machine::parse(&text, &machine_file)?;
+        let mut margs = machine.to_args();
+        margs.data_log = args.data_log.clone();
+        // Decode every small file before building anything.
+        let devices_file = dir.join(DEVICES_FILE);
+        let device_states =
+            DeviceStates::from_bytes(&snapshot::read(&devices_file)?, &devices_file)?;
+        let mut vcpu_states = Vec::new();
+        for id in 0..usize::from(machine.cpus) {
+            let file = dir.join(snapshot::vcpu_file(id));
+            let bytes = snapshot::read(&file)?;
+            let state = VcpuState::from_bytes(&bytes)
+                .map_err(|source| SnapshotError::Vcpu { file, source })?;
+            vcpu_states.push(state);
+        }
+        let platform_file = dir.join(PLATFORM_FILE);
+        let platform = snapshot::read(&platform_file)?;
+        let mut virtio_states = Vec::new();
+        for i in 0..machine.virtio_count() {
+            let file = dir.join(snapshot::virtio_file(i));
+            virtio_states.push((snapshot::read(&file)?, file));
+        }
+        let memory_file = dir.join(MEMORY_FILE);
+        let mem = std::fs::File::open(&memory_file).map_err(|source| SnapshotError::Io {
+            file: memory_file.clone(),
+            source,
+        })?;
+
+        let vmm = Self::build(
+            &margs,
+            out,
+            Some(&Restoring {
+                machine: &machine,
+                devices: &device_states,
+                devices_file: &devices_file,
+            }),
+        )?;
+        vmkit_memory::snapshot::restore_copy(&vmm.memory, &mem).map_err(|source| {
+            SnapshotError::Memory {
+                file: memory_file,
+                source,
+            }
+        })?;
+        vmm.vm
+            .set_platform_state(&platform)
+            .map_err(|source| SnapshotError::Platform {
+                file: platform_file,
+                source,
+            })?;
+        let vcpus = std::iter::once(&vmm.vcpu).chain(vmm.aps.iter().map(|a| &a.vcpu));
+        for (id, (vcpu, state)) in vcpus.zip(&vcpu_states).enumerate() {
+            state.restore(vcpu).map_err(|source| SnapshotError::Vcpu {
+                file: dir.join(snapshot::vcpu_file(id)),
+                source,
+            })?;
+        }
+        {
+            let d = &vmm.devices;
+            d.i8042
+                .lock()
+                .map_err(|_| VmmError::Guest("i8042 lock poisoned".into()))?
+                .set_state(&device_states.i8042);
+            d.cmos
+                .lock()
+                .map_err(|_| VmmError::Guest("CMOS lock poisoned".into()))?
+                .set_state(device_states.cmos_index, device_states.cmos_nvram);
+            d.sleep.set_power_off(device_states.power_off);
+            d.exit.set_status(device_states.exit_status);
+        }
+        if let Some(v) = &vmm.virtio {
+            v.restore_states(&virtio_states)?;
+        }
+        Ok(vmm)
+    }
+
+    /// Saves the paused VM (after [`Vmm::run`] returned [`Outcome::Paused`]) into `dir`,
+    /// creating it; see [`crate::snapshot`] for the files.
+    pub fn save_snapshot(&mut self, dir: &Path) -> Result<(), VmmError> {
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+            file: dir.to_path_buf(),
+            source,
+        })?;
+        let vcpus = std::iter::once(&mut self.vcpu).chain(self.aps.iter_mut().map(|a| &mut a.vcpu));
+        for (id, vcpu) in vcpus.enumerate() {
+            let file = dir.join(snapshot::vcpu_file(id));
+            let state = VcpuState::save(vcpu).map_err(|source| SnapshotError::Vcpu {
+                file: file.clone(),
+                source,
+            })?;
+            snapshot::write(&file, &state.to_bytes())?;
+        }
+        let file = dir.join(PLATFORM_FILE);
+        let platform = self
+            .vm
+            .platform_state()
+            .map_err(|source| SnapshotError::Platform {
+                file: file.clone(),
+                source,
+            })?;
+        snapshot::write(&file, &platform)?;
+        let file = dir.join(DEVICES_FILE);
+        let states = DeviceStates::capture(&self.devices).map_err(|why| SnapshotError::Format {
+            file: file.clone(),
+            why,
+        })?;
+        snapshot::write(&file, &states.to_bytes())?;
+        if let Some(v) = &self.virtio {
+            for (i, bytes) in v.save_states()?.into_iter().enumerate() {
+                snapshot::write(&dir.join(snapshot::virtio_file(i)), &bytes)?;
+            }
+        }
+        let file = dir.join(MEMORY_FILE);
+        let mem = std::fs::File::create(&file).map_err(|source| SnapshotError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        vmkit_memory::snapshot::write_full(&self.memory, &mem)
+            .map_err(|source| SnapshotError::Memory { file, source })?;
+        self.flush_data_log()?;
+        // Last: its presence marks a complete snapshot.
+        let file = dir.join(MACHINE_FILE);
+        let text = self.machine.to_text(&file)?;
+        snapshot::write(&file, text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Writes buffered `--data-log` lines to the file.
+    pub fn flush_data_log(&self) -> Result<(), VmmError> {
+        self.devices
+            .test
+            .flush_log()
+            .map_err(|source| VmmError::DataLog {
+                path: "(flush)".into(),
+                source,
+            })
+    }
+
+    /// Builds a VM for `args`; when `restoring`, without loading a kernel or setting up a
+    /// boot (the snapshot's state replaces it).
+    fn build(args: &Args, out: W, restoring: Option<&Restoring<'_>>) -> Result<Self, VmmError> {
         let layout = MemoryLayout::x86_pc(args.memory)?;
         let ranges: Vec<_> = layout
             .ram_regions()
@@ -425,6 +617,10 @@ impl<W: Write + Send + 'static> Vmm<W> {
         let mut protocol = None;
         let mut initramfs_at = None;
         let kernel = match &args.payload {
+            _ if restoring.is_some() => {
+                linux = restoring.is_some_and(|r| r.machine.linux);
+                None
+            }
             Payload::Guest(name) => {
                 let elf = vmkit_test_guests::ALL
                     .iter()
@@ -432,7 +628,13 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     .map(|(_, e)| *e)
                     .ok_or_else(|| VmmError::UnknownGuest(name.clone()))?;
                 let mut img = std::io::Cursor::new(elf);
-                boot::load_kernel(&memory, &mut img, KernelFormat::PlainElf, None, &[])?
+                Some(boot::load_kernel(
+                    &memory,
+                    &mut img,
+                    KernelFormat::PlainElf,
+                    None,
+                    &[],
+                )?)
             }
             Payload::Kernel(path) => {
                 let mut f = std::fs::File::open(path).map_err(|source| VmmError::Kernel {
@@ -467,7 +669,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     initramfs_at = Some(load_initramfs(&memory, &layout, initramfs, k.end, limit)?);
                 }
                 protocol = Some(k.protocol);
-                k
+                Some(k)
             }
         };
         if !linux {
@@ -506,7 +708,9 @@ impl<W: Write + Send + 'static> Vmm<W> {
         let cpus = u32::from(args.cpus.max(1));
         let vcpu = vm.create_vcpu(0)?;
         boot::configure_cpuid(&hv, &vcpu, |id, e| cpuid_policy(id, cpus, e))?;
-        kernel.setup_vcpu(&memory, &vcpu)?;
+        if let Some(kernel) = &kernel {
+            kernel.setup_vcpu(&memory, &vcpu)?;
+        }
         let mut ap_vcpus = Vec::new();
         for id in 1..cpus {
             // No register setup: KVM holds application processors in wait-for-SIPI.
@@ -534,9 +738,14 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 }),
                 virtio: virtio.as_ref().map(|v| v.acpi_info()).unwrap_or_default(),
             };
-            let tables = acpi::build(&machine)?;
-            tables.write_to(&memory)?;
-            (virtio, Some(tables))
+            if restoring.is_some() {
+                // The tables are in the restored memory already.
+                (virtio, None)
+            } else {
+                let tables = acpi::build(&machine)?;
+                tables.write_to(&memory)?;
+                (virtio, Some(tables))
+            }
         } else {
             (None, None)
         };
@@ -545,14 +754,23 @@ impl<W: Write + Send + 'static> Vmm<W> {
             record_boot_extras(&memory, p, initramfs_at, rsdp)?;
         }
 
-        let devices = Devices {
-            serial: Arc::new(Mutex::new(SerialPort::with_irq(out, serial_irq))),
-            exit: Arc::new(ExitPort::new()),
-            test: Arc::new(TestPorts::default()),
-            i8042: Arc::new(Mutex::new(I8042::new())),
-            cmos: Arc::new(Mutex::new(Cmos::new())),
-            sleep: Arc::new(AcpiSleep::default()),
-        };
+        let devices =
+            Devices {
+                serial: Arc::new(Mutex::new(match restoring {
+                    Some(r) => SerialPort::from_state(&r.devices.serial, out, serial_irq).map_err(
+                        |why| SnapshotError::Format {
+                            file: r.devices_file.to_path_buf(),
+                            why: format!("serial state: {why}"),
+                        },
+                    )?,
+                    None => SerialPort::with_irq(out, serial_irq),
+                })),
+                exit: Arc::new(ExitPort::new()),
+                test: Arc::new(TestPorts::default()),
+                i8042: Arc::new(Mutex::new(I8042::new())),
+                cmos: Arc::new(Mutex::new(Cmos::new())),
+                sleep: Arc::new(AcpiSleep::default()),
+            };
         let power_off = devices.sleep.power_off_requested();
         let reset = devices
             .i8042
@@ -563,6 +781,19 @@ impl<W: Write + Send + 'static> Vmm<W> {
             .test
             .param
             .store(args.param, std::sync::atomic::Ordering::SeqCst);
+        if let Some(path) = &args.data_log {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::DataLog {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            if let Ok(mut log) = devices.test.log.lock() {
+                *log = Some(std::io::BufWriter::new(f));
+            }
+        }
         let dispatcher = make_dispatcher(&devices, &memory, virtio.as_ref())?;
         let mut aps = Vec::new();
         for vcpu in ap_vcpus {
@@ -581,6 +812,11 @@ impl<W: Write + Send + 'static> Vmm<W> {
             acpi: acpi_tables,
             reset,
             power_off,
+            machine: Machine::from_args(args, linux),
+            snapshot_after: args
+                .snapshot
+                .as_ref()
+                .map(|s| Duration::from_millis(s.after_ms)),
         })
     }
 
@@ -629,9 +865,41 @@ impl<W: Write + Send + 'static> Vmm<W> {
             reset: self.reset.clone(),
             power_off: self.power_off.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(AtomicBool::new(false)),
             exit: self.devices.exit.clone(),
         };
-        let result = if self.aps.is_empty() {
+        let kicks: Vec<_> = std::iter::once(self.vcpu.kick_handle())
+            .chain(self.aps.iter().map(|a| a.vcpu.kick_handle()))
+            .collect();
+        let after = self.snapshot_after;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let result = std::thread::scope(|s| {
+            if let Some(after) = after {
+                let pause = end.pause.clone();
+                // The pause timer: ends early (without pausing) when the run ends first.
+                s.spawn(move || {
+                    if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(after) {
+                        pause.store(true, Ordering::SeqCst);
+                        for k in &kicks {
+                            k.kick();
+                        }
+                    }
+                });
+            }
+            let r = self.run_vcpus(&end);
+            drop(done_tx);
+            r
+        });
+        if let Some(v) = &mut self.virtio {
+            v.stop();
+        }
+        result.and_then(|r| r.ok_or_else(|| VmmError::Guest("every vCPU stopped".into())))
+    }
+
+    /// Runs every vCPU until one ends the VM (or all are paused).
+    fn run_vcpus(&mut self, end: &EndFlags) -> Result<Option<Outcome>, VmmError> {
+        let end = end.clone();
+        if self.aps.is_empty() {
             run_vcpu(&mut self.vcpu, &mut self.dispatcher, &end)
         } else {
             let bsp_kick = self.vcpu.kick_handle();
@@ -663,18 +931,18 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     let r = t
                         .join()
                         .unwrap_or_else(|_| Err(VmmError::Guest("a vCPU thread panicked".into())));
-                    // vCPU 0 stopped on another vCPU's account: that vCPU's result counts.
-                    if matches!(result, Ok(None)) && !matches!(r, Ok(None)) {
+                    // vCPU 0 stopped (or paused) on another vCPU's account: that vCPU's
+                    // result counts, unless it merely paused or stopped too.
+                    let weak = |r: &Result<Option<Outcome>, VmmError>| {
+                        matches!(r, Ok(None) | Ok(Some(Outcome::Paused)))
+                    };
+                    if (weak(&result) && !weak(&r)) || (matches!(result, Ok(None)) && r.is_ok()) {
                         result = r;
                     }
                 }
                 result
             })
-        };
-        if let Some(v) = &mut self.virtio {
-            v.stop();
         }
-        result.and_then(|r| r.ok_or_else(|| VmmError::Guest("every vCPU stopped".into())))
     }
 }
 
