@@ -6,7 +6,8 @@
 //!           [--rng] [--console [tty|file=PATH]]]
 //!          [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] [--stats]
 //!          [--data-log PATH] [--snapshot path=DIR,after=MS]
-//! mini-vmm --restore path=DIR [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
+//! mini-vmm --restore path=DIR[,memory=copy|mmap] [--serial ...] [--data-log PATH]
+//!          [--snapshot ...] [--stats]
 //! ```
 //!
 //! Device options follow Cloud Hypervisor's `key=value,key=value` style; a wrong key or value
@@ -145,6 +146,9 @@ pub struct Args {
     pub snapshot: Option<SnapshotArg>,
     /// Continue a saved VM instead of booting one (`--restore`).
     pub restore: Option<PathBuf>,
+    /// Map guest memory lazily from the snapshot (`--restore ...,memory=mmap`) instead of
+    /// copying it.
+    pub restore_mmap: bool,
 }
 
 impl Default for Args {
@@ -166,6 +170,7 @@ impl Default for Args {
             data_log: None,
             snapshot: None,
             restore: None,
+            restore_mmap: false,
         }
     }
 }
@@ -179,7 +184,7 @@ pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initra
 [--cmdline TEXT] [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]... \
 [--rng] [--console [tty|file=PATH]]] [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] \
 [--stats] [--data-log PATH] [--snapshot path=DIR,after=MS]
-       mini-vmm --restore path=DIR [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
+       mini-vmm --restore path=DIR[,memory=copy|mmap] [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
@@ -207,8 +212,11 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
                       after the guest ran MS milliseconds, pause every vCPU, save the whole VM
                       (memory, vCPUs, KVM platform, devices, machine description) into DIR
                       and exit with status 75
-  --restore path=DIR  continue the VM saved in DIR (no boot); only --serial, --data-log,
-                      --snapshot and --stats may be added
+  --restore path=DIR[,memory=copy|mmap]
+                      continue the VM saved in DIR (no boot); only --serial, --data-log,
+                      --snapshot and --stats may be added. memory=copy (default) checks every
+                      checksum and copies RAM in; memory=mmap maps the file copy-on-write
+                      (cost independent of RAM size; header and region table checked only)
 Devices (Linux machine only) are virtio-mmio, described to the kernel in the ACPI DSDT.";
 
 fn invalid(arg: &str, value: &str, why: impl Into<String>) -> ArgsError {
@@ -370,17 +378,24 @@ fn parse_snapshot(v: &str) -> Result<SnapshotArg, ArgsError> {
     })
 }
 
-/// `--restore path=DIR` (or just `--restore DIR`).
-fn parse_restore(v: &str) -> Result<PathBuf, ArgsError> {
-    let path = match v.split_once('=') {
-        Some(("path", p)) => p,
-        Some(_) => return Err(invalid("--restore", v, "expected path=DIR")),
-        None => v,
-    };
-    if path.is_empty() {
-        return Err(invalid("--restore", v, "empty path"));
+/// `--restore path=DIR[,memory=copy|mmap]` (or just `--restore DIR`): the directory and
+/// whether memory is mapped lazily from the snapshot file.
+fn parse_restore(v: &str) -> Result<(PathBuf, bool), ArgsError> {
+    if !v.contains('=') {
+        return Ok((PathBuf::from(v), false));
     }
-    Ok(PathBuf::from(path))
+    let (mut path, mut mmap) = (None, false);
+    for (k, val) in key_values("--restore", v, &["path", "memory"])? {
+        match (k, val) {
+            ("path", "") => return Err(invalid("--restore", v, "empty path")),
+            ("path", p) => path = Some(PathBuf::from(p)),
+            (_, "copy") => mmap = false,
+            (_, "mmap") => mmap = true,
+            (_, other) => return Err(invalid("--restore memory", other, "expected copy or mmap")),
+        }
+    }
+    let path = path.ok_or_else(|| invalid("--restore", v, "path= is required"))?;
+    Ok((path, mmap))
 }
 
 /// The value after option `name`.
@@ -433,7 +448,9 @@ impl Args {
                     out.snapshot = Some(parse_snapshot(&next_value(&mut it, "--snapshot")?)?)
                 }
                 "--restore" => {
-                    out.restore = Some(parse_restore(&next_value(&mut it, "--restore")?)?)
+                    let (dir, mmap) = parse_restore(&next_value(&mut it, "--restore")?)?;
+                    out.restore = Some(dir);
+                    out.restore_mmap = mmap;
                 }
                 "-h" | "--help" => out.help = true,
                 "--stats" => out.stats = true,
@@ -815,11 +832,20 @@ mod tests {
             (Some(Path::new("/s")), Some(Path::new("/l")))
         );
         assert_eq!(p(&["--restore", "/d"]).unwrap().restore, Some("/d".into()));
+        let a = p(&["--restore", "path=/d,memory=mmap"]).unwrap();
+        assert!(a.restore_mmap);
+        assert!(
+            !p(&["--restore", "path=/d,memory=copy"])
+                .unwrap()
+                .restore_mmap
+        );
         for (args, what) in [
             (&["--snapshot", "after=1"][..], "path= is required"),
             (&["--snapshot", "path=/s,after=x"][..], "invalid digit"),
             (&["--snapshot", "path=,after=1"][..], "empty path"),
-            (&["--restore", "dir=/s"][..], "expected path=DIR"),
+            (&["--restore", "dir=/s"][..], "unknown key `dir`"),
+            (&["--restore", "memory=mmap"][..], "path= is required"),
+            (&["--restore", "path=/s,memory=x"][..], "copy or mmap"),
             (&["--restore", "path="][..], "empty path"),
             (
                 &["--restore", "/s", "--guest", "hello"][..],

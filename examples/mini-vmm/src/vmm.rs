@@ -33,7 +33,8 @@ use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use vmkit_memory::{GuestRam, MemoryLayout};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmkit_memory::{GuestRam, MemoryLayout, OwnedGuestRam};
 use vmkit_vcpu::boot::{self, KernelFormat};
 use vmkit_vcpu::dispatch::{Action, DispatchError, Dispatcher, UnclaimedPolicy};
 use vmkit_vcpu::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
@@ -212,6 +213,9 @@ pub struct Vmm<W: Write + Send + 'static> {
     pub machine: Machine,
     /// Pause every vCPU after the guest ran this long ([`Outcome::Paused`]).
     pub snapshot_after: Option<Duration>,
+    /// Memory mapped from a snapshot file: unmapped on drop, so it is the last field (dropped
+    /// after the VM, the vCPUs and the virtio thread that use it).
+    _mapped_memory: Option<OwnedGuestRam>,
 }
 
 /// The CPUID policy of vCPU `id` in a machine of `cpus` vCPUs: the default policy (APIC ID in
@@ -301,6 +305,8 @@ fn make_dispatcher<W: Write + Send + 'static>(
 
 /// What [`Vmm::restore`] hands the machine builder.
 struct Restoring<'a> {
+    /// Guest memory already mapped from the snapshot (`memory=mmap`), with its file's name.
+    mapped: Option<(OwnedGuestRam, &'a Path)>,
     machine: &'a Machine,
     devices: &'a DeviceStates,
     devices_file: &'a Path,
@@ -490,21 +496,36 @@ impl<W: Write + Send + 'static> Vmm<W> {
             source,
         })?;
 
+        let mapped = if args.restore_mmap {
+            let owned = vmkit_memory::snapshot::restore_mmap(&mem, &Default::default()).map_err(
+                |source| SnapshotError::Memory {
+                    file: memory_file.clone(),
+                    source,
+                },
+            )?;
+            Some((owned, memory_file.as_path()))
+        } else {
+            None
+        };
+        let copy = mapped.is_none();
         let vmm = Self::build(
             &margs,
             out,
-            Some(&Restoring {
+            Some(Restoring {
+                mapped,
                 machine: &machine,
                 devices: &device_states,
                 devices_file: &devices_file,
             }),
         )?;
-        vmkit_memory::snapshot::restore_copy(&vmm.memory, &mem).map_err(|source| {
-            SnapshotError::Memory {
-                file: memory_file,
-                source,
-            }
-        })?;
+        if copy {
+            vmkit_memory::snapshot::restore_copy(&vmm.memory, &mem).map_err(|source| {
+                SnapshotError::Memory {
+                    file: memory_file.clone(),
+                    source,
+                }
+            })?;
+        }
         vmm.vm
             .set_platform_state(&platform)
             .map_err(|source| SnapshotError::Platform {
@@ -601,14 +622,38 @@ impl<W: Write + Send + 'static> Vmm<W> {
 
     /// Builds a VM for `args`; when `restoring`, without loading a kernel or setting up a
     /// boot (the snapshot's state replaces it).
-    fn build(args: &Args, out: W, restoring: Option<&Restoring<'_>>) -> Result<Self, VmmError> {
+    fn build(args: &Args, out: W, mut restoring: Option<Restoring<'_>>) -> Result<Self, VmmError> {
         let layout = MemoryLayout::x86_pc(args.memory)?;
         let ranges: Vec<_> = layout
             .ram_regions()
             .iter()
             .map(|r| (r.guest_addr, r.size as usize))
             .collect();
-        let memory = GuestRam::from_ranges(&ranges).map_err(|_| VmmError::Memory(args.memory))?;
+        let (memory, mapped_memory) = match restoring.as_mut().and_then(|r| r.mapped.take()) {
+            Some((owned, file)) => {
+                // The file's regions must be the machine's, or the guest sees another PC.
+                let got: Vec<_> = owned
+                    .ram()
+                    .iter()
+                    .map(|r| (r.start_addr(), r.len() as usize))
+                    .collect();
+                if got != ranges {
+                    return Err(SnapshotError::Format {
+                        file: file.to_path_buf(),
+                        why: format!(
+                            "guest memory regions {got:x?} do not match the machine's \
+                             {ranges:x?}"
+                        ),
+                    }
+                    .into());
+                }
+                (owned.ram().clone(), Some(owned))
+            }
+            None => (
+                GuestRam::from_ranges(&ranges).map_err(|_| VmmError::Memory(args.memory))?,
+                None,
+            ),
+        };
         let hv = KvmHypervisor::new()?;
         let vm = hv.create_vm()?;
         vm.register_memory(&memory, 0, MemoryFlags::default())?;
@@ -618,7 +663,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
         let mut initramfs_at = None;
         let kernel = match &args.payload {
             _ if restoring.is_some() => {
-                linux = restoring.is_some_and(|r| r.machine.linux);
+                linux = restoring.as_ref().is_some_and(|r| r.machine.linux);
                 None
             }
             Payload::Guest(name) => {
@@ -756,7 +801,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
 
         let devices =
             Devices {
-                serial: Arc::new(Mutex::new(match restoring {
+                serial: Arc::new(Mutex::new(match &restoring {
                     Some(r) => SerialPort::from_state(&r.devices.serial, out, serial_irq).map_err(
                         |why| SnapshotError::Format {
                             file: r.devices_file.to_path_buf(),
@@ -817,6 +862,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 .snapshot
                 .as_ref()
                 .map(|s| Duration::from_millis(s.after_ms)),
+            _mapped_memory: mapped_memory,
         })
     }
 

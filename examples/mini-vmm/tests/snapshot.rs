@@ -94,9 +94,10 @@ fn a_restored_guest_continues_where_it_stopped() {
         full_log,
         "the output before the snapshots plus after the restores is the uninterrupted run's"
     );
-    // The first snapshot is still whole: restoring it again gives the same rest.
+    // The first snapshot is still whole: restoring it again, with memory mapped lazily from
+    // the file this time, gives the same rest.
     let d_log = tmp.path().join("d.log");
-    let mut args = vec!["--restore".to_string(), restore];
+    let mut args = vec!["--restore".to_string(), format!("{restore},memory=mmap")];
     args.extend(log_args(&d_log));
     let again = Command::new(BIN).args(&args).output().unwrap();
     assert_eq!(again.status.code(), Some(0), "{again:?}");
@@ -117,9 +118,20 @@ fn small_snapshot(dir: &Path) -> PathBuf {
     snap
 }
 
-/// Restores `snap`; expects status 1 and a message containing every one of `words`.
+/// Restores `snap` (memory copied, then mapped); expects status 1 and a message containing
+/// every one of `words`.
 fn restore_fails(snap: &Path, words: &[&str]) {
-    let out = run(&["--restore", &format!("path={}", snap.display())]);
+    restore_fails_with(snap, "copy", words);
+    if words[0] != "memory.snap" {
+        restore_fails_with(snap, "mmap", words);
+    }
+}
+
+fn restore_fails_with(snap: &Path, memory: &str, words: &[&str]) {
+    let out = run(&[
+        "--restore",
+        &format!("path={},memory={memory}", snap.display()),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     for w in words {
@@ -172,6 +184,7 @@ fn bad_snapshots_give_errors_naming_the_file() {
     let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
     f.set_len(4096).unwrap();
     restore_fails(&s, &["memory.snap", "guest memory"]);
+    restore_fails_with(&s, "mmap", &["memory.snap", "guest memory"]);
     // Corrupt memory data (a checksum mismatch) and a corrupt header.
     let s = fresh();
     corrupt(&s.join("memory.snap"), |b| {
@@ -182,6 +195,7 @@ fn bad_snapshots_give_errors_naming_the_file() {
     let s = fresh();
     corrupt(&s.join("memory.snap"), |b| b[0] = b'X');
     restore_fails(&s, &["memory.snap"]);
+    restore_fails_with(&s, "mmap", &["memory.snap"]);
     // Memory size that does not match the file.
     let s = fresh();
     corrupt(&s.join("machine.txt"), |b| {
@@ -194,6 +208,7 @@ fn bad_snapshots_give_errors_naming_the_file() {
             .into_bytes();
     });
     restore_fails(&s, &["memory.snap", "guest memory"]);
+    restore_fails_with(&s, "mmap", &["memory.snap", "do not match"]);
     // vCPU, device and machine files.
     let s = fresh();
     corrupt(&s.join("vcpu-0.bin"), |b| b.truncate(b.len() / 2));
