@@ -38,21 +38,45 @@ pub struct GuestAddress(pub u64);
 /// Page-table walks read one entry per level, usually all from the same run of RAM. A
 /// walker that holds a span reads an entry with one subtraction and one bounds check,
 /// instead of looking the address up in the memory map at every level.
+///
+/// A span only reads: its words are private and [`WordSpan::load`] is its one access, so
+/// safe code holding a span cannot write guest RAM behind the dirty log's back or store into
+/// a read-only mapping.
 #[derive(Debug, Clone, Copy)]
 pub struct WordSpan<'a> {
     /// Physical address of `words[0]` (8-byte aligned).
-    pub base: u64,
+    base: u64,
     /// The words, in address order.
-    pub words: &'a [AtomicU64],
+    words: &'a [AtomicU64],
 }
 
 impl<'a> WordSpan<'a> {
-    /// The word at the 8-byte aligned physical address `addr`, if the span holds it.
+    /// A span of `words` starting at physical address `base`, or `None` if `base` is not
+    /// 8-byte aligned. For [`PhysMemory`] implementations that own their words.
+    pub fn new(base: u64, words: &'a [AtomicU64]) -> Option<Self> {
+        (base & 7 == 0).then_some(WordSpan { base, words })
+    }
+
+    /// Physical address of the first word.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Length of the span in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.words.len() as u64 * 8
+    }
+
+    /// Loads the word at physical address `addr`: `None` if `addr` is not 8-byte aligned
+    /// (as [`PhysMemory::read_u64`]) or lies outside the span.
     #[inline(always)]
-    pub fn word(&self, addr: u64) -> Option<&'a AtomicU64> {
+    pub fn load(&self, addr: u64) -> Option<u64> {
+        if addr & 7 != 0 {
+            return None;
+        }
         // An address below `base` wraps around to a huge index and fails the bounds check.
         let index = usize::try_from(addr.wrapping_sub(self.base) >> 3).ok()?;
-        self.words.get(index)
+        Some(self.words.get(index)?.load(Ordering::Relaxed))
     }
 }
 
@@ -187,8 +211,9 @@ mod vm_memory_impl {
             // `self` owns immutably for the returned lifetime (vm-memory regions are never
             // unmapped while the collection is borrowed). The guest and other threads may
             // write these words concurrently: `AtomicU64` is made for shared mutation, and
-            // every access through the span is an atomic load, exactly as `load_direct`
-            // (and vm-memory's own `get_atomic_ref`) does. The slice is at most the
+            // the span's words are private with `WordSpan::load` (an atomic load, exactly as
+            // `load_direct` and vm-memory's own `get_atomic_ref` do) as the only access, so
+            // nothing writes through it, not even into a read-only mapping. The slice is at most the
             // mapping's size, hence below `isize::MAX` bytes.
             let words = unsafe { core::slice::from_raw_parts(host.cast::<AtomicU64>(), len) };
             Some(WordSpan { base, words })
@@ -323,10 +348,7 @@ impl PhysMemory for FlatMemory {
         if self.base & 7 != 0 {
             return None;
         }
-        Some(WordSpan {
-            base: self.base,
-            words: &self.words,
-        })
+        WordSpan::new(self.base, &self.words)
     }
 
     #[inline]
@@ -349,6 +371,22 @@ impl PhysMemory for FlatMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_spans_only_load_aligned_words_inside_them() {
+        let words = [AtomicU64::new(1), AtomicU64::new(2)];
+        assert!(WordSpan::new(0x1004, &words).is_none(), "unaligned base");
+        let span = WordSpan::new(0x1000, &words).unwrap();
+        assert_eq!((span.base(), span.len_bytes()), (0x1000, 16));
+        assert_eq!(span.load(0x1000), Some(1));
+        assert_eq!(span.load(0x1008), Some(2));
+        assert_eq!(span.load(0x1004), None, "unaligned address");
+        assert_eq!(span.load(0x1010), None, "past the end");
+        assert_eq!(span.load(0xff8), None, "below the base");
+        let mem = FlatMemory::new(0x2000, 0x1000);
+        mem.write_u64(0x2010, 7).unwrap();
+        assert_eq!(mem.word_span(0).unwrap().load(0x2010), Some(7));
+    }
 
     #[test]
     fn flat_memory_bounds_and_halves() {

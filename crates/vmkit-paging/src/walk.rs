@@ -70,8 +70,6 @@
 //! assert_eq!(fault.error_code().map(|e| e.bits()), Some(0b111));
 //! ```
 
-use core::sync::atomic::Ordering;
-
 use crate::builder::PageSize;
 use crate::entry::*;
 use crate::memory::{PhysMemory, WordSpan};
@@ -570,14 +568,13 @@ fn read_span<'a, M: PhysMemory + ?Sized>(
     span: &mut WordSpan<'a>,
     addr: u64,
 ) -> Option<u64> {
-    let word = match span.word(addr) {
-        Some(word) => word,
+    match span.load(addr) {
+        Some(word) => Some(word),
         None => {
             *span = mem.word_span(addr)?;
-            span.word(addr)?
+            span.load(addr)
         }
-    };
-    Some(word.load(Ordering::Relaxed))
+    }
 }
 
 const KINDS: [AccessKind; 3] = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch];
