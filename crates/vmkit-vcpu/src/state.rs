@@ -177,6 +177,10 @@ impl VcpuState {
     }
 
     /// Encodes the state (see the module docs).
+    ///
+    /// [`VcpuState::from_bytes`] bounds what it accepts ([`MAX_MSRS`], [`MAX_XSAVE_BYTES`],
+    /// [`MAX_XCRS`]); a state from [`VcpuState::save`] is always within them, but one built
+    /// by hand beyond them encodes to a blob that decoding refuses with a typed error.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(4096);
         w.extend_from_slice(MAGIC);

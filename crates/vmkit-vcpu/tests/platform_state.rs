@@ -69,6 +69,18 @@ fn irqchip_pit_and_clock_carry_over_to_a_fresh_vm() {
     // A VM without the devices cannot take the blob: the error names what is missing.
     let e = vm(false).set_platform_state(&blob).unwrap_err();
     assert!(e.to_string().contains("irqchip"), "{e}");
+    // One with an irqchip but no PIT refuses too, and keeps its own IOAPIC untouched
+    // (nothing is written before every device is known to exist).
+    let no_pit = {
+        let hv = KvmHypervisor::new().unwrap();
+        let v = hv.create_vm().unwrap();
+        v.create_irq_chip().unwrap();
+        v
+    };
+    let before = redirection(&ioapic(&no_pit), 5);
+    let e = no_pit.set_platform_state(&blob).unwrap_err();
+    assert!(e.to_string().contains("PIT"), "{e}");
+    assert_eq!(redirection(&ioapic(&no_pit), 5), before);
 }
 
 #[test]

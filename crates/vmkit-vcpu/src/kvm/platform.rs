@@ -186,15 +186,25 @@ impl KvmVm {
         if !r.0.is_empty() {
             return Err(bad(&format!("{} unexpected trailing bytes", r.0.len())));
         }
+        // Refuse a blob naming a device this VM lacks before writing anything, so a refused
+        // blob never leaves the VM half restored.
+        if !chips.is_empty() {
+            let mut probe = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_PIC_MASTER,
+                ..Default::default()
+            };
+            if self.fd.get_irqchip(&mut probe).is_err() {
+                return Err(bad("the blob has an irqchip but this VM has none"));
+            }
+        }
+        if pit.is_some() && self.fd.get_pit2().is_err() {
+            return Err(bad("the blob has a PIT but this VM has none"));
+        }
         for c in &chips {
-            self.fd
-                .set_irqchip(c)
-                .map_err(backend("KVM_SET_IRQCHIP (does this VM have an irqchip?)"))?;
+            self.fd.set_irqchip(c).map_err(backend("KVM_SET_IRQCHIP"))?;
         }
         if let Some(p) = &pit {
-            self.fd
-                .set_pit2(p)
-                .map_err(backend("KVM_SET_PIT2 (does this VM have a PIT?)"))?;
+            self.fd.set_pit2(p).map_err(backend("KVM_SET_PIT2"))?;
         }
         let c = kvm_clock_data {
             clock,
