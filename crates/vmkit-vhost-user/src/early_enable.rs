@@ -88,6 +88,10 @@ fn send_message(backend: &UnixStream, msg: &[u8], fds: &[RawFd]) -> io::Result<(
     Ok(())
 }
 
+/// Most rings whose early enable state is remembered (every vmkit device has far fewer:
+/// the command line caps queues at 64).
+const MAX_EARLY_RINGS: usize = 1024;
+
 /// A `SET_VRING_ENABLE` message for ring `index` (`enable` 0 or 1), with `flags` besides the
 /// version.
 fn enable_message(index: u32, enable: u32, flags: u32) -> Vec<u8> {
@@ -107,8 +111,9 @@ fn forward_requests(
     reply: &Mutex<UnixStream>,
 ) -> io::Result<()> {
     let mut features_set = false;
-    // Last state asked for each ring before SET_FEATURES: (ring index, enable).
-    let mut early: Vec<(u32, u32)> = Vec::new();
+    // Last state asked for each ring before SET_FEATURES, indexed by ring (bounded by
+    // MAX_EARLY_RINGS, so a frontend cannot grow it or make each update a long search).
+    let mut early: Vec<Option<u32>> = Vec::new();
     let mut payload = Vec::new();
     while let Some((hdr, files)) = recv_header(frontend)? {
         let (request, flags, size) = (word(&hdr, 0), word(&hdr, 4), word(&hdr, 8));
@@ -137,10 +142,19 @@ fn forward_requests(
             log::debug!(
                 "holding back SET_VRING_ENABLE({index}, {enable}) sent before SET_FEATURES"
             );
-            match early.iter_mut().find(|(i, _)| *i == index) {
-                Some(slot) => slot.1 = enable,
-                None => early.push((index, enable)),
+            let Some(slot) = usize::try_from(index).ok().filter(|&i| i < MAX_EARLY_RINGS) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "SET_VRING_ENABLE for ring {index} (our devices have at most \
+                         {MAX_EARLY_RINGS} rings)"
+                    ),
+                ));
+            };
+            if early.len() <= slot {
+                early.resize(slot + 1, None);
             }
+            early[slot] = Some(enable);
             if flags & FLAG_NEED_REPLY != 0 {
                 let mut ack = Vec::with_capacity(20);
                 ack.extend(request.to_le_bytes());
@@ -167,7 +181,10 @@ fn forward_requests(
             // Without the protocol feature the handler enables every ring by itself (and
             // would refuse SET_VRING_ENABLE).
             if acked & PROTOCOL_FEATURES != 0 {
-                for (index, enable) in early.drain(..) {
+                for (index, enable) in early.drain(..).enumerate() {
+                    let Some(enable) = enable else { continue };
+                    // `index` < MAX_EARLY_RINGS, which fits in a u32.
+                    let index = index as u32;
                     log::debug!("replaying SET_VRING_ENABLE({index}, {enable})");
                     send_message(backend, &enable_message(index, enable, 0), &[])?;
                 }
@@ -242,7 +259,8 @@ mod tests {
     }
 
     fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // A bound against hangs, not a timing assertion: generous for a loaded machine.
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut v = vec![0u8; n];
         s.read_exact(&mut v).unwrap();
         v
@@ -289,7 +307,7 @@ mod tests {
         assert_eq!(&got, b"x");
 
         // SET_FEATURES with the protocol feature is forwarded, then the last state of each
-        // ring is replayed, in first-seen order, without a reply request.
+        // ring is replayed, in ring order, without a reply request.
         let f = msg(
             SET_FEATURES,
             FLAG_NEED_REPLY,
@@ -336,6 +354,22 @@ mod tests {
         let mut rest = Vec::new();
         handler.read_to_end(&mut rest).unwrap();
         assert_eq!(rest, f);
+    }
+
+    #[test]
+    fn an_early_enable_for_an_absurd_ring_ends_the_session() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let threads = spawn(front, back).unwrap();
+        let ring = (MAX_EARLY_RINGS as u32).to_le_bytes();
+        let payload = [ring[0], ring[1], ring[2], ring[3], 1, 0, 0, 0];
+        qemu.write_all(&msg(SET_VRING_ENABLE, 0, &payload)).unwrap();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut rest = Vec::new();
+        handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
     }
 
     #[test]
