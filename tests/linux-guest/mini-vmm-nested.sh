@@ -24,6 +24,12 @@
 # image file itself holds the token at 1 MiB. On failure the log is printed and the script
 # exits non-zero; every run is bounded by a timeout.
 #
+# A second run (unless L2_SNAPSHOT_AFTER_MS=0) checks snapshot/restore of the whole VM: in
+# the same L1, mini-vmm boots the same L2 with `--snapshot path=/snap,after=MS` (mid-boot by
+# default: the kernel is still starting), which saves the VM and exits 75; a new mini-vmm
+# `--restore path=/snap` continues it, and the guest must reach the same markers, each printed
+# by the saving or the restoring process, and end the same way (powered off, exit 0).
+#
 # Prints, from L1's /proc/uptime: mini-vmm start -> L2's first init line, and -> mini-vmm's
 # exit; L2's own uptime at init; the whole L0 run. Measured 2026-11-21 on an idle machine with
 # QEMU 10.0: ~17-21 s, ~3 s more, ~8-11 s, ~25-33 s; under QEMU 7.2 on a loaded machine (load
@@ -35,7 +41,10 @@
 #   L2_VMM_ARGS=...  mini-vmm's device options (default: the list above)
 #   L2_KERNEL=...    the kernel mini-vmm boots (default: the same bzImage as L1; a vmlinux
 #                    with a PVH entry, e.g. Debian's unpacked from that bzImage, also works)
-#   LG_TIMEOUT=...   seconds before the L1 run is killed (default 240)
+#   L2_SNAPSHOT_AFTER_MS=...  when the second run saves the VM (default 4000; 0: no second
+#                    run)
+#   LG_TIMEOUT=...   seconds before the L1 run is killed (default 240, 480 with the second
+#                    run)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
@@ -52,6 +61,13 @@ L2_CMDLINE="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1}"
 L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console file=/hvc0.out --cpus boot=2}"
 echo "$L2_CMDLINE" > "$WORK/l2-cmdline"
 echo "$L2_VMM_ARGS" > "$WORK/l2-vmm-args"
+L2_SNAPSHOT_AFTER_MS="${L2_SNAPSHOT_AFTER_MS:-4000}"
+SNAP_SPEC=()
+rm -f "$WORK/l2-snapshot-after"
+if [ "$L2_SNAPSHOT_AFTER_MS" != 0 ]; then
+    echo "$L2_SNAPSHOT_AFTER_MS" > "$WORK/l2-snapshot-after"
+    SNAP_SPEC=("$WORK/l2-snapshot-after:l2-snapshot-after")
+fi
 # A token unique to this run: L2 writes it to its disk, the check below finds it in the image.
 TOKEN="VMKIT-L2-DISK-$(date +%s%N)-$$"
 echo -n "$TOKEN" > "$WORK/token"
@@ -69,7 +85,7 @@ lg_initramfs "$WORK/l2.cpio.gz" "$HERE/mini-vmm/l2-init" "$WORK/token:token"
 
 # mini-vmm is linked against glibc: ship the libraries and the loader at their own paths.
 specs=("$VMM:bin/mini-vmm" "${L2_KERNEL:-$LG_KERNEL}:vmlinuz" "$WORK/l2.cpio.gz:l2.cpio.gz"
-       "$WORK/l2-cmdline:l2-cmdline" "$WORK/l2-vmm-args:l2-vmm-args")
+       "$WORK/l2-cmdline:l2-cmdline" "$WORK/l2-vmm-args:l2-vmm-args" "${SNAP_SPEC[@]}")
 for lib in $(ldd "$VMM" | grep -o '/[^ ]*'); do
     specs+=("$lib:${lib#/}")
 done
@@ -78,7 +94,9 @@ lg_initramfs "$WORK/l1.cpio.gz" "$HERE/mini-vmm/l1-init" "${specs[@]}"
 LOG="$WORK/console.log"
 lg_log "booting L1 under TCG (log: $LOG)"
 start=$(date +%s.%N)
-lg_run "${LG_TIMEOUT:-240}" "$LOG" qemu-system-x86_64 -M pc -accel tcg -cpu max -m 2G \
+DEFAULT_TIMEOUT=240
+[ "$L2_SNAPSHOT_AFTER_MS" != 0 ] && DEFAULT_TIMEOUT=480
+lg_run "${LG_TIMEOUT:-$DEFAULT_TIMEOUT}" "$LOG" qemu-system-x86_64 -M pc -accel tcg -cpu max -m 2G \
     -nographic -no-reboot -kernel "$LG_KERNEL" -initrd "$WORK/l1.cpio.gz" \
     -drive "file=$DISK,format=raw,if=virtio" -drive "file=$RODISK,format=raw,if=virtio" \
     -append 'console=ttyS0 panic=-1 quiet'
@@ -91,7 +109,10 @@ case " $L2_VMM_ARGS " in *" --net "*) markers+=("L1-TAP-UP" "L2-NET-OK");; esac
 case " $L2_VMM_ARGS " in *" --console "*) markers+=("L2-HVC0-OK");; esac
 cpus=$(echo "$L2_VMM_ARGS" | sed -n 's/.*--cpus boot=\([0-9]*\).*/\1/p')
 markers+=("L2-CPUS ${cpus:-1}" "L2-RTC-OK" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
-lg_expect "$LOG" "${markers[@]}"
+# The first run's markers, from its own lines only (not the second run's, prefixed R2).
+FIRST="$WORK/console.first.log"
+grep -vE '^(R2|L1-R2-END)' "$LOG" > "$FIRST" || true
+lg_expect "$FIRST" "${markers[@]}"
 case " $L2_VMM_ARGS " in *" --disk "*)
     found=$(dd if="$DISK" bs=512 skip=2048 count=1 2>/dev/null | head -c ${#TOKEN})
     if [ "$found" != "$TOKEN" ]; then
@@ -105,6 +126,26 @@ if [ "$(sha256sum < "$RODISK")" != "$RO_SUM" ]; then
     lg_log "the read-only disk image $RODISK changed"; exit 1
 fi
 lg_log "PASS: mini-vmm booted the stock kernel as L2 on nested KVM; markers: ${markers[*]}"
+if [ "$L2_SNAPSHOT_AFTER_MS" != 0 ]; then
+    # Every L2 marker again, from the saving or the restoring process, and the same end.
+    r2_missing=0
+    CLEAN="$WORK/console.clean.log"
+    tr -d '\r' < "$LOG" > "$CLEAN"
+    for m in "R2-SAVE mini-vmm: snapshot written" "R2-SNAPSHOT-EXIT=75" "R2 mini-vmm: restored"; do
+        grep -qF -- "$m" "$CLEAN" || { lg_log "second run: missing marker: $m"; r2_missing=1; }
+    done
+    for m in "${markers[@]}"; do
+        case "$m" in L1-KVM-OK) continue;; esac
+        grep -F -- "$m" "$CLEAN" | grep -qE '^R2(-SAVE)? ' ||
+            { lg_log "second run: missing marker: $m"; r2_missing=1; }
+    done
+    if [ "$r2_missing" -ne 0 ]; then
+        lg_log "---- console log $LOG ----"; cat "$LOG" >&2; lg_log "---- end of log ----"
+        exit 1
+    fi
+    lg_log "PASS: a snapshot taken ${L2_SNAPSHOT_AFTER_MS} ms into L2's boot, restored by a new mini-vmm, reached the same markers"
+    grep -E '^R2-SNAPSHOT-FILES|^R2-SAVE mini-vmm: snapshot written|^R2 mini-vmm: restored|^L1-R2-END' "$CLEAN" | sed 's/^/[linux-guest]   /' >&2
+fi
 tr -d '\r' < "$LOG" | awk '
     /^L1-SAW-L2-INIT/ { printf "[linux-guest]   mini-vmm start -> L2 init first line: %s s (L1 clock)\n", $3 }
     /^L1-MINI-VMM-END/ { printf "[linux-guest]   mini-vmm start -> mini-vmm exit:      %s s (L1 clock)\n", $3 }
