@@ -133,9 +133,12 @@ impl<S: Scheduler> Shared<S> {
             WakeAction::Preempt { cpu, at } => {
                 if let Some(w) = self.workers.get(cpu) {
                     w.preempt.cut_at(at);
-                    if at <= self.now() {
-                        if let Some(k) = lock(&w.kick).as_ref() {
+                    if let Some(k) = lock(&w.kick).as_ref() {
+                        if at <= self.now() {
                             k.kick();
+                        } else {
+                            // A deferred cut: a task that cannot poll must be kicked then.
+                            k.kick_at(self.epoch + Duration::from_nanos(at));
                         }
                     }
                 }

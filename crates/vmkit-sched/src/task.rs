@@ -50,6 +50,15 @@ pub enum Outcome {
 pub trait Kick: Send + Sync {
     /// Ask the running task to return from [`Task::run`] as soon as it can.
     fn kick(&self);
+
+    /// Ask the task to return at `at` (a cut the scheduler deferred, e.g. by its rate
+    /// limit). The executor calls this instead of [`Kick::kick`] when the cut lies in the
+    /// future; a task that cannot poll [`Slice::expired`] must arrange to be kicked then (see
+    /// `vmkit_sched::vcpu::SliceTimer`). The default does nothing, which leaves the task to
+    /// find the cut at its next poll or its own slice deadline.
+    fn kick_at(&self, at: Instant) {
+        let _ = at;
+    }
 }
 
 /// A unit of work the scheduler can run for a bounded time: a vCPU.
@@ -152,6 +161,13 @@ impl<'a> Slice<'a> {
     /// arms its own timer for it.
     pub fn deadline(&self) -> Instant {
         self.preempt.epoch + Duration::from_nanos(self.end_ns)
+    }
+
+    /// The instant the slice ends as things stand: its deadline, or an earlier cut the
+    /// scheduler has already asked for.
+    pub fn end(&self) -> Instant {
+        let limit = self.end_ns.min(self.preempt.cut_at.load(Ordering::Acquire));
+        self.preempt.epoch + Duration::from_nanos(limit)
     }
 
     /// True once the slice is used up or the scheduler has cut it. Costs one clock read.

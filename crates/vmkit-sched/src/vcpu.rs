@@ -37,9 +37,18 @@ pub struct SliceTimer<K: VcpuKick + 'static> {
 
 struct TimerState<K> {
     armed: HashMap<usize, (Instant, K)>,
+    /// Earlier deadlines asked for while a slot was not armed (a deferred cut racing the
+    /// task's own arm): the next `arm` of the slot honours them.
+    pending: HashMap<usize, Instant>,
+    next_slot: usize,
     stop: bool,
     fired: u64,
 }
+
+/// A task's place in a [`SliceTimer`], handed out by [`SliceTimer::register`] so that no two
+/// tasks share one (they would disarm each other's kicks).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct TimerSlot(usize);
 
 impl<K: VcpuKick + 'static> std::fmt::Debug for SliceTimer<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +67,8 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         let timer = Arc::new(SliceTimer {
             state: Mutex::new(TimerState {
                 armed: HashMap::new(),
+                pending: HashMap::new(),
+                next_slot: 0,
                 stop: false,
                 fired: 0,
             }),
@@ -110,16 +121,48 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         }
     }
 
-    /// Kicks `kick` at `deadline` unless [`SliceTimer::disarm`]ed first (`id` names the
-    /// task; re-arming replaces its deadline).
-    pub fn arm(&self, id: usize, deadline: Instant, kick: K) {
-        self.lock().armed.insert(id, (deadline, kick));
+    /// A new slot for one task.
+    pub fn register(&self) -> TimerSlot {
+        let mut st = self.lock();
+        let slot = st.next_slot;
+        st.next_slot = st.next_slot.wrapping_add(1);
+        TimerSlot(slot)
+    }
+
+    /// Kicks `kick` at `deadline` (or at an earlier deadline [`SliceTimer::arm_earlier`]
+    /// recorded for the slot) unless [`SliceTimer::disarm`]ed first; re-arming replaces the
+    /// slot's deadline.
+    pub fn arm(&self, slot: &TimerSlot, deadline: Instant, kick: K) {
+        let mut st = self.lock();
+        let deadline = match st.pending.remove(&slot.0) {
+            Some(earlier) => deadline.min(earlier),
+            None => deadline,
+        };
+        st.armed.insert(slot.0, (deadline, kick));
+        drop(st);
         self.changed.notify_one();
     }
 
-    /// Cancels task `id`'s pending kick, if any.
-    pub fn disarm(&self, id: usize) {
-        self.lock().armed.remove(&id);
+    /// Moves the slot's kick earlier, to `at`, if that is earlier than what it is armed for;
+    /// if the slot is not armed right now, its next [`SliceTimer::arm`] honours `at`.
+    pub fn arm_earlier(&self, slot: &TimerSlot, at: Instant) {
+        let mut st = self.lock();
+        match st.armed.get_mut(&slot.0) {
+            Some((deadline, _)) => *deadline = (*deadline).min(at),
+            None => {
+                let p = st.pending.entry(slot.0).or_insert(at);
+                *p = (*p).min(at);
+            }
+        }
+        drop(st);
+        self.changed.notify_one();
+    }
+
+    /// Cancels the slot's pending kick, if any.
+    pub fn disarm(&self, slot: &TimerSlot) {
+        let mut st = self.lock();
+        st.armed.remove(&slot.0);
+        st.pending.remove(&slot.0);
     }
 
     /// Kicks delivered so far.
@@ -161,12 +204,20 @@ pub struct VcpuTaskStats {
     pub stale_kicks: AtomicU64,
 }
 
-/// The executor's kick hook, backed by the vCPU's own kick.
-struct VcpuKickHook<K>(K);
+/// The executor's kick hook: the vCPU's own kick now, or the slice timer for a deferred cut.
+struct VcpuKickHook<K: VcpuKick + 'static> {
+    kick: K,
+    timer: Arc<SliceTimer<K>>,
+    slot: Arc<TimerSlot>,
+}
 
-impl<K: VcpuKick> Kick for VcpuKickHook<K> {
+impl<K: VcpuKick + 'static> Kick for VcpuKickHook<K> {
     fn kick(&self) {
-        self.0.kick();
+        self.kick.kick();
+    }
+
+    fn kick_at(&self, at: Instant) {
+        self.timer.arm_earlier(&self.slot, at);
     }
 }
 
@@ -175,7 +226,7 @@ pub struct VcpuTask<V: Vcpu>
 where
     V::Kick: 'static,
 {
-    id: usize,
+    slot: Arc<TimerSlot>,
     vcpu: V,
     dispatcher: Dispatcher,
     timer: Arc<SliceTimer<V::Kick>>,
@@ -189,7 +240,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuTask")
-            .field("id", &self.id)
+            .field("slot", &self.slot)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -199,16 +250,11 @@ impl<V: Vcpu> VcpuTask<V>
 where
     V::Kick: 'static,
 {
-    /// A task running `vcpu` with `dispatcher` handling its exits. `id` must be unique
-    /// among the tasks sharing `timer`.
-    pub fn new(
-        id: usize,
-        vcpu: V,
-        dispatcher: Dispatcher,
-        timer: Arc<SliceTimer<V::Kick>>,
-    ) -> Self {
+    /// A task running `vcpu` with `dispatcher` handling its exits, kicked by `timer` at the
+    /// end of each slice (or at a cut the scheduler deferred).
+    pub fn new(vcpu: V, dispatcher: Dispatcher, timer: Arc<SliceTimer<V::Kick>>) -> Self {
         VcpuTask {
-            id,
+            slot: Arc::new(timer.register()),
             vcpu,
             dispatcher,
             timer,
@@ -238,8 +284,10 @@ where
     V::Kick: 'static,
 {
     fn run(&mut self, slice: &Slice) -> Outcome {
+        // `end` includes a cut already asked for; a later deferred cut comes through
+        // `kick_at` (arm_earlier), before or after this arm.
         self.timer
-            .arm(self.id, slice.deadline(), self.vcpu.kick_handle());
+            .arm(&self.slot, slice.end(), self.vcpu.kick_handle());
         let outcome = loop {
             if slice.expired() {
                 self.stats.slices.fetch_add(1, Ordering::Relaxed);
@@ -262,11 +310,15 @@ where
                 Err(e) => break self.finish(VcpuEnd::Failed(e.to_string())),
             }
         };
-        self.timer.disarm(self.id);
+        self.timer.disarm(&self.slot);
         outcome
     }
 
     fn kick_handle(&self) -> Option<Arc<dyn Kick>> {
-        Some(Arc::new(VcpuKickHook(self.vcpu.kick_handle())))
+        Some(Arc::new(VcpuKickHook {
+            kick: self.vcpu.kick_handle(),
+            timer: Arc::clone(&self.timer),
+            slot: Arc::clone(&self.slot),
+        }))
     }
 }

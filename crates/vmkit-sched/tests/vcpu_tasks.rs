@@ -125,17 +125,15 @@ fn vcpu_tasks_share_host_threads_by_weight() {
     let mut ports = Vec::new();
     let mut ends = Vec::new();
     let mut stats = Vec::new();
-    let mut id = 0;
     for &w in &weights {
         let vm_id = ex.add_vm(VmConfig::weighted(w)).unwrap();
         // u32::MAX values: the guests count for far longer than the test runs.
         let (vm, mem, cpus, p) = vm(&hv, 2, u32::MAX);
         for (vcpu, d) in cpus {
-            let task = VcpuTask::new(id, vcpu, d, timer.clone());
+            let task = VcpuTask::new(vcpu, d, timer.clone());
             ends.push(task.end());
             stats.push(task.stats());
             ex.spawn(vm_id, task).unwrap();
-            id += 1;
         }
         keep.push((vm, mem));
         ports.push(p);
@@ -184,7 +182,7 @@ fn a_halted_vcpu_blocks_until_woken() {
     // 100 values, the exit status, then `hlt` in a loop.
     let (_vm, _mem, mut cpus, ports) = vm(&hv, 1, 100);
     let (vcpu, d) = cpus.pop().unwrap();
-    let task = VcpuTask::new(0, vcpu, d, timer.clone());
+    let task = VcpuTask::new(vcpu, d, timer.clone());
     let (stats, end) = (task.stats(), task.end());
     let (_, waker) = ex.spawn(vm_id, task).unwrap();
     wait_until("the first halt", || {
@@ -205,4 +203,87 @@ fn a_halted_vcpu_blocks_until_woken() {
     assert!(m.errors.is_empty(), "{:?}", m.errors);
     assert_eq!(*end.lock().unwrap(), None::<VcpuEnd>);
     assert!(format!("{timer:?}").contains("SliceTimer"));
+}
+
+/// `out 0x80, al; jmp $`: one exit to say it runs, then never another, so only a kick ends
+/// its slice.
+const SPIN_FOREVER: [u8; 4] = [0xe6, 0x80, 0xeb, 0xfe];
+
+/// Port 0x80: set when the spinning guest has started.
+struct Started(std::sync::atomic::AtomicBool);
+
+impl DevicePio for Started {
+    fn pio_read(&self, _base: PioAddress, _offset: u16, _data: &mut [u8]) {}
+    fn pio_write(&self, _base: PioAddress, _offset: u16, _data: &[u8]) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_deferred_boost_cut_reaches_a_vcpu_that_never_exits() {
+    // One host thread, an hour-long timeslice and a 300 ms rate limit: a vCPU woken right
+    // after the hog started gets a boost cut deferred to 300 ms into the hog's slice. The
+    // hog never exits, so only the slice timer re-armed through `Kick::kick_at` can end its
+    // slice; without that the woken vCPU would wait the whole hour (and this test would hit
+    // its hang bound). (If a loaded host delays the wake past 300 ms, the cut is immediate
+    // and the test still passes, through the plain kick.)
+    let hv = KvmHypervisor::new().expect("/dev/kvm must be usable for this test");
+    let mut config = CreditConfig::with_cpus(1);
+    config.timeslice = 3_600_000 * MS;
+    config.ratelimit = 300 * MS;
+    let ex = Executor::new(CreditScheduler::new(config).unwrap()).unwrap();
+    let (timer, timer_thread) = SliceTimer::<KvmKick>::start().unwrap();
+
+    // The I/O VM: writes 10 values, its status, then halts (Blocked until woken).
+    let io_vm = ex.add_vm(VmConfig::default()).unwrap();
+    let (_vm_a, _mem_a, mut cpus, ports) = vm(&hv, 1, 10);
+    let (vcpu, d) = cpus.pop().unwrap();
+    let io = VcpuTask::new(vcpu, d, timer.clone());
+    let io_stats = io.stats();
+    let (_, waker) = ex.spawn(io_vm, io).unwrap();
+    wait_until("the I/O vCPU's first halt", || {
+        io_stats.halts.load(Ordering::Relaxed) == 1
+    });
+
+    // The hog: a vCPU spinning on `jmp $` in long mode.
+    let hog_vm = ex.add_vm(VmConfig::default()).unwrap();
+    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let vm_b = hv.create_vm().unwrap();
+    vm_b.register_memory(&mem, 0, MemoryFlags::default())
+        .unwrap();
+    vm_memory::Bytes::write_slice(&mem, &SPIN_FOREVER, GuestAddress(0x10_0000)).unwrap();
+    let hog_vcpu = vm_b.create_vcpu(0).unwrap();
+    boot::configure_cpuid(&hv, &hog_vcpu, boot::default_cpuid_policy).unwrap();
+    boot::setup_vcpu(
+        &mem,
+        &hog_vcpu,
+        boot::CpuMode::Long,
+        0x10_0000,
+        boot::BOOT_STACK,
+        0,
+    )
+    .unwrap();
+    let started = Arc::new(Started(std::sync::atomic::AtomicBool::new(false)));
+    let mut hog_dispatcher = Dispatcher::new(UnclaimedPolicy::default());
+    hog_dispatcher
+        .register_pio(0x80, 1, started.clone())
+        .unwrap();
+    let hog = VcpuTask::new(hog_vcpu, hog_dispatcher, timer.clone());
+    let hog_stats = hog.stats();
+    ex.spawn(hog_vm, hog).unwrap();
+    // The hog is inside its hour-long slice once it said so; then wake the I/O vCPU.
+    wait_until("the hog to start", || started.0.load(Ordering::SeqCst));
+    waker.wake().unwrap();
+    wait_until("the woken vCPU to run (boost cut of the hog)", || {
+        io_stats.halts.load(Ordering::Relaxed) == 2
+    });
+    assert_eq!(ports.values.load(Ordering::Relaxed), 10);
+    assert!(
+        hog_stats.slices.load(Ordering::Relaxed) >= 1,
+        "the hog's slice was cut"
+    );
+    let m = ex.shutdown();
+    timer.stop();
+    timer_thread.join().unwrap();
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
 }
