@@ -192,4 +192,36 @@ fn devices_are_wired_into_kvm_the_bus_and_the_event_loop() {
     assert_eq!(r32(&d, rng + regs::INTERRUPT_STATUS), 1);
     devices.stop();
     devices.stop();
+
+    // Snapshot: the transports' states restore into the same devices of a new VM, and each
+    // queue is signalled once so a notification in flight is not lost.
+    let states = devices.save_states().unwrap();
+    assert_eq!(states.len(), 3);
+    let vm2 = hv.create_vm().unwrap();
+    vm2.create_irq_chip().unwrap();
+    vm2.register_memory(&mem, 0, MemoryFlags::default())
+        .unwrap();
+    let restored = VirtioDevices::new(devices_from_args(&a).unwrap(), mem.clone(), &vm2).unwrap();
+    let files: Vec<_> = states
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.clone(), dir.path().join(format!("virtio-{i}.bin"))))
+        .collect();
+    restored.restore_states(&files).unwrap();
+    let mut d3 = Dispatcher::new(UnclaimedPolicy::default());
+    restored.register(&mut d3).unwrap();
+    assert_eq!(r32(&d3, rng + regs::STATUS), 0xf);
+    let t = restored.slots()[1].transport.lock().unwrap();
+    assert!(t.is_running());
+    assert_eq!(t.queue_events()[0].read().unwrap(), 1, "queue signalled");
+    drop(t);
+    assert_eq!(restored.save_states().unwrap(), states);
+    // A corrupt state is an error naming its file.
+    let mut bad = files.clone();
+    bad[2].0.truncate(5);
+    let e = restored.restore_states(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("virtio-2.bin") && e.contains("virtio-console"),
+        "{e}"
+    );
 }
