@@ -25,7 +25,12 @@
 //! kernel or setting up a boot, then restores memory, the platform, the devices and each vCPU,
 //! and runs: the guest continues where it stopped. Every file is untrusted input: a missing,
 //! truncated, corrupt or mismatched one gives a [`SnapshotError`] naming the file and the
-//! problem, before the guest runs.
+//! problem, before the guest runs; state files are read only up to [`MAX_STATE_FILE`] bytes.
+//!
+//! One trust boundary remains: `machine.txt` names the host files and TAP devices the
+//! restored guest gets (its disks read-write). Restore only snapshots you made, or read
+//! `machine.txt` first; making `--restore` take the device backends from its own command
+//! line (and check them against the description) is not done yet.
 
 use std::path::{Path, PathBuf};
 
@@ -122,12 +127,32 @@ fn format_err(file: &Path, why: impl Into<String>) -> SnapshotError {
     }
 }
 
-/// Reads a whole snapshot file, with the error naming it.
+/// Largest state file (everything but guest memory) `--restore` reads: far above any real
+/// one (a vCPU's is ~6 KiB), so a snapshot directory cannot make the VMM allocate without
+/// bound (a huge file, or a link to `/dev/zero`).
+pub const MAX_STATE_FILE: u64 = 16 << 20;
+
+/// Reads a whole snapshot state file (at most [`MAX_STATE_FILE`] bytes), with the error
+/// naming it.
 pub fn read(file: &Path) -> Result<Vec<u8>, SnapshotError> {
-    std::fs::read(file).map_err(|source| SnapshotError::Io {
+    use std::io::Read;
+    let io = |source| SnapshotError::Io {
         file: file.to_path_buf(),
         source,
-    })
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .map_err(io)?
+        .take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(format_err(
+            file,
+            format!("larger than {MAX_STATE_FILE} bytes: not a mini-vmm state file"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Writes a whole snapshot file, with the error naming it.
@@ -273,7 +298,12 @@ impl Machine {
             let (key, value) = line.split_once(' ').unwrap_or((line, ""));
             let num = |v: &str| v.parse::<u64>().map_err(|e| bad(&e.to_string()));
             match key {
-                "memory" => m.memory = num(value)?,
+                "memory" => {
+                    // The same bounds as `--memory size=`.
+                    m.memory = Some(num(value)?)
+                        .filter(|b| ((4 << 20)..=(3 << 30)).contains(b))
+                        .ok_or_else(|| bad("memory size out of range (4 MiB to 3 GiB)"))?
+                }
                 "cpus" => {
                     m.cpus = u8::try_from(num(value)?)
                         .ok()
@@ -607,13 +637,15 @@ mod tests {
             ("mini-vmm-snapshot 1\nmemory x\n", "line 2"),
             ("mini-vmm-snapshot 1\ncpus 0\n", "out of range"),
             ("mini-vmm-snapshot 1\nwhat 1\n", "unknown"),
-            ("mini-vmm-snapshot 1\nmemory 4096\n", "incomplete"),
+            ("mini-vmm-snapshot 1\nmemory 4096\n", "out of range"),
+            ("mini-vmm-snapshot 1\nmemory 4194304\n", "incomplete"),
+            ("mini-vmm-snapshot 1\nmemory 99999999999\n", "out of range"),
             ("mini-vmm-snapshot 1\nlinux 2\n", "0 or 1"),
             ("mini-vmm-snapshot 1\ndisk xx /a\n", "ro or rw"),
             ("mini-vmm-snapshot 1\nnet tap0 zz\n", "hex"),
             ("mini-vmm-snapshot 1\nconsole pipe\n", "tty or file"),
             (
-                "mini-vmm-snapshot 1\nmemory 1\ncpus 2\nlinux 0\nguest hello\n",
+                "mini-vmm-snapshot 1\nmemory 4194304\ncpus 2\nlinux 0\nguest hello\n",
                 "Linux machine",
             ),
         ] {
@@ -623,6 +655,19 @@ mod tests {
         let mut nl = machine();
         nl.disks[0].path = "/a\nb".into();
         assert!(nl.to_text(f).unwrap_err().to_string().contains("one line"));
+    }
+
+    #[test]
+    fn state_files_beyond_the_size_cap_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.bin");
+        std::fs::write(&small, [1, 2, 3]).unwrap();
+        assert_eq!(read(&small).unwrap(), [1, 2, 3]);
+        let big = dir.path().join("big.bin");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_STATE_FILE + 1).unwrap(); // sparse: no real disk use
+        let e = read(&big).unwrap_err().to_string();
+        assert!(e.contains("big.bin") && e.contains("larger than"), "{e}");
     }
 
     #[test]
