@@ -342,8 +342,10 @@ impl<H: QueueHandler> VirtioBackend<H> {
             // No memory table yet: nothing can be read from the rings.
             return Ok(());
         };
-        // One snapshot for the whole run: a concurrent table update cannot unmap it.
-        let mem = atomic.memory();
+        // A snapshot per pass (below): a concurrent table update cannot unmap what a pass
+        // is using, and buffers the driver publishes after an update (memory hot-plug) are
+        // read with the new table by the next pass rather than a stale one.
+        let mut mem = atomic.memory();
         let acked = self.acked_features();
         let mut state = vring.get_mut();
         if !state.is_enabled() {
@@ -361,6 +363,7 @@ impl<H: QueueHandler> VirtioBackend<H> {
         let result = (|| {
             let mut notify = Notify::Nothing;
             loop {
+                mem = atomic.memory();
                 queue.disable_notification(&*mem).map_err(qerr)?;
                 let before = queue.next_avail();
                 let n = self.handler.process_queue(index, queue, &mem, acked);
