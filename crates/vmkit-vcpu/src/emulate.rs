@@ -181,36 +181,12 @@ fn szp(r: u64, size: usize) -> u64 {
 
 /// Result and flags of `a - b` at `size` bytes (CMP, SUB).
 pub fn sub_flags(a: u64, b: u64, size: usize) -> (u64, u64) {
-    let (a, b) = (a & mask(size), b & mask(size));
-    let r = a.wrapping_sub(b) & mask(size);
-    let mut f = szp(r, size);
-    if a < b {
-        f |= CF;
-    }
-    if (a ^ b) & (a ^ r) & sign_bit(size) != 0 {
-        f |= OF;
-    }
-    if (a ^ b ^ r) & 0x10 != 0 {
-        f |= AF;
-    }
-    (r, f)
+    sbb_flags(a, b, false, size)
 }
 
 /// Result and flags of `a + b` at `size` bytes (ADD).
 pub fn add_flags(a: u64, b: u64, size: usize) -> (u64, u64) {
-    let (a, b) = (a & mask(size), b & mask(size));
-    let r = a.wrapping_add(b) & mask(size);
-    let mut f = szp(r, size);
-    if r < a {
-        f |= CF;
-    }
-    if !(a ^ b) & (a ^ r) & sign_bit(size) != 0 {
-        f |= OF;
-    }
-    if (a ^ b ^ r) & 0x10 != 0 {
-        f |= AF;
-    }
-    (r, f)
+    adc_flags(a, b, false, size)
 }
 
 /// Result and flags of `a + b + carry` at `size` bytes (ADC).
@@ -584,14 +560,16 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
                 let v = if m == Movzx { v } else { sign_extend(v, ssize) };
                 self.write_op(0, dsize, v & mask(dsize))?;
             }
-            Cmp | Sub | Add => {
+            Cmp | Sub | Add | Adc | Sbb => {
                 let size = self.op_size(0)?;
                 let a = self.read_op(0, size)?;
                 let b = self.read_op(1, size)?;
-                let (r, f) = if m == Add {
-                    add_flags(a, b, size)
+                // ADC and SBB take CF in; the others behave as if it were clear.
+                let carry = matches!(m, Adc | Sbb) && self.regs.rflags & CF != 0;
+                let (r, f) = if matches!(m, Add | Adc) {
+                    adc_flags(a, b, carry, size)
                 } else {
-                    sub_flags(a, b, size)
+                    sbb_flags(a, b, carry, size)
                 };
                 if m != Cmp {
                     self.write_op(0, size, r)?;
@@ -618,19 +596,6 @@ impl<P: EmulatorPlatform + ?Sized> Ctx<'_, P> {
                 let b = self.read_op(1, size)?;
                 self.write_op(0, size, b)?;
                 self.write_op(1, size, a)?;
-            }
-            Adc | Sbb => {
-                let size = self.op_size(0)?;
-                let a = self.read_op(0, size)?;
-                let b = self.read_op(1, size)?;
-                let carry = self.regs.rflags & CF != 0;
-                let (r, f) = if m == Adc {
-                    adc_flags(a, b, carry, size)
-                } else {
-                    sbb_flags(a, b, carry, size)
-                };
-                self.write_op(0, size, r)?;
-                self.set_flags(f);
             }
             Inc | Dec => {
                 let size = self.op_size(0)?;
