@@ -2,8 +2,9 @@
 //! 1:1:2:4) on 2 host threads make progress in weight proportion, both when the guests exit
 //! all the time and when they never exit at all.
 //!
-//! The scheduler knows nothing about KVM: [`VcpuTask`] below is the adapter a VMM would
-//! write. Its `run` arms a timer for the slice deadline, then loops on `KVM_RUN`, handling
+//! The scheduler knows nothing about KVM: [`VcpuTask`] below is a hand-written adapter (the
+//! library's `vmkit_sched::vcpu::VcpuTask` is the general one; this one also checks every
+//! value the guest reports). Its `run` arms the library's `SliceTimer` for the slice deadline, then loops on `KVM_RUN`, handling
 //! exits itself, until the vCPU comes back with [`VmExit::Interrupted`] after the deadline
 //! (or after the executor cut the slice through the task's [`Kick`]), or halts. A vCPU in
 //! `KVM_RUN` cannot poll [`Slice::expired`], which is why both the timer and the kick exist.
@@ -20,14 +21,13 @@
 //!
 //! These tests need `/dev/kvm`; they fail (not skip) when it cannot be used.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::Bytes;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmkit_sched::vcpu::{SliceTimer, TimerSlot};
 use vmkit_sched::{
     Accounting, CreditConfig, CreditScheduler, Executor, Kick, Outcome, Slice, Task, VmConfig,
 };
@@ -41,92 +41,6 @@ const MS: u64 = 1_000_000;
 const MEM_SIZE: usize = 4 << 20;
 /// Guard against hangs (a lost kick or wake): generous, and only ever hit by a bug.
 const HANG: Duration = Duration::from_secs(120);
-
-/// One timer thread that kicks vCPUs whose slice deadline has passed.
-///
-/// The executor runs no timer per slice (see `vmkit_sched::task`): a task that blocks in
-/// the kernel arms its own. One thread serves all tasks; a task arms before `KVM_RUN` and
-/// disarms when it returns. A kick that races with the disarm leaves the vCPU's `kicked`
-/// flag set, so its next `run` returns `Interrupted` at once; the adapter treats an
-/// `Interrupted` before the deadline as spurious and re-enters the guest.
-struct DeadlineTimer {
-    state: Mutex<TimerState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct TimerState {
-    armed: HashMap<usize, (Instant, KvmKick)>,
-    stop: bool,
-    fired: u64,
-}
-
-impl DeadlineTimer {
-    fn start() -> (Arc<Self>, JoinHandle<()>) {
-        let timer = Arc::new(DeadlineTimer {
-            state: Mutex::new(TimerState::default()),
-            changed: Condvar::new(),
-        });
-        let t = Arc::clone(&timer);
-        let handle = std::thread::Builder::new()
-            .name("vcpu-deadlines".into())
-            .spawn(move || t.run())
-            .unwrap();
-        (timer, handle)
-    }
-
-    fn run(&self) {
-        let mut st = self.state.lock().unwrap();
-        loop {
-            if st.stop {
-                return;
-            }
-            let now = Instant::now();
-            let mut next: Option<Instant> = None;
-            let mut fired = 0;
-            st.armed.retain(|_, (deadline, kick)| {
-                if *deadline <= now {
-                    kick.kick();
-                    fired += 1;
-                    false
-                } else {
-                    next = Some(next.map_or(*deadline, |n: Instant| n.min(*deadline)));
-                    true
-                }
-            });
-            st.fired += fired;
-            st = match next {
-                None => self.changed.wait(st).unwrap(),
-                Some(n) => {
-                    self.changed
-                        .wait_timeout(st, n.saturating_duration_since(now))
-                        .unwrap()
-                        .0
-                }
-            };
-        }
-    }
-
-    fn arm(&self, task: usize, deadline: Instant, kick: KvmKick) {
-        self.state
-            .lock()
-            .unwrap()
-            .armed
-            .insert(task, (deadline, kick));
-        self.changed.notify_one();
-    }
-
-    fn disarm(&self, task: usize) {
-        self.state.lock().unwrap().armed.remove(&task);
-    }
-
-    fn stop(&self) -> u64 {
-        let mut st = self.state.lock().unwrap();
-        st.stop = true;
-        self.changed.notify_one();
-        st.fired
-    }
-}
 
 /// The executor's kick hook, backed by the vCPU's KVM kick (signal + `immediate_exit`).
 struct KvmSchedKick(KvmKick);
@@ -187,7 +101,8 @@ struct VcpuTask {
     index: usize,
     vcpu: KvmVcpu,
     _vm: Arc<GuestVm>,
-    timer: Arc<DeadlineTimer>,
+    timer: Arc<SliceTimer<KvmKick>>,
+    slot: TimerSlot,
     progress: Arc<VcpuProgress>,
     errors: Arc<Mutex<Vec<String>>>,
     /// The next value the guest must write.
@@ -207,7 +122,7 @@ impl VcpuTask {
 impl Task for VcpuTask {
     fn run(&mut self, slice: &Slice) -> Outcome {
         self.timer
-            .arm(self.index, slice.deadline(), self.vcpu.kick_handle());
+            .arm(&self.slot, slice.deadline(), self.vcpu.kick_handle());
         let outcome = loop {
             if slice.expired() {
                 self.progress.slices.fetch_add(1, Ordering::Relaxed);
@@ -248,7 +163,7 @@ impl Task for VcpuTask {
                 Err(e) => break self.fail(e),
             }
         };
-        self.timer.disarm(self.index);
+        self.timer.disarm(&self.slot);
         outcome
     }
 
@@ -342,7 +257,9 @@ fn weighted_progress(guest: Guest, work: u64) {
     let ex =
         Executor::with_accounting(CreditScheduler::new(config).unwrap(), Accounting::ThreadCpu)
             .unwrap();
-    let (timer, timer_thread) = DeadlineTimer::start();
+    // The library's slice timer; this test keeps its own task (not `vmkit_sched::vcpu::
+    // VcpuTask`) because it checks every value the guest reports.
+    let (timer, timer_thread) = SliceTimer::<KvmKick>::start().unwrap();
     let errors = Arc::new(Mutex::new(Vec::new()));
     let mut progress: Vec<Vec<Arc<VcpuProgress>>> = Vec::new();
     let mut index = 0;
@@ -358,6 +275,7 @@ fn weighted_progress(guest: Guest, work: u64) {
                     vcpu,
                     _vm: vm_guest.clone(),
                     timer: timer.clone(),
+                    slot: timer.register(),
                     progress: p.clone(),
                     errors: errors.clone(),
                     next: 0,
