@@ -100,27 +100,62 @@ fn consume<T>(value: T) {
     black_box(&value);
 }
 
-fn bench_walks(c: &mut Criterion) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let root = tables(&mem);
-    let flat = copy_to_flat(&mem);
-    let addrs = addresses();
-    let walker = Walker::new(PagingConfig::new(PagingMode::Level4, root));
-    // Warm up once so Accessed bits are set: later walks only read.
-    for &a in &addrs {
-        walker.translate(&mem, a, Access::user_read()).unwrap();
-        walker.translate(&flat, a, Access::user_read()).unwrap();
-    }
+/// The identical tables every walk workload uses, in guest memory and as a flat copy, with
+/// the addresses to translate and a walker whose warm-up set the Accessed bits (so later
+/// walks only read).
+struct Fixture {
+    mem: GuestMemoryMmap,
+    root: u64,
+    flat: FlatMemory,
+    addrs: Vec<u64>,
+    walker: Walker,
+}
 
+impl Fixture {
+    fn new() -> Self {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let root = tables(&mem);
+        let flat = copy_to_flat(&mem);
+        let addrs = addresses();
+        let walker = Walker::new(PagingConfig::new(PagingMode::Level4, root));
+        for &a in &addrs {
+            walker.translate(&mem, a, Access::user_read()).unwrap();
+            walker.translate(&flat, a, Access::user_read()).unwrap();
+        }
+        Fixture {
+            mem,
+            root,
+            flat,
+            addrs,
+            walker,
+        }
+    }
+}
+
+/// The `x86_64` crate's view of the same tables: host memory is the guest RAM mapping, so
+/// a physical address `p` is at `host + p`.
+fn x86_64_table(mem: &GuestMemoryMmap, root: u64) -> OffsetPageTable<'_> {
     let host = mem.get_host_address(GuestAddress(0)).unwrap();
-    // SAFETY: `host` is the start of the live RAM mapping owned by `mem`, which outlives
-    // `x86`; the root table is 4 KiB aligned inside it and only read by `translate`.
-    let x86 = unsafe {
+    // SAFETY: `host` is the start of the live RAM mapping owned by `mem`, which the returned
+    // table borrows (so it cannot outlive it); the root table is 4 KiB aligned inside it and
+    // only read by `translate`.
+    unsafe {
         OffsetPageTable::new(
             &mut *(host.add(root as usize) as *mut PageTable),
             VirtAddr::new(host as u64),
         )
-    };
+    }
+}
+
+fn bench_walks(c: &mut Criterion) {
+    let Fixture {
+        mem,
+        root,
+        flat,
+        addrs,
+        walker,
+    } = Fixture::new();
+    let x86 = x86_64_table(&mem, root);
 
     let mut g = c.benchmark_group("walk4");
     g.throughput(Throughput::Elements(BATCH as u64));
@@ -456,23 +491,14 @@ fn icount(workload: &str) {
             }
         }
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let root = tables(&mem);
-    let flat = copy_to_flat(&mem);
-    let addrs = addresses();
-    let walker = Walker::new(PagingConfig::new(PagingMode::Level4, root));
-    for &a in &addrs {
-        walker.translate(&mem, a, Access::user_read()).unwrap();
-        walker.translate(&flat, a, Access::user_read()).unwrap();
-    }
-    let host = mem.get_host_address(GuestAddress(0)).unwrap();
-    // SAFETY: as in `bench_walks`.
-    let x86 = unsafe {
-        OffsetPageTable::new(
-            &mut *(host.add(root as usize) as *mut PageTable),
-            VirtAddr::new(host as u64),
-        )
-    };
+    let Fixture {
+        mem,
+        root,
+        flat,
+        addrs,
+        walker,
+    } = Fixture::new();
+    let x86 = x86_64_table(&mem, root);
     let mut tlb = Tlb::new(4096);
     for &a in &addrs {
         tlb.translate(&walker, &flat, 1, a, Access::user_read())
