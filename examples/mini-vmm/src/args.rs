@@ -6,8 +6,9 @@
 //!           [--rng] [--console [tty|file=PATH]]]
 //!          [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] [--stats]
 //!          [--data-log PATH] [--snapshot path=DIR,after=MS]
-//! mini-vmm --restore path=DIR[,memory=copy|mmap] [--serial ...] [--data-log PATH]
-//!          [--snapshot ...] [--stats]
+//! mini-vmm --restore path=DIR[,memory=copy|mmap][,devices=args|snapshot]
+//!          [--disk ...]... [--net ...]... [--rng] [--console ...]
+//!          [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
 //! ```
 //!
 //! Device options follow Cloud Hypervisor's `key=value,key=value` style; a wrong key or value
@@ -149,6 +150,9 @@ pub struct Args {
     /// Map guest memory lazily from the snapshot (`--restore ...,memory=mmap`) instead of
     /// copying it.
     pub restore_mmap: bool,
+    /// Take the device backends from the snapshot's description instead of this command line
+    /// (`--restore ...,devices=snapshot`; see [`crate::snapshot`]).
+    pub restore_devices_from_snapshot: bool,
 }
 
 impl Default for Args {
@@ -171,6 +175,7 @@ impl Default for Args {
             snapshot: None,
             restore: None,
             restore_mmap: false,
+            restore_devices_from_snapshot: false,
         }
     }
 }
@@ -184,7 +189,8 @@ pub const USAGE: &str = "usage: mini-vmm [--guest NAME | --kernel PATH [--initra
 [--cmdline TEXT] [--cpus boot=N] [--disk path=PATH[,readonly=on]]... [--net tap=NAME[,mac=MAC]]... \
 [--rng] [--console [tty|file=PATH]]] [--serial tty|off|file=PATH] [--memory size=SIZE] [--param N] \
 [--stats] [--data-log PATH] [--snapshot path=DIR,after=MS]
-       mini-vmm --restore path=DIR[,memory=copy|mmap] [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
+       mini-vmm --restore path=DIR[,memory=copy|mmap][,devices=args|snapshot] [--disk ...]... \
+[--net ...]... [--rng] [--console ...] [--serial ...] [--data-log PATH] [--snapshot ...] [--stats]
 
 With no arguments, boots the bundled `hello` guest on KVM and exits with its status.
   --guest NAME        bundled guest: hello, pio_loop, mmio, paging, exits, counter
@@ -212,11 +218,15 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
                       after the guest ran MS milliseconds, pause every vCPU, save the whole VM
                       (memory, vCPUs, KVM platform, devices, machine description) into DIR
                       and exit with status 75
-  --restore path=DIR[,memory=copy|mmap]
+  --restore path=DIR[,memory=copy|mmap][,devices=args|snapshot]
                       continue the VM saved in DIR (no boot); only --serial, --data-log,
-                      --snapshot and --stats may be added. memory=copy (default) checks every
-                      checksum and copies RAM in; memory=mmap maps the file copy-on-write
-                      (cost independent of RAM size; header and region table checked only)
+                      --snapshot, --stats and the device options may be added. memory=copy
+                      (default) checks every checksum and copies RAM in; memory=mmap maps the
+                      file copy-on-write (cost independent of RAM size; header and region
+                      table checked only). devices=args (default): --disk/--net/--rng/--console
+                      name every saved virtio device again, in order (the snapshot's disks,
+                      TAPs and console file are not trusted; disks must keep read-only mode and
+                      size); devices=snapshot uses the ones the snapshot names
 Devices (Linux machine only) are virtio-mmio, described to the kernel in the ACPI DSDT.";
 
 fn invalid(arg: &str, value: &str, why: impl Into<String>) -> ArgsError {
@@ -378,24 +388,36 @@ fn parse_snapshot(v: &str) -> Result<SnapshotArg, ArgsError> {
     })
 }
 
-/// `--restore path=DIR[,memory=copy|mmap]` (or just `--restore DIR`): the directory and
-/// whether memory is mapped lazily from the snapshot file.
-fn parse_restore(v: &str) -> Result<(PathBuf, bool), ArgsError> {
+/// `--restore path=DIR[,memory=copy|mmap][,devices=args|snapshot]` (or just
+/// `--restore DIR`): the directory, whether memory is mapped lazily from the snapshot file,
+/// and whether the device backends come from the snapshot rather than the command line.
+fn parse_restore(v: &str) -> Result<(PathBuf, bool, bool), ArgsError> {
     if !v.contains('=') {
-        return Ok((PathBuf::from(v), false));
+        return Ok((PathBuf::from(v), false, false));
     }
-    let (mut path, mut mmap) = (None, false);
-    for (k, val) in key_values("--restore", v, &["path", "memory"])? {
+    let (mut path, mut mmap, mut from_snapshot) = (None, false, false);
+    for (k, val) in key_values("--restore", v, &["path", "memory", "devices"])? {
         match (k, val) {
             ("path", "") => return Err(invalid("--restore", v, "empty path")),
             ("path", p) => path = Some(PathBuf::from(p)),
-            (_, "copy") => mmap = false,
-            (_, "mmap") => mmap = true,
-            (_, other) => return Err(invalid("--restore memory", other, "expected copy or mmap")),
+            ("memory", "copy") => mmap = false,
+            ("memory", "mmap") => mmap = true,
+            ("memory", other) => {
+                return Err(invalid("--restore memory", other, "expected copy or mmap"))
+            }
+            (_, "args") => from_snapshot = false,
+            (_, "snapshot") => from_snapshot = true,
+            (_, other) => {
+                return Err(invalid(
+                    "--restore devices",
+                    other,
+                    "expected args or snapshot",
+                ))
+            }
         }
     }
     let path = path.ok_or_else(|| invalid("--restore", v, "path= is required"))?;
-    Ok((path, mmap))
+    Ok((path, mmap, from_snapshot))
 }
 
 /// The value after option `name`.
@@ -426,7 +448,8 @@ impl Args {
         let mut out = Args::default();
         let (mut guest, mut kernel) = (None, None);
         let mut it = args.into_iter().peekable();
-        // Options that describe the machine, which `--restore` takes from the snapshot.
+        // Options that describe the machine, which `--restore` takes from the snapshot (the
+        // device options give a restored machine's device backends).
         let mut machine_opts: Vec<String> = Vec::new();
         while let Some(arg) = it.next() {
             if !matches!(
@@ -437,6 +460,10 @@ impl Args {
                     | "--data-log"
                     | "--snapshot"
                     | "--restore"
+                    | "--disk"
+                    | "--net"
+                    | "--rng"
+                    | "--console"
             ) {
                 machine_opts.push(arg.clone());
             }
@@ -448,9 +475,11 @@ impl Args {
                     out.snapshot = Some(parse_snapshot(&next_value(&mut it, "--snapshot")?)?)
                 }
                 "--restore" => {
-                    let (dir, mmap) = parse_restore(&next_value(&mut it, "--restore")?)?;
+                    let (dir, mmap, from_snapshot) =
+                        parse_restore(&next_value(&mut it, "--restore")?)?;
                     out.restore = Some(dir);
                     out.restore_mmap = mmap;
+                    out.restore_devices_from_snapshot = from_snapshot;
                 }
                 "-h" | "--help" => out.help = true,
                 "--stats" => out.stats = true,
@@ -502,7 +531,7 @@ impl Args {
                 return Err(ArgsError::RestoreConflict(first));
             }
         }
-        if kernel.is_none() {
+        if kernel.is_none() && out.restore.is_none() {
             if out.initramfs.is_some() {
                 return Err(ArgsError::NeedsKernel("--initramfs"));
             }
@@ -839,7 +868,26 @@ mod tests {
                 .unwrap()
                 .restore_mmap
         );
+        // Device options give a restored machine its backends; devices=snapshot trusts the
+        // snapshot's own.
+        let a = p(&["--restore", "path=/d", "--disk", "path=/x", "--rng"]).unwrap();
+        assert_eq!(
+            (a.disks.len(), a.rng, a.restore_devices_from_snapshot),
+            (1, true, false)
+        );
+        let a = p(&["--restore", "path=/d,devices=snapshot,memory=mmap"]).unwrap();
+        assert!(a.restore_devices_from_snapshot && a.restore_mmap);
+        assert!(
+            !p(&["--restore", "path=/d,devices=args"])
+                .unwrap()
+                .restore_devices_from_snapshot
+        );
         for (args, what) in [
+            (&["--restore", "path=/s,devices=x"][..], "args or snapshot"),
+            (
+                &["--restore", "/s", "--cpus", "boot=2"][..],
+                "`--cpus` cannot be used",
+            ),
             (&["--snapshot", "after=1"][..], "path= is required"),
             (&["--snapshot", "path=/s,after=x"][..], "invalid digit"),
             (&["--snapshot", "path=,after=1"][..], "empty path"),

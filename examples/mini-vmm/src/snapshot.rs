@@ -27,10 +27,17 @@
 //! truncated, corrupt or mismatched one gives a [`SnapshotError`] naming the file and the
 //! problem, before the guest runs; state files are read only up to [`MAX_STATE_FILE`] bytes.
 //!
-//! One trust boundary remains: `machine.txt` names the host files and TAP devices the
-//! restored guest gets (its disks read-write). Restore only snapshots you made, or read
-//! `machine.txt` first; making `--restore` take the device backends from its own command
-//! line (and check them against the description) is not done yet.
+//! # Whose devices
+//!
+//! `machine.txt` names the host files and TAP interfaces the saved guest had, but a snapshot
+//! directory is input, not an authority: it must not decide which host files a restored
+//! guest may write. So the host side of every virtio device comes from the `--restore`
+//! command line (`--disk`, `--net`, `--rng`, `--console`, in the saved order), checked
+//! against the description by [`Machine::with_backends`]: the same devices in the same order,
+//! each disk as read-only as before and of the same size, each net with the saved MAC (or
+//! none given). A snapshot with no disk, TAP or console file needs no device options; one
+//! that has them is refused without them, unless `--restore ...,devices=snapshot` says to
+//! trust the description (the operator vouches for the directory).
 
 use std::path::{Path, PathBuf};
 
@@ -61,8 +68,10 @@ pub fn virtio_file(index: usize) -> String {
     format!("virtio-{index}.bin")
 }
 
-/// First line of `machine.txt`.
-const MACHINE_HEADER: &str = "mini-vmm-snapshot 1";
+/// First line of `machine.txt` (version 2: disk lines carry the disk's size).
+const MACHINE_HEADER: &str = "mini-vmm-snapshot 2";
+/// First line of a version 1 `machine.txt` (disks without sizes), still read.
+const MACHINE_HEADER_V1: &str = "mini-vmm-snapshot 1";
 /// Magic and version of `devices.bin`.
 const DEVICES_MAGIC: &[u8; 8] = b"MVMMDEV\0";
 const DEVICES_VERSION: u32 = 1;
@@ -110,6 +119,9 @@ pub enum SnapshotError {
         /// What vmkit-vcpu found.
         source: vmkit_vcpu::Error,
     },
+    /// The `--restore` command line's devices do not fit the snapshot's.
+    #[error("--restore: {0}")]
+    Devices(String),
     /// A virtio transport state could not be restored.
     #[error("snapshot file `{}`: virtio transport: {why}", file.display())]
     Virtio {
@@ -155,6 +167,23 @@ pub fn read(file: &Path) -> Result<Vec<u8>, SnapshotError> {
     Ok(bytes)
 }
 
+/// The size of a disk image or block device in bytes (by seeking to its end, which works for
+/// both), or `None` if it cannot be opened.
+pub fn disk_size(path: &Path) -> Option<u64> {
+    use std::io::Seek;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .ok()
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn mac_text(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 /// Writes a whole snapshot file, with the error naming it.
 pub fn write(file: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     std::fs::write(file, bytes).map_err(|source| SnapshotError::Io {
@@ -178,6 +207,9 @@ pub struct Machine {
     pub param: u32,
     /// virtio-blk devices.
     pub disks: Vec<DiskArg>,
+    /// Each disk's size in bytes when saved, as the guest saw it (`None`: not recorded, a
+    /// version 1 description, or the file could not be measured). Same length as `disks`.
+    pub disk_sizes: Vec<Option<u64>>,
     /// virtio-net devices.
     pub nets: Vec<NetArg>,
     /// virtio-rng.
@@ -200,10 +232,133 @@ impl Machine {
             payload: args.payload.clone(),
             param: args.param,
             disks: args.disks.clone(),
+            disk_sizes: args.disks.iter().map(|d| disk_size(&d.path)).collect(),
             nets: args.nets.clone(),
             rng: args.rng,
             console: args.console.clone(),
         }
+    }
+
+    /// This machine with the device backends of the `--restore` command line in `args`
+    /// (see the module docs): every virtio device must be named again, in the saved order,
+    /// each disk as read-only as before and of the saved size, each net without a MAC or with
+    /// the saved one. With no device options, the description's own devices are taken only
+    /// if none of them is a host file or TAP interface, or if `from_snapshot` (the operator
+    /// trusts the description).
+    pub fn with_backends(
+        &self,
+        args: &Args,
+        from_snapshot: bool,
+    ) -> Result<Machine, SnapshotError> {
+        let err = SnapshotError::Devices;
+        let given = args.virtio_count() > 0;
+        if from_snapshot {
+            if given {
+                return Err(err(
+                    "devices=snapshot takes every device from the snapshot; name none on the \
+                     command line"
+                        .into(),
+                ));
+            }
+            return Ok(self.clone());
+        }
+        if !given {
+            let mut host = Vec::new();
+            host.extend(
+                self.disks
+                    .iter()
+                    .map(|d| format!("--disk path={}", d.path.display())),
+            );
+            host.extend(self.nets.iter().map(|n| format!("--net tap={}", n.tap)));
+            if let Some(ConsoleArg::File(p)) = &self.console {
+                host.push(format!("--console file={}", p.display()));
+            }
+            if host.is_empty() {
+                return Ok(self.clone());
+            }
+            return Err(err(format!(
+                "the snapshot's devices use host resources ({}): name them on the command line \
+                 (every virtio device, in the saved order), or add devices=snapshot to \
+                 --restore to trust the snapshot's description",
+                host.join(", ")
+            )));
+        }
+        let count = |what: &str, saved: usize, got: usize| {
+            if saved == got {
+                Ok(())
+            } else {
+                Err(err(format!(
+                    "the snapshot has {saved} {what} device(s), the command line names {got}"
+                )))
+            }
+        };
+        count("--disk", self.disks.len(), args.disks.len())?;
+        count("--net", self.nets.len(), args.nets.len())?;
+        count("--rng", usize::from(self.rng), usize::from(args.rng))?;
+        count(
+            "--console",
+            usize::from(self.console.is_some()),
+            usize::from(args.console.is_some()),
+        )?;
+        for (i, ((d, saved), size)) in args
+            .disks
+            .iter()
+            .zip(&self.disks)
+            .zip(&self.disk_sizes)
+            .enumerate()
+        {
+            if d.readonly != saved.readonly {
+                return Err(err(format!(
+                    "disk {i} (`{}`) was saved {}; give it with readonly={}",
+                    d.path.display(),
+                    if saved.readonly {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
+                    if saved.readonly { "on" } else { "off" },
+                )));
+            }
+            if let Some(saved) = size {
+                match disk_size(&d.path) {
+                    Some(now) if now == *saved => {}
+                    Some(now) => {
+                        return Err(err(format!(
+                            "disk {i} (`{}`) has {now} bytes; the guest saw {saved}",
+                            d.path.display()
+                        )))
+                    }
+                    None => {
+                        return Err(err(format!(
+                            "disk {i} (`{}`) cannot be opened to check its size",
+                            d.path.display()
+                        )))
+                    }
+                }
+            }
+        }
+        for (i, (n, saved)) in args.nets.iter().zip(&self.nets).enumerate() {
+            if n.mac.is_some() && n.mac != saved.mac {
+                return Err(err(format!(
+                    "net {i} (tap `{}`): the guest's MAC was saved as {}; give the same or none",
+                    n.tap,
+                    saved.mac.map_or("the default".into(), |m| mac_text(&m))
+                )));
+            }
+        }
+        let mut m = self.clone();
+        m.disks = args.disks.clone();
+        m.nets = args
+            .nets
+            .iter()
+            .zip(&self.nets)
+            .map(|(n, saved)| NetArg {
+                tap: n.tap.clone(),
+                mac: saved.mac,
+            })
+            .collect();
+        m.console = args.console.clone();
+        Ok(m)
     }
 
     /// Arguments that build this machine (with default serial output and no snapshot).
@@ -243,17 +398,16 @@ impl Machine {
             Payload::Guest(g) => t.push_str(&format!("guest {g}\n")),
             Payload::Kernel(k) => t.push_str(&format!("kernel {}\n", path(k, file)?)),
         }
-        for d in &self.disks {
+        for (d, size) in self.disks.iter().zip(&self.disk_sizes) {
             let ro = if d.readonly { "ro" } else { "rw" };
-            t.push_str(&format!("disk {ro} {}\n", path(&d.path, file)?));
+            // `-` when the size is unknown.
+            let size = size.map_or("-".into(), |s| s.to_string());
+            t.push_str(&format!("disk {ro} {size} {}\n", path(&d.path, file)?));
         }
         for n in &self.nets {
             t.push_str(&format!("net {}", n.tap));
             if let Some(m) = n.mac {
-                t.push_str(&format!(
-                    " {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                    m[0], m[1], m[2], m[3], m[4], m[5]
-                ));
+                t.push_str(&format!(" {}", mac_text(&m)));
             }
             t.push('\n');
         }
@@ -271,8 +425,9 @@ impl Machine {
     /// Parses `machine.txt` (read from `file`, named in errors with the line).
     pub fn parse(text: &str, file: &Path) -> Result<Self, SnapshotError> {
         let mut lines = text.lines().enumerate();
-        match lines.next() {
-            Some((_, MACHINE_HEADER)) => {}
+        let v1 = match lines.next() {
+            Some((_, MACHINE_HEADER)) => false,
+            Some((_, MACHINE_HEADER_V1)) => true,
             Some((_, other)) => {
                 return Err(format_err(
                     file,
@@ -280,7 +435,7 @@ impl Machine {
                 ))
             }
             None => return Err(format_err(file, "empty machine description")),
-        }
+        };
         let mut m = Machine {
             memory: 0,
             cpus: 0,
@@ -288,6 +443,7 @@ impl Machine {
             payload: Payload::Guest(String::new()),
             param: 0,
             disks: Vec::new(),
+            disk_sizes: Vec::new(),
             nets: Vec::new(),
             rng: false,
             console: None,
@@ -330,12 +486,22 @@ impl Machine {
                     seen_payload = true;
                 }
                 "disk" => {
-                    let (mode, path) = value.split_once(' ').ok_or_else(|| bad("no path"))?;
+                    let (mode, rest) = value.split_once(' ').ok_or_else(|| bad("no path"))?;
                     let readonly = match mode {
                         "ro" => true,
                         "rw" => false,
                         _ => return Err(bad("expected ro or rw")),
                     };
+                    let (size, path) = if v1 {
+                        (None, rest)
+                    } else {
+                        let (size, path) = rest.split_once(' ').ok_or_else(|| bad("no path"))?;
+                        (if size == "-" { None } else { Some(num(size)?) }, path)
+                    };
+                    if path.is_empty() {
+                        return Err(bad("no path"));
+                    }
+                    m.disk_sizes.push(size);
                     m.disks.push(DiskArg {
                         path: path.into(),
                         readonly,
@@ -613,6 +779,7 @@ mod tests {
                 path: "/tmp/disk with space.img".into(),
                 readonly: true,
             }],
+            disk_sizes: vec![Some(1 << 20)],
             nets: vec![NetArg {
                 tap: "tap0".into(),
                 mac: Some([0x52, 0x54, 0, 1, 2, 3]),
@@ -642,6 +809,9 @@ mod tests {
             ("mini-vmm-snapshot 1\nmemory 99999999999\n", "out of range"),
             ("mini-vmm-snapshot 1\nlinux 2\n", "0 or 1"),
             ("mini-vmm-snapshot 1\ndisk xx /a\n", "ro or rw"),
+            ("mini-vmm-snapshot 2\ndisk ro 12\n", "no path"),
+            ("mini-vmm-snapshot 2\ndisk ro x /a\n", "invalid digit"),
+            ("mini-vmm-snapshot 2\ndisk rw\n", "no path"),
             ("mini-vmm-snapshot 1\nnet tap0 zz\n", "hex"),
             ("mini-vmm-snapshot 1\nconsole pipe\n", "tty or file"),
             (
@@ -655,6 +825,164 @@ mod tests {
         let mut nl = machine();
         nl.disks[0].path = "/a\nb".into();
         assert!(nl.to_text(f).unwrap_err().to_string().contains("one line"));
+        // A version 1 description (disks without sizes) still reads; an unknown size is `-`.
+        let v1 = "mini-vmm-snapshot 1\nmemory 4194304\ncpus 1\nlinux 1\nkernel /k\n\
+                  disk rw /a b\n";
+        let m1 = Machine::parse(v1, f).unwrap();
+        assert_eq!(
+            (m1.disks[0].path.to_str(), m1.disk_sizes[0]),
+            (Some("/a b"), None)
+        );
+        let text = m1.to_text(f).unwrap();
+        assert!(text.contains("disk rw - /a b\n"), "{text}");
+        assert_eq!(Machine::parse(&text, f).unwrap(), m1);
+    }
+
+    /// A saved machine with one disk of `size` bytes at `disk`, a net and a file console.
+    fn saved(disk: &Path, size: u64) -> Machine {
+        Machine {
+            disks: vec![DiskArg {
+                path: disk.into(),
+                readonly: false,
+            }],
+            disk_sizes: vec![Some(size)],
+            rng: false,
+            ..machine()
+        }
+    }
+
+    fn restore_args(words: &[&str]) -> Args {
+        let mut all = vec!["--restore".to_string(), "/snap".to_string()];
+        all.extend(words.iter().map(|w| w.to_string()));
+        Args::parse(all).unwrap()
+    }
+
+    #[test]
+    fn restore_takes_device_backends_from_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new, small) = (
+            dir.path().join("old.img"),
+            dir.path().join("new.img"),
+            dir.path().join("small.img"),
+        );
+        for (p, len) in [(&old, 1 << 20), (&new, 1 << 20), (&small, 4096)] {
+            std::fs::File::create(p).unwrap().set_len(len).unwrap();
+        }
+        let m = saved(&old, 1 << 20);
+        let disk = |p: &Path, extra: &str| format!("path={}{extra}", p.display());
+        // The backends named now replace the saved ones; the MAC stays the guest's.
+        let args = restore_args(&[
+            "--disk",
+            &disk(&new, ""),
+            "--net",
+            "tap=tap9",
+            "--console",
+            "tty",
+        ]);
+        let r = m.with_backends(&args, false).unwrap();
+        assert_eq!(r.disks[0].path, new);
+        assert_eq!(
+            (r.nets[0].tap.as_str(), r.nets[0].mac),
+            ("tap9", m.nets[0].mac)
+        );
+        assert_eq!(r.console, Some(ConsoleArg::Tty));
+        assert_eq!(
+            (r.memory, r.cpus, &r.payload),
+            (m.memory, m.cpus, &m.payload)
+        );
+
+        let fails = |words: &[&str], why: &str| {
+            let e = m
+                .with_backends(&restore_args(words), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--restore") && e.contains(why), "{words:?}: {e}");
+        };
+        // Nothing named: the snapshot's host resources are not taken on trust.
+        fails(&[], "host resources");
+        fails(&[], "old.img");
+        let (d_new, d_small, d_ro) = (disk(&new, ""), disk(&small, ""), disk(&new, ",readonly=on"));
+        let missing = disk(&dir.path().join("gone.img"), "");
+        for (words, why) in [
+            (
+                &["--net", "tap=t", "--console", "tty"][..],
+                "1 --disk device(s), the command line names 0",
+            ),
+            (&["--disk", &d_new, "--console", "tty"][..], "1 --net"),
+            (&["--disk", &d_new, "--net", "tap=t"][..], "1 --console"),
+            (
+                &[
+                    "--disk",
+                    &d_new,
+                    "--net",
+                    "tap=t",
+                    "--console",
+                    "tty",
+                    "--rng",
+                ][..],
+                "0 --rng",
+            ),
+            (
+                &["--disk", &d_small, "--net", "tap=t", "--console", "tty"][..],
+                "has 4096 bytes",
+            ),
+            (
+                &["--disk", &d_ro, "--net", "tap=t", "--console", "tty"][..],
+                "readonly=off",
+            ),
+            (
+                &["--disk", &missing, "--net", "tap=t", "--console", "tty"][..],
+                "cannot be opened",
+            ),
+            (
+                &[
+                    "--disk",
+                    &d_new,
+                    "--net",
+                    "tap=t,mac=02:00:00:00:00:01",
+                    "--console",
+                    "tty",
+                ][..],
+                "MAC was saved as 52:54:00:01:02:03",
+            ),
+        ] {
+            fails(words, why);
+        }
+        // The same MAC is fine.
+        let same = restore_args(&[
+            "--disk",
+            &d_new,
+            "--net",
+            "tap=t,mac=52:54:00:01:02:03",
+            "--console",
+            "tty",
+        ]);
+        assert!(m.with_backends(&same, false).is_ok());
+
+        // devices=snapshot: the description's devices, and no device options with it.
+        assert_eq!(m.with_backends(&restore_args(&[]), true).unwrap(), m);
+        let e = m.with_backends(&same, true).unwrap_err().to_string();
+        assert!(e.contains("devices=snapshot"), "{e}");
+
+        // A snapshot without host resources needs no device options.
+        let plain = Machine {
+            disks: Vec::new(),
+            disk_sizes: Vec::new(),
+            nets: Vec::new(),
+            console: Some(ConsoleArg::Tty),
+            ..machine()
+        };
+        assert_eq!(
+            plain.with_backends(&restore_args(&[]), false).unwrap(),
+            plain
+        );
+        // A size not recorded (version 1) is not checked.
+        let unsized_disk = Machine {
+            disk_sizes: vec![None],
+            ..m.clone()
+        };
+        let args = restore_args(&["--disk", &d_small, "--net", "tap=t", "--console", "tty"]);
+        assert!(unsized_disk.with_backends(&args, false).is_ok());
     }
 
     #[test]

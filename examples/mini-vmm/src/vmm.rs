@@ -468,7 +468,8 @@ impl<W: Write + Send + 'static> Vmm<W> {
             file: machine_file.clone(),
             why: "not UTF-8 text".into(),
         })?;
-        let machine = Machine::parse(&text, &machine_file)?;
+        let machine = Machine::parse(&text, &machine_file)?
+            .with_backends(args, args.restore_devices_from_snapshot)?;
         let mut margs = machine.to_args();
         margs.data_log = args.data_log.clone();
         // Decode every small file before building anything.
