@@ -219,7 +219,8 @@ pub struct Machine {
 }
 
 fn path_text(p: &Path) -> Option<&str> {
-    p.to_str().filter(|s| !s.contains('\n') && !s.is_empty())
+    p.to_str()
+        .filter(|s| !s.contains(['\n', '\r']) && !s.is_empty())
 }
 
 impl Machine {
@@ -424,6 +425,13 @@ impl Machine {
 
     /// Parses `machine.txt` (read from `file`, named in errors with the line).
     pub fn parse(text: &str, file: &Path) -> Result<Self, SnapshotError> {
+        // mini-vmm never writes one, and `lines()` would drop some but not others.
+        if text.contains('\r') {
+            return Err(format_err(
+                file,
+                "carriage return in the machine description",
+            ));
+        }
         let mut lines = text.lines().enumerate();
         let v1 = match lines.next() {
             Some((_, MACHINE_HEADER)) => false,
@@ -812,6 +820,7 @@ mod tests {
             ("mini-vmm-snapshot 2\ndisk ro 12\n", "no path"),
             ("mini-vmm-snapshot 2\ndisk ro x /a\n", "invalid digit"),
             ("mini-vmm-snapshot 2\ndisk rw\n", "no path"),
+            ("mini-vmm-snapshot 2\r\nmemory 4194304\n", "carriage return"),
             ("mini-vmm-snapshot 1\nnet tap0 zz\n", "hex"),
             ("mini-vmm-snapshot 1\nconsole pipe\n", "tty or file"),
             (

@@ -10,6 +10,7 @@
 use std::path::Path;
 
 pub mod memory;
+pub mod mini_vmm;
 pub mod paging;
 pub mod vcpu;
 pub mod virtio;
@@ -18,6 +19,7 @@ pub mod virtio;
 pub fn write_all_seeds(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     memory::write_seeds(dir)?;
+    mini_vmm::write_seeds(dir)?;
     paging::write_seeds(dir)?;
     vcpu::write_seeds(dir)?;
     virtio::write_seeds(dir)?;
