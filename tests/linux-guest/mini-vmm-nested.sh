@@ -18,7 +18,9 @@
 # ping of 10.0.2.1 over the TAP link (L2-NET-OK), a line written to hvc0 only (L2-HVC0-OK,
 # which L1 prints from the console's file after mini-vmm exits: on the shared stdout it could
 # land inside a serial line still draining),
-# both CPUs online (L2-CPUS 2), the CMOS RTC found through the DSDT (L2-RTC-OK); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
+# both CPUs online (L2-CPUS 2), the CMOS RTC found through the DSDT (L2-RTC-OK), a line L1
+# types into mini-vmm's stdin read from ttyS0 (COM1's receive FIFO and interrupt; L1 checks it
+# and prints L1-SERIAL-IN-OK); then `poweroff -f` (the ACPI S5 sleep registers) ends mini-vmm.
 # L2's consoles (ttyS0, hvc0) are mini-vmm's stdout, which L1 prints on its own console: the
 # one log holds everything. From here (L0) the script checks every marker and that the disk
 # image file itself holds the token at 1 MiB. On failure the log is printed and the script
@@ -109,7 +111,7 @@ case " $L2_VMM_ARGS " in *" --rng "*) markers+=("L2-RNG-OK");; esac
 case " $L2_VMM_ARGS " in *" --net "*) markers+=("L1-TAP-UP" "L2-NET-OK");; esac
 case " $L2_VMM_ARGS " in *" --console "*) markers+=("L2-HVC0-OK");; esac
 cpus=$(echo "$L2_VMM_ARGS" | sed -n 's/.*--cpus boot=\([0-9]*\).*/\1/p')
-markers+=("L2-CPUS ${cpus:-1}" "L2-RTC-OK" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
+markers+=("L2-CPUS ${cpus:-1}" "L2-RTC-OK" "L1-SERIAL-IN-OK" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
 # The first run's markers, from its own lines only (not the second run's, prefixed R2).
 FIRST="$WORK/console.first.log"
 grep -vE '^(R2|L1-R2-END)' "$LOG" > "$FIRST" || true

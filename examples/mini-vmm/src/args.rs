@@ -208,9 +208,12 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
                       virtio-net device on TAP interface NAME (repeatable)
   --rng               virtio-rng device (host getrandom)
   --console [tty|file=PATH]
-                      virtio-console (hvc0) writing to stdout (tty, the default) or a file
+                      virtio-console (hvc0) on stdin/stdout (tty, the default) or writing to
+                      a file
   --serial tty|off|file=PATH
-                      where COM1's output goes (default tty: stdout)
+                      where COM1's output goes (default tty: stdout); with tty, stdin is
+                      COM1's input unless --console tty takes it (a terminal is put in raw
+                      mode while the guest runs)
   --param N           value the guest reads from port 0x510
   --stats             print per-exit-kind counts and handling latency at the end
   --data-log PATH     append every value the guest writes to port 0x511 to PATH, one a line

@@ -61,6 +61,17 @@ impl<W: Write> SerialPort<W> {
         self.serial.writer()
     }
 
+    /// Queues host input in the receive FIFO, raising the receive interrupt if the driver
+    /// enabled it. Returns how many bytes fit (0 when the FIFO is full: retry later).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity().min(bytes.len());
+        // Only the interrupt can fail once there is room, and the bytes are queued by then.
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(_) => room,
+        }
+    }
+
     /// The port's registers and receive FIFO, for a snapshot.
     pub fn state(&self) -> SerialState {
         self.serial.state()

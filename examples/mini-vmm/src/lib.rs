@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod args;
 pub mod devices;
+pub mod input;
 pub mod snapshot;
 pub mod virtio;
 pub mod vmm;

@@ -9,7 +9,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use mini_vmm::args::{self, Args, SerialArg};
+use mini_vmm::args::{self, Args, ConsoleArg, SerialArg};
+use mini_vmm::input::Terminal;
 use mini_vmm::snapshot::SNAPSHOT_EXIT_STATUS;
 use mini_vmm::vmm::{Outcome, Vmm};
 use std::time::{Duration, Instant};
@@ -50,7 +51,19 @@ fn main() -> ExitCode {
         }
         None => Vmm::new(&args, serial),
     };
+    // stdin is the guest's input: hvc0's with `--console tty` (its event loop reads it),
+    // else COM1's with `--serial tty`. A terminal is put in raw mode for the run and restored
+    // (with the fd's flags) when `_stdin` drops, before mini-vmm exits.
+    let console_tty = matches!(args.console, Some(ConsoleArg::Tty));
+    let serial_input = matches!(args.serial, SerialArg::Tty) && !console_tty;
+    // A closed stdin: run without input.
+    let _stdin = (console_tty || serial_input)
+        .then(|| Terminal::take(0).ok())
+        .flatten();
     let result = built.and_then(|mut vmm| {
+        if serial_input && _stdin.is_some() {
+            vmm.serial_input = Some(0);
+        }
         // `--snapshot` applies to restored machines too.
         vmm.snapshot_after = args
             .snapshot

@@ -213,6 +213,9 @@ pub struct Vmm<W: Write + Send + 'static> {
     pub machine: Machine,
     /// Pause every vCPU after the guest ran this long ([`Outcome::Paused`]).
     pub snapshot_after: Option<Duration>,
+    /// Host input for COM1's receive FIFO (see [`crate::input`]), read while the guest runs;
+    /// `None` (the default) for none. The caller owns the fd.
+    pub serial_input: Option<std::os::unix::io::RawFd>,
     /// Memory mapped from a snapshot file: unmapped on drop, so it is the last field (dropped
     /// after the VM, the vCPUs and the virtio thread that use it).
     _mapped_memory: Option<OwnedGuestRam>,
@@ -863,6 +866,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 .snapshot
                 .as_ref()
                 .map(|s| Duration::from_millis(s.after_ms)),
+            serial_input: None,
             _mapped_memory: mapped_memory,
         })
     }
@@ -920,7 +924,17 @@ impl<W: Write + Send + 'static> Vmm<W> {
             .collect();
         let after = self.snapshot_after;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let input_stop = AtomicBool::new(false);
+        let (serial, input) = (self.devices.serial.clone(), self.serial_input);
         let result = std::thread::scope(|s| {
+            if let Some(fd) = input {
+                let (serial, stop) = (&serial, &input_stop);
+                s.spawn(move || {
+                    if let Err(e) = crate::input::pump(fd, serial, stop) {
+                        eprintln!("mini-vmm: serial input stopped: {e}");
+                    }
+                });
+            }
             if let Some(after) = after {
                 let pause = end.pause.clone();
                 // The pause timer: ends early (without pausing) when the run ends first.
@@ -935,6 +949,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
             }
             let r = self.run_vcpus(&end);
             drop(done_tx);
+            input_stop.store(true, Ordering::SeqCst);
             r
         });
         if let Some(v) = &mut self.virtio {
