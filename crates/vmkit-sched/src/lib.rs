@@ -3,6 +3,8 @@
 
 pub mod credit;
 pub mod executor;
+#[cfg(feature = "vcpu")]
+pub mod halt;
 pub mod metrics;
 pub mod scheduler;
 pub mod sim;

@@ -7,15 +7,20 @@
 //!   the [`SliceTimer`] for the slice deadline, then runs the vCPU, letting the dispatcher
 //!   handle port I/O, MMIO, hypercalls and MSRs, until the slice is over. A guest `HLT` that
 //!   reaches user space (no in-kernel irqchip) makes the task [`Outcome::Blocked`]: whoever
-//!   raises the guest's interrupt wakes it through its [`Waker`](crate::Waker). A shutdown,
+//!   raises the guest's interrupt wakes it through its [`Waker`]. A shutdown,
 //!   reset, crash or failure ends the task and is recorded as its [`VcpuEnd`].
 //! - A vCPU inside `KVM_RUN` cannot poll [`Slice::expired`], so one [`SliceTimer`] thread
 //!   kicks every vCPU whose slice deadline has passed, and the executor's own preemption
 //!   kicks through [`Task::kick_handle`]. A kick that arrives after the task already left
 //!   the guest makes the next entry return at once; the task then sees its slice is not
 //!   over, counts the stale kick and re-enters.
+//! - With KVM's in-kernel irqchip a guest `HLT` sleeps inside `KVM_RUN` instead of
+//!   exiting; [`VcpuTask::with_kernel_halts`] makes the slice timer watch the vCPU's
+//!   `blocking` stat, kick it out once it sleeps, and park it until an interrupt, its LAPIC
+//!   timer or a bounded re-poll wakes it. The model and why no wakeup is lost are in
+//!   [`crate::halt`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -24,6 +29,8 @@ use std::time::Instant;
 use vmkit_vcpu::dispatch::{Action, Dispatcher};
 use vmkit_vcpu::{Vcpu, VcpuKick};
 
+use crate::executor::Waker;
+use crate::halt::{HaltProbe, KernelHalts, HALT_TICK, HALT_TICKS};
 use crate::task::{Kick, Outcome, Slice, Task};
 
 /// One thread that kicks vCPUs whose slice deadline has passed.
@@ -35,8 +42,22 @@ pub struct SliceTimer<K: VcpuKick + 'static> {
     changed: Condvar,
 }
 
+/// One armed slot: the slice deadline, the kick, and the halt probe the thread reads while
+/// the vCPU is in the guest (with how many consecutive ticks it read "blocking").
+struct Armed<K> {
+    deadline: Instant,
+    kick: K,
+    probe: Option<Arc<HaltProbe>>,
+    blocking_ticks: u32,
+}
+
 struct TimerState<K> {
-    armed: HashMap<usize, (Instant, K)>,
+    armed: HashMap<usize, Armed<K>>,
+    /// Slots whose vCPU was kicked because its probe saw it halted in the kernel; taken by
+    /// the task ([`SliceTimer::take_halt_kick`]).
+    halt_kicked: HashSet<usize>,
+    /// Timed wakes of parked vCPUs: slot -> (when, waker).
+    wakes: HashMap<usize, (Instant, Waker)>,
     /// Earlier deadlines asked for while a slot was not armed (a deferred cut racing the
     /// task's own arm): the next `arm` of the slot honours them.
     pending: HashMap<usize, Instant>,
@@ -67,6 +88,8 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         let timer = Arc::new(SliceTimer {
             state: Mutex::new(TimerState {
                 armed: HashMap::new(),
+                halt_kicked: HashSet::new(),
+                wakes: HashMap::new(),
                 pending: HashMap::new(),
                 next_slot: 0,
                 stop: false,
@@ -94,18 +117,56 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
             }
             let now = Instant::now();
             let mut next: Option<Instant> = None;
+            let mut earliest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
             let mut fired = 0;
-            st.armed.retain(|_, (deadline, kick)| {
-                if *deadline <= now {
-                    kick.kick();
+            let mut halted = Vec::new();
+            st.armed.retain(|slot, a| {
+                if a.deadline <= now {
+                    a.kick.kick();
                     fired += 1;
+                    return false;
+                }
+                earliest(a.deadline);
+                if let Some(p) = &a.probe {
+                    if p.blocking() {
+                        a.blocking_ticks += 1;
+                        if a.blocking_ticks >= HALT_TICKS {
+                            // Kicked once; the probe is not read again until re-armed.
+                            a.kick.kick();
+                            a.probe = None;
+                            halted.push(*slot);
+                            return true;
+                        }
+                    } else {
+                        a.blocking_ticks = 0;
+                    }
+                    earliest(now + HALT_TICK);
+                }
+                true
+            });
+            st.fired += fired;
+            st.halt_kicked.extend(halted);
+            let mut due = Vec::new();
+            st.wakes.retain(|_, (at, waker)| {
+                if *at <= now {
+                    due.push(waker.clone());
                     false
                 } else {
-                    next = Some(next.map_or(*deadline, |n: Instant| n.min(*deadline)));
+                    earliest(*at);
                     true
                 }
             });
-            st.fired += fired;
+            if !due.is_empty() {
+                // Outside the lock: a wake takes the executor's lock, and the executor calls
+                // back into this timer (`kick_at`) under its own locks.
+                drop(st);
+                for w in due {
+                    // The only error is an unknown task, which an executor's waker is not.
+                    let _ = w.wake();
+                }
+                st = self.lock();
+                continue;
+            }
             st = match next {
                 None => self
                     .changed
@@ -133,14 +194,54 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
     /// recorded for the slot) unless [`SliceTimer::disarm`]ed first; re-arming replaces the
     /// slot's deadline.
     pub fn arm(&self, slot: &TimerSlot, deadline: Instant, kick: K) {
+        self.arm_watching(slot, deadline, kick, None);
+    }
+
+    /// Like [`SliceTimer::arm`], and while armed, reads `probe` every [`HALT_TICK`]: a vCPU
+    /// found asleep in the kernel for [`HALT_TICKS`] ticks in a row is kicked and the slot
+    /// marked for [`SliceTimer::take_halt_kick`]. The slice deadline stays armed.
+    pub fn arm_watching(
+        &self,
+        slot: &TimerSlot,
+        deadline: Instant,
+        kick: K,
+        probe: Option<Arc<HaltProbe>>,
+    ) {
         let mut st = self.lock();
         let deadline = match st.pending.remove(&slot.0) {
             Some(earlier) => deadline.min(earlier),
             None => deadline,
         };
-        st.armed.insert(slot.0, (deadline, kick));
+        st.halt_kicked.remove(&slot.0);
+        st.armed.insert(
+            slot.0,
+            Armed {
+                deadline,
+                kick,
+                probe,
+                blocking_ticks: 0,
+            },
+        );
         drop(st);
         self.changed.notify_one();
+    }
+
+    /// Whether the slot's vCPU was kicked because it was halted in the kernel (clears the
+    /// mark).
+    pub fn take_halt_kick(&self, slot: &TimerSlot) -> bool {
+        self.lock().halt_kicked.remove(&slot.0)
+    }
+
+    /// Calls `waker` at `at` (replacing the slot's earlier timed wake) unless
+    /// [`SliceTimer::cancel_wake`] comes first: how a parked vCPU is re-polled.
+    pub fn wake_at(&self, slot: &TimerSlot, at: Instant, waker: Waker) {
+        self.lock().wakes.insert(slot.0, (at, waker));
+        self.changed.notify_one();
+    }
+
+    /// Cancels the slot's timed wake, if any.
+    pub fn cancel_wake(&self, slot: &TimerSlot) {
+        self.lock().wakes.remove(&slot.0);
     }
 
     /// Moves the slot's kick earlier, to `at`, if that is earlier than what it is armed for;
@@ -148,7 +249,7 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
     pub fn arm_earlier(&self, slot: &TimerSlot, at: Instant) {
         let mut st = self.lock();
         match st.armed.get_mut(&slot.0) {
-            Some((deadline, _)) => *deadline = (*deadline).min(at),
+            Some(a) => a.deadline = a.deadline.min(at),
             None => {
                 let p = st.pending.entry(slot.0).or_insert(at);
                 *p = (*p).min(at);
@@ -158,11 +259,12 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         self.changed.notify_one();
     }
 
-    /// Cancels the slot's pending kick, if any.
+    /// Cancels the slot's pending kick and halt watch, if any.
     pub fn disarm(&self, slot: &TimerSlot) {
         let mut st = self.lock();
         st.armed.remove(&slot.0);
         st.pending.remove(&slot.0);
+        st.halt_kicked.remove(&slot.0);
     }
 
     /// Kicks delivered so far.
@@ -198,7 +300,8 @@ pub enum VcpuEnd {
 pub struct VcpuTaskStats {
     /// Slices that ended because the slice was over.
     pub slices: AtomicU64,
-    /// Guest halts that blocked the task.
+    /// Guest halts that blocked the task (user-space `HLT` exits, and in-kernel halts
+    /// parked through [`VcpuTask::with_kernel_halts`]).
     pub halts: AtomicU64,
     /// Kicks that arrived when the slice was not over (re-entered at once).
     pub stale_kicks: AtomicU64,
@@ -232,6 +335,7 @@ where
     timer: Arc<SliceTimer<V::Kick>>,
     stats: Arc<VcpuTaskStats>,
     end: Arc<Mutex<Option<VcpuEnd>>>,
+    halts: Option<KernelHalts>,
 }
 
 impl<V: Vcpu> std::fmt::Debug for VcpuTask<V>
@@ -260,7 +364,16 @@ where
             timer,
             stats: Arc::new(VcpuTaskStats::default()),
             end: Arc::new(Mutex::new(None)),
+            halts: None,
         }
+    }
+
+    /// Parks the vCPU when it halts inside the kernel (in-kernel irqchip), as
+    /// [`crate::halt`] describes, instead of letting it hold its worker. Keep a clone of
+    /// `halts` to hand it the task's waker after spawning.
+    pub fn with_kernel_halts(mut self, halts: KernelHalts) -> Self {
+        self.halts = Some(halts);
+        self
     }
 
     /// The task's counters (share the `Arc` before spawning the task).
@@ -284,10 +397,19 @@ where
     V::Kick: 'static,
 {
     fn run(&mut self, slice: &Slice) -> Outcome {
+        let probe = self.halts.as_ref().and_then(KernelHalts::probe);
+        if self.halts.is_some() {
+            // Running now: an earlier park's timed wake has done its job.
+            self.timer.cancel_wake(&self.slot);
+        }
         // `end` includes a cut already asked for; a later deferred cut comes through
         // `kick_at` (arm_earlier), before or after this arm.
-        self.timer
-            .arm(&self.slot, slice.end(), self.vcpu.kick_handle());
+        self.timer.arm_watching(
+            &self.slot,
+            slice.end(),
+            self.vcpu.kick_handle(),
+            probe.clone(),
+        );
         let outcome = loop {
             if slice.expired() {
                 self.stats.slices.fetch_add(1, Ordering::Relaxed);
@@ -295,6 +417,25 @@ where
             }
             match self.dispatcher.run(&mut self.vcpu) {
                 Ok(Action::Continue) | Ok(Action::Interrupted) => {
+                    if let Some(h) = &self.halts {
+                        if self.timer.take_halt_kick(&self.slot) {
+                            if let Some((at, waker)) = h.park(&self.vcpu) {
+                                // Armed before returning Blocked: see "Why no wakeup is
+                                // lost" in crate::halt.
+                                self.timer.wake_at(&self.slot, at, waker);
+                                self.stats.halts.fetch_add(1, Ordering::Relaxed);
+                                break Outcome::Blocked;
+                            }
+                            // Runnable after all: back in, watched again.
+                            self.timer.arm_watching(
+                                &self.slot,
+                                slice.end(),
+                                self.vcpu.kick_handle(),
+                                probe.clone(),
+                            );
+                            continue;
+                        }
+                    }
                     if !slice.expired() {
                         self.stats.stale_kicks.fetch_add(1, Ordering::Relaxed);
                     }
