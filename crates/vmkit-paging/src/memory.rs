@@ -22,6 +22,7 @@
 //! are read word by word.
 
 use alloc::vec::Vec;
+use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(feature = "std")]
@@ -36,8 +37,12 @@ pub struct GuestAddress(pub u64);
 /// address `base + 8 * i`, the same word [`PhysMemory::read_u64`] loads there.
 ///
 /// Page-table walks read one entry per level, usually all from the same run of RAM. A
-/// walker that holds a span reads an entry with one subtraction and one bounds check,
-/// instead of looking the address up in the memory map at every level.
+/// walker that holds a span reads an entry with one bounds check, instead of looking the
+/// address up in the memory map at every level. The load's host address is computed as
+/// `(host - base) + addr`, not `host + (addr - base)`: the first sum is precomputed, so
+/// between one entry and the next table's entry there is only the walk's own arithmetic
+/// (mask the next-table address, add the index), and the bounds check runs beside it
+/// instead of lengthening the chain of dependent loads.
 ///
 /// A span only reads: its words are private and [`WordSpan::load`] is its one access, so
 /// safe code holding a span cannot write guest RAM behind the dirty log's back or store into
@@ -46,15 +51,35 @@ pub struct GuestAddress(pub u64);
 pub struct WordSpan<'a> {
     /// Physical address of `words[0]` (8-byte aligned).
     base: u64,
-    /// The words, in address order.
-    words: &'a [AtomicU64],
+    /// `8 * words.len()`.
+    len_bytes: u64,
+    /// `len_bytes - 4095` (0 below one page): a 4 KiB table at `table` lies wholly in the
+    /// span when `table - base < table_limit`.
+    table_limit: u64,
+    /// `words.as_ptr()` moved down by `base` bytes (wrapping; never dereferenced as such):
+    /// adding a physical address inside the span gives that word's host address.
+    biased: *const AtomicU64,
+    /// The borrow of the words `biased` points into.
+    words: PhantomData<&'a [AtomicU64]>,
 }
 
 impl<'a> WordSpan<'a> {
     /// A span of `words` starting at physical address `base`, or `None` if `base` is not
     /// 8-byte aligned. For [`PhysMemory`] implementations that own their words.
     pub fn new(base: u64, words: &'a [AtomicU64]) -> Option<Self> {
-        (base & 7 == 0).then_some(WordSpan { base, words })
+        if base & 7 != 0 {
+            return None;
+        }
+        Some(WordSpan {
+            base,
+            // A slice holds at most isize::MAX bytes: no overflow.
+            len_bytes: words.len() as u64 * 8,
+            table_limit: (words.len() as u64 * 8).saturating_sub(4095),
+            // Truncating `base` on a 32-bit host is harmless: pointer arithmetic wraps
+            // modulo the address width, and `load` adds the same truncated address back.
+            biased: words.as_ptr().wrapping_byte_sub(base as usize),
+            words: PhantomData,
+        })
     }
 
     /// Physical address of the first word.
@@ -64,19 +89,54 @@ impl<'a> WordSpan<'a> {
 
     /// Length of the span in bytes.
     pub fn len_bytes(&self) -> u64 {
-        self.words.len() as u64 * 8
+        self.len_bytes
     }
 
     /// Loads the word at physical address `addr`: `None` if `addr` is not 8-byte aligned
     /// (as [`PhysMemory::read_u64`]) or lies outside the span.
     #[inline(always)]
     pub fn load(&self, addr: u64) -> Option<u64> {
-        if addr & 7 != 0 {
+        // An address below `base` wraps around to a huge offset and fails the check.
+        if addr & 7 != 0 || addr.wrapping_sub(self.base) >= self.len_bytes {
             return None;
         }
-        // An address below `base` wraps around to a huge index and fails the bounds check.
-        let index = usize::try_from(addr.wrapping_sub(self.base) >> 3).ok()?;
-        Some(self.words.get(index)?.load(Ordering::Relaxed))
+        let word = self.biased.wrapping_byte_add(addr as usize);
+        // SAFETY: `addr - base` (checked just above) is below `len_bytes = 8 * words.len()`
+        // and a multiple of 8 (`addr` and `base` both are), so `biased + addr`, which is
+        // `words.as_ptr() + (addr - base)` computed with wrapping arithmetic from a pointer
+        // derived from the borrowed `words` slice, points at `words[(addr - base) / 8]`: inside the borrowed
+        // slice, aligned, alive for `'a`. Only a shared reference to an atomic is made and
+        // read, as `words[i].load` would.
+        Some(unsafe { &*word }.load(Ordering::Relaxed))
+    }
+
+    /// Loads the 8-byte entry at byte `offset` (8-aligned, below 4096; other bits are
+    /// ignored) of the 4 KiB table at `table` (its low 12 bits are ignored): `None` unless
+    /// the whole table lies in the span.
+    ///
+    /// For page walks. Checking the table rather than the entry lets the load's address be
+    /// `(host - base + offset) + table`, whose first sum does not depend on the previous
+    /// entry: between reading an entry and reading the next level's there is one AND
+    /// (the entry's address bits), and the bounds check runs beside the load.
+    #[inline(always)]
+    pub fn load_table_entry(&self, table: u64, offset: u64) -> Option<u64> {
+        let table = table & !0xfff;
+        let offset = offset & 0xff8;
+        if table.wrapping_sub(self.base) >= self.table_limit {
+            return None;
+        }
+        let word = self
+            .biased
+            .wrapping_byte_add(offset as usize)
+            .wrapping_byte_add(table as usize);
+        // SAFETY: `table - base < len_bytes - 4095` (checked just above) and `offset <=
+        // 4088`, so `table - base + offset <= len_bytes - 8`; `table - base` and `offset`
+        // are multiples of 8 (`base` is 8-aligned, `table` 4 KiB aligned). `biased +
+        // offset + table` is therefore `words.as_ptr() + (table - base + offset)`, a
+        // pointer derived from the borrowed `words` slice by wrapping arithmetic that
+        // lands on an aligned word inside it, alive for `'a`. Only a shared reference to
+        // an atomic is made and read.
+        Some(unsafe { &*word }.load(Ordering::Relaxed))
     }
 }
 
@@ -216,7 +276,7 @@ mod vm_memory_impl {
             // nothing writes through it, not even into a read-only mapping. The slice is at most the
             // mapping's size, hence below `isize::MAX` bytes.
             let words = unsafe { core::slice::from_raw_parts(host.cast::<AtomicU64>(), len) };
-            Some(WordSpan { base, words })
+            WordSpan::new(base, words)
         }
 
         #[inline]
@@ -386,6 +446,29 @@ mod tests {
         let mem = FlatMemory::new(0x2000, 0x1000);
         mem.write_u64(0x2010, 7).unwrap();
         assert_eq!(mem.word_span(0).unwrap().load(0x2010), Some(7));
+    }
+
+    #[test]
+    fn table_entries_load_only_from_tables_wholly_inside_the_span() {
+        // 2 pages + 8 bytes at 0x1008: the table at 0x2000 is inside, 0x1000 starts
+        // below the base, 0x3000 runs past the end.
+        let words: Vec<AtomicU64> = (0..1025u64).map(AtomicU64::new).collect();
+        let span = WordSpan::new(0x1008, &words).unwrap();
+        assert_eq!(span.load_table_entry(0x2000, 0), Some(0x1ff));
+        assert_eq!(span.load_table_entry(0x2000, 0xff8), Some(0x1ff + 511));
+        // Low table bits and offset bits outside 11:3 are ignored, not added.
+        assert_eq!(span.load_table_entry(0x2fff, 0x1_0008), Some(0x200));
+        assert_eq!(
+            span.load_table_entry(0x1000, 0x8),
+            None,
+            "starts below the base"
+        );
+        assert_eq!(span.load_table_entry(0x3000, 0), None, "runs past the end");
+        assert_eq!(span.load_table_entry(u64::MAX, 0), None, "wraps around");
+        let small = [AtomicU64::new(5)];
+        let span = WordSpan::new(0, &small).unwrap();
+        assert_eq!(span.load_table_entry(0, 0), None, "smaller than a table");
+        assert_eq!(span.load(0), Some(5));
     }
 
     #[test]

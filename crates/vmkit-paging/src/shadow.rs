@@ -712,9 +712,9 @@ where
                     access &= rights_of(entry);
                     if entry & PAGE_SIZE != 0 {
                         // A guest large page: split it with direct shadow pages.
-                        direct = Some((t.page_base, cover));
+                        direct = Some((t.page_base(), cover));
                         Role {
-                            gfn: t.page_base >> 12,
+                            gfn: t.page_base() >> 12,
                             level: (level - 1) as u8,
                             direct: true,
                             access,

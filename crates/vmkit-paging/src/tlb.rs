@@ -293,12 +293,13 @@ impl Tlb {
 
     /// Caches a successful walk of `addr` in `pcid`.
     ///
-    /// Page bases are 4 KiB aligned and below 2^52 on x86; other bits of `t.page_base`
+    /// Page bases are 4 KiB aligned and below 2^52 on x86; other bits of `t.page_base()`
     /// are not stored.
     pub fn insert(&mut self, pcid: u16, addr: u64, t: &Translation) {
         let class = SIZES.iter().position(|s| *s == t.page_size).unwrap_or(0);
-        let mut val =
-            (t.page_base & V_FRAME) | u64::from(t.rights.pkey & 15) << V_PKEY_SHIFT | self.gen_bits;
+        let mut val = (t.page_base() & V_FRAME)
+            | u64::from(t.rights.pkey & 15) << V_PKEY_SHIFT
+            | self.gen_bits;
         for (on, bit) in [
             (t.global, V_GLOBAL),
             (t.dirty, V_DIRTY),

@@ -32,12 +32,15 @@
 //!
 //! Most walks in a running guest succeed and change nothing (the A/D bits are already
 //! set). [`Walker::translate`] answers those with a fast 4/5-level walk that reads entries
-//! through a [`WordSpan`], ORs the entries to check the bits every level reserves at once,
-//! ANDs them for P, R/W, U/S and A, and decides the access with four masks precomputed per
-//! configuration from the rule table (as KVM's `permissions[]`). Any doubt - a missing
-//! entry, a reserved bit, a denied access, an A/D bit to set, protection keys that need the
-//! full rule - sends the walk to the detailed path below, which computes the exact fault or
-//! update; `tests/fast_paths.rs` checks the two agree on random tables.
+//! through a [`WordSpan`] (one AND between an entry and the load of the next level's
+//! entry; the bounds check runs beside it, see [`WordSpan::load_table_entry`]), ORs the
+//! entries to check the bits every level reserves at once, ANDs them for P, R/W, U/S and
+//! A, and decides the access with masks precomputed per configuration from the rule table
+//! (as KVM's `permissions[]`). Any doubt - a missing entry, a reserved bit, a denied
+//! access, an A/D bit to set, protection keys that need the full rule, a table straddling
+//! the end of a memory region - sends the walk to the detailed path below, which computes
+//! the exact fault or update; `tests/fast_paths.rs` checks the two return the same
+//! [`Translation`], field by field, and leave the same memory, on random tables.
 //! [`Walker::fast_translate`] is the fast path alone, returning just the address.
 //!
 //! The error code's I/D bit is set for fetches only when it would be on hardware: with
@@ -333,13 +336,20 @@ pub struct Rights {
     pub pkey: u8,
 }
 
-/// A successful translation.
+/// A successful translation: 32 bytes, built from bits the walk already holds.
+///
+/// Everything a caller needs to use or cache the translation is here: the address, the
+/// page size (hence the page base, [`page_base`](Self::page_base)), the rights combined
+/// over all levels, G and D of the leaf, the leaf entry and where it lives (for tools that
+/// edit or write-protect the guest's tables), and the number of entries read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
     /// The guest-physical address.
     pub gpa: u64,
-    /// Guest-physical base of the page.
-    pub page_base: u64,
+    /// The leaf entry's value after the walk (with the Accessed/Dirty bits it set).
+    pub leaf_entry: u64,
+    /// Physical address of the leaf entry.
+    pub leaf_addr: u64,
     /// Size of the page.
     pub page_size: PageSize,
     /// Combined rights.
@@ -348,12 +358,18 @@ pub struct Translation {
     pub global: bool,
     /// The leaf's D bit after the walk (a TLB may cache a write only when set).
     pub dirty: bool,
-    /// The leaf entry's value after the walk.
-    pub leaf_entry: u64,
-    /// Physical address of the leaf entry.
-    pub leaf_addr: u64,
-    /// Number of paging-structure entries read (memory references of the walk).
-    pub memory_refs: u32,
+    /// Number of paging-structure entries read (memory references of the walk, 1..=5).
+    pub memory_refs: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Translation>() == 32);
+
+impl Translation {
+    /// Guest-physical base of the page.
+    #[inline]
+    pub const fn page_base(&self) -> u64 {
+        self.gpa & !(self.page_size.bytes() - 1)
+    }
 }
 
 /// The guest's paging-related state: what the walker needs to know about the vCPU.
@@ -535,15 +551,16 @@ pub struct Walker {
 }
 
 /// One access's rules as masks over the entries of a walk: the walk may be answered by the
-/// fast path only if `(!AND & need_and) | (AND & forbid_and) | (OR & forbid_or) |
-/// (!leaf & need_leaf)` is zero, AND/OR being over all entries. Derived in
+/// fast path only if `((AND ^ need_and) & check_and) | (OR & forbid_or) | (!leaf &
+/// need_leaf)` is zero, AND/OR being over all entries. Derived in
 /// [`Walker::new`] from the `denied` table, so the rules are still written only once.
 #[derive(Debug, Clone, Copy, Default)]
 struct FastMasks {
     /// P, A (with A/D updates), R/W and U/S where the access needs them at every level.
     need_and: u64,
-    /// U/S where a user page is denied (SMEP, SMAP).
-    forbid_and: u64,
+    /// `need_and` plus U/S where a user page is denied (SMEP, SMAP): the AND of the
+    /// entries must equal `need_and` on these bits.
+    check_and: u64,
     /// Bits reserved at every level, and XD for fetches (with EFER.NXE).
     forbid_or: u64,
     /// D for writes with A/D updates (else the detailed walk must set it).
@@ -553,26 +570,34 @@ struct FastMasks {
 /// What a successful fast walk learned (the rest of a [`Translation`] follows from it).
 #[derive(Clone, Copy)]
 struct FastWalk {
+    /// The leaf entry.
     leaf: u64,
+    /// AND and OR of all entries of the walk.
+    and_bits: u64,
+    or_bits: u64,
+    /// The guest-physical address, and the address of the leaf entry.
+    gpa: u64,
     leaf_addr: u64,
+    /// Level of the leaf (1..=3) and the page size it maps.
     level: u32,
     size: PageSize,
-    rights: Rights,
 }
 
-/// Reads the entry at `addr` through `span`, fetching a new span from `mem` when the entry
-/// lies outside the current one.
+/// Reads entry `offset` (bytes) of the 4 KiB table at `table` through `span`, fetching a
+/// new span from `mem` when the table lies outside the current one. `None` also when the
+/// table straddles the end of a span: the detailed walk reads such entries one by one.
 #[inline(always)]
 fn read_span<'a, M: PhysMemory + ?Sized>(
     mem: &'a M,
     span: &mut WordSpan<'a>,
-    addr: u64,
+    table: u64,
+    offset: u64,
 ) -> Option<u64> {
-    match span.load(addr) {
+    match span.load_table_entry(table, offset) {
         Some(word) => Some(word),
         None => {
-            *span = mem.word_span(addr)?;
-            span.load(addr)
+            *span = mem.word_span(table)?;
+            span.load_table_entry(table, offset)
         }
     }
 }
@@ -740,10 +765,20 @@ impl Walker {
             };
         };
         let pick = |bit: u32, mask: u64| if c & bit != 0 { mask } else { 0 };
+        let need_and = self.fast_need | pick(1, WRITABLE) | pick(2, USER);
+        let forbid_and = pick(4, USER);
         FastMasks {
-            need_and: self.fast_need | pick(1, WRITABLE) | pick(2, USER),
-            forbid_and: pick(4, USER),
-            forbid_or: self.rsvd_table[0] | (pick(8, NO_EXECUTE) & self.nx_bit),
+            need_and,
+            check_and: need_and | forbid_and,
+            // "Needs U/S" and "forbids U/S" together deny everything (no x86 rule does):
+            // PRESENT in the OR sends every walk to the detailed path.
+            forbid_or: self.rsvd_table[0]
+                | (pick(8, NO_EXECUTE) & self.nx_bit)
+                | if need_and & forbid_and != 0 {
+                    PRESENT
+                } else {
+                    0
+                },
             need_leaf: if access.is_write() && cfg.set_accessed_dirty {
                 DIRTY
             } else {
@@ -899,7 +934,8 @@ impl Walker {
     /// nothing in memory, `None` for "walk again in detail".
     ///
     /// Entries are read through a [`WordSpan`](crate::memory::WordSpan) (one bounds check
-    /// per level; a new span only when a table lies in another region). The checks are
+    /// per level, off the chain of dependent loads; a new span only when a table lies in
+    /// another region). The checks are
     /// folded into masks: level-specific reserved bits are ORed into `bad`, the entries are
     /// ANDed (P, R/W, U/S, A must be set at every level) and ORed (common reserved bits, XD
     /// at any level), and one expression over the access's [`FastMasks`] decides. Nothing
@@ -919,80 +955,97 @@ impl Walker {
             return None;
         }
         let mut span = mem.word_span(self.root)?;
-        let mut read = |entry_addr: u64| read_span(mem, &mut span, entry_addr);
-        // Entry addresses are `table + index` (equal to `|`: tables are 4 KiB aligned),
-        // which lets the compiler fold the span's base into the index. Bits reserved in
-        // every entry of the walk (above MAXPHYADDR, XD without NXE) are checked once on
-        // the OR of all entries; each level only adds what is specific to it.
+        let mut read = |table: u64, offset: u64| read_span(mem, &mut span, table, offset);
+        // Entries are read as (table, byte offset) so that the host address of the next
+        // entry is one AND away from the current entry (see `load_table_entry`). Bits
+        // reserved in every entry of the walk (above MAXPHYADDR, XD without NXE) are
+        // checked once on the OR of all entries; each level only adds what is specific to
+        // it.
         let mut table = self.root;
         let mut and_bits = u64::MAX;
         let mut or_bits = 0u64;
         let mut bad = 0u64;
         if LEVELS == 5 {
-            let e = read(table + ((addr >> 45) & 0xff8))?;
+            let e = read(table, (addr >> 45) & 0xff8)?;
             bad |= e & self.rsvd_table[4];
             and_bits = e;
             or_bits = e;
             table = e & NEXT;
         }
-        let e = read(table + ((addr >> 36) & 0xff8))?;
+        let e = read(table, (addr >> 36) & 0xff8)?;
         bad |= e & self.rsvd_table[3];
         and_bits &= e;
         or_bits |= e;
         table = e & NEXT;
-        let entry_addr = table + ((addr >> 27) & 0xff8);
-        let e = read(entry_addr)?;
+        let offset = (addr >> 27) & 0xff8;
+        let e = read(table, offset)?;
         and_bits &= e;
         or_bits |= e;
         let (leaf, leaf_addr, level, size) = if e & PAGE_SIZE != 0 {
             bad |= e & self.rsvd_large[2];
-            (e, entry_addr, 3, PageSize::Size1G)
+            (e, table + offset, 3, PageSize::Size1G)
         } else {
             table = e & NEXT;
-            let entry_addr = table + ((addr >> 18) & 0xff8);
-            let e = read(entry_addr)?;
+            let offset = (addr >> 18) & 0xff8;
+            let e = read(table, offset)?;
             and_bits &= e;
             or_bits |= e;
             if e & PAGE_SIZE != 0 {
                 bad |= e & self.rsvd_large[1];
-                (e, entry_addr, 2, PageSize::Size2M)
+                (e, table + offset, 2, PageSize::Size2M)
             } else {
                 table = e & NEXT;
-                let entry_addr = table + ((addr >> 9) & 0xff8);
-                let e = read(entry_addr)?;
+                let offset = (addr >> 9) & 0xff8;
+                let e = read(table, offset)?;
                 and_bits &= e;
                 or_bits |= e;
-                (e, entry_addr, 1, PageSize::Size4K)
+                (e, table + offset, 1, PageSize::Size4K)
             }
         };
         // Presence, reserved bits, rights, A and D in one expression (see `FastMasks`).
         let m = &self.fast_masks[access_index(access)];
         if bad
-            | (!and_bits & m.need_and)
-            | (and_bits & m.forbid_and)
+            | ((and_bits ^ m.need_and) & m.check_and)
             | (or_bits & m.forbid_or)
             | (!leaf & m.need_leaf)
             != 0
         {
             return None;
         }
-        let rights = Rights {
-            writable: and_bits & WRITABLE != 0,
-            user: and_bits & USER != 0,
-            no_execute: or_bits & self.nx_bit != 0,
-            pkey: ((leaf >> PKEY_SHIFT) & 15) as u8,
-        };
         // Protection keys depend on the key's PKRU/PKRS bits: the full rule decides.
-        if self.pk_active && !access.is_fetch() && self.check_rights(rights, access).is_err() {
+        if self.pk_active
+            && !access.is_fetch()
+            && self
+                .check_rights(
+                    Self::fast_rights(and_bits, or_bits & self.nx_bit, leaf),
+                    access,
+                )
+                .is_err()
+        {
             return None;
         }
+        let offset = size.bytes() - 1;
         Some(FastWalk {
             leaf,
+            and_bits,
+            or_bits,
+            gpa: (leaf & NEXT & !offset) | (addr & offset),
             leaf_addr,
             level,
             size,
-            rights,
         })
+    }
+
+    /// The combined rights of a walk from the AND and OR of its entries (`nx`: the OR's
+    /// XD bit, already masked with EFER.NXE) and its leaf.
+    #[inline(always)]
+    fn fast_rights(and_bits: u64, nx: u64, leaf: u64) -> Rights {
+        Rights {
+            writable: and_bits & WRITABLE != 0,
+            user: and_bits & USER != 0,
+            no_execute: nx != 0,
+            pkey: ((leaf >> PKEY_SHIFT) & 15) as u8,
+        }
     }
 
     /// [`fast_walk`](Self::fast_walk) building the full [`Translation`], or handing over
@@ -1009,17 +1062,15 @@ impl Walker {
         let Some(w) = self.fast_walk::<LEVELS, M>(mem, addr, access) else {
             return detailed();
         };
-        let page_base = w.leaf & bits(51, 12) & !(w.size.bytes() - 1);
         Ok(Translation {
-            gpa: page_base | (addr & (w.size.bytes() - 1)),
-            page_base,
-            page_size: w.size,
-            rights: w.rights,
-            global: w.leaf & GLOBAL != 0,
-            dirty: w.leaf & DIRTY != 0,
+            gpa: w.gpa,
             leaf_entry: w.leaf,
             leaf_addr: w.leaf_addr,
-            memory_refs: LEVELS - w.level + 1,
+            page_size: w.size,
+            rights: Self::fast_rights(w.and_bits, w.or_bits & self.nx_bit, w.leaf),
+            global: w.leaf & GLOBAL != 0,
+            dirty: w.leaf & DIRTY != 0,
+            memory_refs: (LEVELS + 1 - w.level) as u8,
         })
     }
 
@@ -1039,13 +1090,25 @@ impl Walker {
         addr: u64,
         access: Access,
     ) -> Option<u64> {
-        let w = match self.cfg.mode {
-            PagingMode::Level4 => self.fast_walk::<4, M>(mem, addr, access)?,
-            PagingMode::Level5 => self.fast_walk::<5, M>(mem, addr, access)?,
-            _ => return None,
-        };
-        let size = w.size.bytes();
-        Some((w.leaf & bits(51, 12) & !(size - 1)) | (addr & (size - 1)))
+        // As in `translate`: the 4-level walk inline, the 5-level one out of line.
+        if self.cfg.mode == PagingMode::Level4 {
+            return Some(self.fast_walk::<4, M>(mem, addr, access)?.gpa);
+        }
+        self.fast_translate_level5(mem, addr, access)
+    }
+
+    /// [`fast_translate`](Self::fast_translate) for the other modes.
+    #[inline(never)]
+    fn fast_translate_level5<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        addr: u64,
+        access: Access,
+    ) -> Option<u64> {
+        if self.cfg.mode != PagingMode::Level5 {
+            return None;
+        }
+        Some(self.fast_walk::<5, M>(mem, addr, access)?.gpa)
     }
 
     /// Translates `addr` for `access`, reading tables through `tables`.
@@ -1254,17 +1317,16 @@ impl Walker {
                 }
             }
         }
-        let page_base = leaf & NEXT & !(size.bytes() - 1);
+        let offset = size.bytes() - 1;
         Ok(Translation {
-            gpa: page_base | (addr & (size.bytes() - 1)),
-            page_base,
+            gpa: (leaf & NEXT & !offset) | (addr & offset),
+            leaf_entry: leaf_now,
+            leaf_addr,
             page_size: size,
             rights,
             global: leaf_now & GLOBAL != 0,
             dirty: leaf_now & DIRTY != 0,
-            leaf_entry: leaf_now,
-            leaf_addr,
-            memory_refs: LEVELS - level + 1,
+            memory_refs: (LEVELS + 1 - level) as u8,
         })
     }
 
@@ -1287,7 +1349,7 @@ impl Walker {
             })))
         };
         let mut path = [(0u64, 0u64); 5];
-        let mut refs = 0u32;
+        let mut refs = 0u8;
         let mut writable = true;
         let mut user = true;
         let mut no_execute = false;
@@ -1430,13 +1492,12 @@ impl Walker {
         }
         Some(Ok(Translation {
             gpa: page_base | (addr & (size.bytes() - 1)),
-            page_base,
+            leaf_entry: leaf_now,
+            leaf_addr: path[(leaf_level - 1) as usize].0,
             page_size: size,
             rights,
             global: leaf_now & GLOBAL != 0,
             dirty: leaf_now & DIRTY != 0,
-            leaf_entry: leaf_now,
-            leaf_addr: path[(leaf_level - 1) as usize].0,
             memory_refs: refs,
         }))
     }
@@ -1485,10 +1546,9 @@ mod tests {
         let w = Walker::new(cfg4());
         let t = w.translate(&mem, VA, Access::user_read()).unwrap();
         assert_eq!(t.gpa, 0x7123);
-        assert_eq!(t.page_base, 0x7000);
+        assert_eq!(t.page_base(), 0x7000);
         assert_eq!(t.page_size, PageSize::Size4K);
         assert_eq!(t.memory_refs, 4);
-        assert_eq!(t.leaf_addr, 0x4028);
         assert!(!t.dirty);
         for a in [0x1000, 0x2000, 0x3010, 0x4028] {
             assert_eq!(
@@ -1501,6 +1561,11 @@ mod tests {
         assert!(t.dirty);
         assert_eq!(mem.read_u64(0x4028).unwrap() & DIRTY, DIRTY);
         assert_eq!(mem.read_u64(0x3010).unwrap() & DIRTY, 0);
+        // The leaf is reported with the bits the walk set.
+        assert_eq!(
+            (t.leaf_addr, t.leaf_entry),
+            (0x4028, 0x7000 | PWU | ACCESSED | DIRTY)
+        );
 
         // A faulting walk touches nothing.
         let mem = l4([PWU, PWU, PWU, P | U]);
@@ -2285,8 +2350,7 @@ mod tests {
                         }
                         let or = and | if no_execute { NO_EXECUTE } else { 0 };
                         let leaf = and | if dirty { DIRTY } else { 0 };
-                        let fast_ok = (!and & m.need_and)
-                            | (and & m.forbid_and)
+                        let fast_ok = ((and ^ m.need_and) & m.check_and)
                             | (or & m.forbid_or)
                             | (!leaf & m.need_leaf)
                             == 0;
