@@ -74,7 +74,7 @@ impl<'a> WordSpan<'a> {
             base,
             // A slice holds at most isize::MAX bytes: no overflow.
             len_bytes: words.len() as u64 * 8,
-            table_limit: (words.len() as u64 * 8).saturating_sub(4095),
+            table_limit: Self::table_limit_of(words),
             // Truncating `base` on a 32-bit host is harmless: pointer arithmetic wraps
             // modulo the address width, and `load` adds the same truncated address back.
             biased: words.as_ptr().wrapping_byte_sub(base as usize),
@@ -90,6 +90,11 @@ impl<'a> WordSpan<'a> {
     /// Length of the span in bytes.
     pub fn len_bytes(&self) -> u64 {
         self.len_bytes
+    }
+
+    /// `table_limit` for a span over `words`.
+    fn table_limit_of(words: &[AtomicU64]) -> u64 {
+        (words.len() as u64 * 8).saturating_sub(4095)
     }
 
     /// Loads the word at physical address `addr`: `None` if `addr` is not 8-byte aligned
@@ -352,6 +357,9 @@ mod vm_memory_impl {
 pub struct FlatMemory {
     base: u64,
     words: Vec<AtomicU64>,
+    /// `WordSpan::table_limit` of the span over all of it, precomputed: handing out the
+    /// span is then a few register moves per walk.
+    table_limit: u64,
 }
 
 impl FlatMemory {
@@ -359,7 +367,16 @@ impl FlatMemory {
     pub fn new(base: u64, len: usize) -> Self {
         let mut words = Vec::with_capacity(len.div_ceil(8));
         words.resize_with(len.div_ceil(8), || AtomicU64::new(0));
-        FlatMemory { base, words }
+        Self::with_words(base, words)
+    }
+
+    fn with_words(base: u64, words: Vec<AtomicU64>) -> Self {
+        let table_limit = WordSpan::table_limit_of(&words);
+        FlatMemory {
+            base,
+            words,
+            table_limit,
+        }
     }
 
     /// Creates memory at `base` holding `bytes` (padded with zeroes to a multiple of 8).
@@ -372,7 +389,7 @@ impl FlatMemory {
                 AtomicU64::new(u64::from_le_bytes(word))
             })
             .collect();
-        FlatMemory { base, words }
+        Self::with_words(base, words)
     }
 
     /// Physical address of the first byte.
@@ -408,7 +425,15 @@ impl PhysMemory for FlatMemory {
         if self.base & 7 != 0 {
             return None;
         }
-        WordSpan::new(self.base, &self.words)
+        // `WordSpan::new` with the limit precomputed: the same fields from the same
+        // words (the vector is never resized), so `load`'s bounds argument holds.
+        Some(WordSpan {
+            base: self.base,
+            len_bytes: self.words.len() as u64 * 8,
+            table_limit: self.table_limit,
+            biased: self.words.as_ptr().wrapping_byte_sub(self.base as usize),
+            words: PhantomData,
+        })
     }
 
     #[inline]
