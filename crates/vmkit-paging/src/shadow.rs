@@ -306,9 +306,7 @@ where
     /// The guest wrote CR3 (`cr3` with PCID `pcid`; `no_flush` is CR3 bit 63 with PCIDE).
     pub fn set_cr3(&mut self, cr3: u64, pcid: u16, no_flush: bool) -> Result<(), ShadowError> {
         let page = cr3 & bits(51, 12);
-        let mut cfg = *self.walker.config();
-        cfg.cr3 = page;
-        self.walker = Walker::new(cfg);
+        self.walker.set_cr3(page);
         self.pcid = pcid;
         if !no_flush {
             self.resync_all();

@@ -638,7 +638,6 @@ impl Walker {
         let bit8 = if cfg.amd { 1 << 8 } else { 0 };
         let mut t = [0u64; 5];
         let mut l = [0u64; 5];
-        let root;
         match cfg.mode {
             PagingMode::Legacy32 => {
                 // 4 MiB pages: bit 21 always, and PA bits 39:32 (entry bits 20:13) above
@@ -654,7 +653,6 @@ impl Walker {
                 } else {
                     bits(21, 13)
                 };
-                root = cfg.cr3 & 0xffff_f000;
             }
             PagingMode::Pae => {
                 let hi62 = bits(62, m);
@@ -662,7 +660,6 @@ impl Walker {
                 t[1] = hi62 | nx;
                 l[1] = hi62 | nx | bits(20, 13);
                 t[2] = bits(63, m) | bits(8, 5) | bits(2, 1);
-                root = cfg.cr3 & 0xffff_ffe0;
             }
             PagingMode::Level4 | PagingMode::Level5 => {
                 t[0] = hi51 | nx;
@@ -674,7 +671,6 @@ impl Walker {
                 l[2] = hi51 | nx | bits(29, 13) | if cfg.gbpages { 0 } else { PAGE_SIZE };
                 t[3] = hi51 | nx | bit8 | PAGE_SIZE;
                 t[4] = hi51 | nx | bit8 | PAGE_SIZE;
-                root = cfg.cr3 & bits(m - 1, 12);
             }
         }
         // Level-4/5 "large" entries do not exist: PS is reserved there, use the same mask.
@@ -692,7 +688,7 @@ impl Walker {
             cfg,
             rsvd_table: t,
             rsvd_large: l,
-            root,
+            root: Self::root_of(&cfg),
             denied: [0; 9],
             fast_allowed: [0; 9],
             pk_active: matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5)
@@ -814,6 +810,25 @@ impl Walker {
     /// The physical address of the top-level table.
     pub fn root(&self) -> u64 {
         self.root
+    }
+
+    /// A guest write to CR3: only the root changes, so nothing else is recomputed (a
+    /// [`Walker::new`] per CR3 switch would rebuild every mask).
+    pub fn set_cr3(&mut self, cr3: u64) {
+        self.cfg.cr3 = cr3;
+        self.root = Self::root_of(&self.cfg);
+    }
+
+    /// The top-level table's address in CR3: bits 31:12 (32-bit paging), 31:5 (PAE) or
+    /// MAXPHYADDR-1:12; PCID and flag bits are ignored.
+    fn root_of(cfg: &PagingConfig) -> u64 {
+        match cfg.mode {
+            PagingMode::Legacy32 => cfg.cr3 & 0xffff_f000,
+            PagingMode::Pae => cfg.cr3 & 0xffff_ffe0,
+            PagingMode::Level4 | PagingMode::Level5 => {
+                cfg.cr3 & bits(u32::from(cfg.max_phys_bits.clamp(32, 52)) - 1, 12)
+            }
+        }
     }
 
     /// The error-code bits every fault of `access` carries (W, U, I).
@@ -2371,6 +2386,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn set_cr3_moves_only_the_root() {
+        for mode in [
+            PagingMode::Legacy32,
+            PagingMode::Pae,
+            PagingMode::Level4,
+            PagingMode::Level5,
+        ] {
+            let mut cfg = PagingConfig::new(mode, 0x1000);
+            cfg.max_phys_bits = 40;
+            let mut w = Walker::new(cfg);
+            // Flag and PCID bits and address bits above MAXPHYADDR are not part of the root.
+            let cr3 = 0xff00_0000_1234_5fff;
+            w.set_cr3(cr3);
+            cfg.cr3 = cr3;
+            let fresh = Walker::new(cfg);
+            assert_eq!(
+                (w.root(), w.config()),
+                (fresh.root(), fresh.config()),
+                "{mode:?}"
+            );
+        }
+        let mem = l4([PWU; 4]);
+        let mut w = Walker::new(PagingConfig::new(PagingMode::Level4, 0x8000));
+        assert!(w.translate(&mem, VA, Access::user_read()).is_err());
+        w.set_cr3(0x1000);
+        assert_eq!(
+            w.translate(&mem, VA, Access::user_read()).unwrap().gpa,
+            0x7123
+        );
     }
 
     #[test]
