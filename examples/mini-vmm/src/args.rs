@@ -45,6 +45,9 @@ pub enum ArgsError {
     /// An option that only makes sense with `--kernel`.
     #[error("`{0}` needs `--kernel`")]
     NeedsKernel(&'static str),
+    /// `--snapshot` of a VM with vhost-user devices: their ring state lives in the backends.
+    #[error("`--snapshot` cannot save a VM with `--vhost-user` devices (their ring state lives in the backend process)")]
+    SnapshotVhostUser,
     /// More virtio devices than the machine has MMIO slots and interrupt lines for.
     #[error("too many virtio devices ({0}; at most {max})", max = crate::virtio::MAX_DEVICES)]
     TooManyDevices(usize),
@@ -139,6 +142,8 @@ pub struct Args {
     pub rng: bool,
     /// A virtio-console device.
     pub console: Option<ConsoleArg>,
+    /// Devices served by vhost-user backends (`--vhost-user`), after the in-process ones.
+    pub vhost_user: Vec<crate::vhost_user::VhostUserArg>,
     /// COM1's output.
     pub serial: SerialArg,
     /// File the values written to the data port (0x511) are appended to, one a line.
@@ -170,6 +175,7 @@ impl Default for Args {
             nets: Vec::new(),
             rng: false,
             console: None,
+            vhost_user: Vec::new(),
             serial: SerialArg::Tty,
             data_log: None,
             snapshot: None,
@@ -210,6 +216,9 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
   --console [tty|file=PATH]
                       virtio-console (hvc0) on stdin/stdout (tty, the default) or writing to
                       a file
+  --vhost-user type=console|rng|blk|net,socket=PATH
+                      a device served by a vhost-user backend listening on PATH (repeatable;
+                      guest RAM becomes memfd-shared; not with --snapshot or --restore)
   --serial tty|off|file=PATH
                       where COM1's output goes (default tty: stdout); with tty, stdin is
                       COM1's input unless --console tty takes it (a terminal is put in raw
@@ -502,6 +511,12 @@ impl Args {
                 "--disk" => out.disks.push(parse_disk(&next_value(&mut it, "--disk")?)?),
                 "--net" => out.nets.push(parse_net(&next_value(&mut it, "--net")?)?),
                 "--rng" => out.rng = true,
+                "--vhost-user" => out
+                    .vhost_user
+                    .push(crate::vhost_user::parse_arg(&next_value(
+                        &mut it,
+                        "--vhost-user",
+                    )?)?),
                 "--serial" => out.serial = parse_serial(&next_value(&mut it, "--serial")?)?,
                 "--console" => {
                     // The value is optional: `--console` alone means the terminal.
@@ -547,11 +562,15 @@ impl Args {
                 (!out.nets.is_empty(), "--net"),
                 (out.rng, "--rng"),
                 (out.console.is_some(), "--console"),
+                (!out.vhost_user.is_empty(), "--vhost-user"),
             ] {
                 if given {
                     return Err(ArgsError::NeedsKernel(name));
                 }
             }
+        }
+        if out.snapshot.is_some() && !out.vhost_user.is_empty() {
+            return Err(ArgsError::SnapshotVhostUser);
         }
         let devices = out.virtio_count();
         if devices > crate::virtio::MAX_DEVICES {
@@ -572,6 +591,7 @@ impl Args {
             + self.nets.len()
             + usize::from(self.rng)
             + usize::from(self.console.is_some())
+            + self.vhost_user.len()
     }
 
     /// The command line a kernel gets: `--cmdline`, or [`DEFAULT_CMDLINE`].

@@ -5,5 +5,6 @@ pub mod args;
 pub mod devices;
 pub mod input;
 pub mod snapshot;
+pub mod vhost_user;
 pub mod virtio;
 pub mod vmm;

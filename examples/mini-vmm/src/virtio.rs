@@ -176,6 +176,27 @@ pub fn devices_from_args(args: &Args) -> Result<Vec<Spec>, VirtioError> {
     Ok(out)
 }
 
+/// Connects the `--vhost-user` devices of `args` (in order) to their backends, sharing `mem`
+/// (which must be memfd-backed, see [`crate::vhost_user`]).
+pub fn vhost_user_devices(
+    args: &Args,
+    mem: &Memory,
+) -> Result<Vec<crate::vhost_user::VhostUserDevice>, VirtioError> {
+    args.vhost_user
+        .iter()
+        .map(|a| {
+            crate::vhost_user::VhostUserDevice::connect(a, mem).map_err(|e| {
+                let arg = format!(
+                    "--vhost-user type={},socket={}",
+                    a.kind.name(),
+                    a.socket.display()
+                );
+                device_error(arg, e)
+            })
+        })
+        .collect()
+}
+
 /// Stops the event loop: its eventfd wakes the loop, which then sees the flag.
 struct StopSignal {
     evt: EventFd,
@@ -215,11 +236,32 @@ impl VirtioDevices {
     /// queue notifications (ioeventfds) into `vm`. The event loop starts with
     /// [`VirtioDevices::start`].
     pub fn new(specs: Vec<Spec>, mem: Memory, vm: &KvmVm) -> Result<Self, VirtioError> {
-        if specs.len() > MAX_DEVICES {
-            return Err(VirtioError::TooMany(specs.len()));
+        Self::with_vhost_user(specs, Vec::new(), mem, vm)
+    }
+
+    /// [`VirtioDevices::new`] plus vhost-user devices in the slots after `specs`. Their
+    /// queue notifications go to the backend directly: each queue's ioeventfd is the device's
+    /// kick eventfd, not the transport's.
+    pub fn with_vhost_user(
+        specs: Vec<Spec>,
+        vhost: Vec<crate::vhost_user::VhostUserDevice>,
+        mem: Memory,
+        vm: &KvmVm,
+    ) -> Result<Self, VirtioError> {
+        let total = specs.len() + vhost.len();
+        if total > MAX_DEVICES {
+            return Err(VirtioError::TooMany(total));
+        }
+        // Each device with, for vhost-user ones, the eventfds KVM signals on QueueNotify.
+        type Placed = (String, Box<dyn VirtioDevice<Memory>>, Option<Vec<EventFd>>);
+        let mut all: Vec<Placed> = specs.into_iter().map(|(n, d)| (n, d, None)).collect();
+        for v in vhost {
+            let name = format!("vhost-user-{}", v.kind().name());
+            let kicks = v.kick_events().map_err(|e| device_error(name.clone(), e))?;
+            all.push((name, Box::new(v), Some(kicks)));
         }
         let mut slots = Vec::new();
-        for (index, (name, device)) in specs.into_iter().enumerate() {
+        for (index, (name, device, kicks)) in all.into_iter().enumerate() {
             let (base, gsi) = slot(index).ok_or(VirtioError::TooMany(index + 1))?;
             let kvm = |what, e: &dyn std::fmt::Display| VirtioError::Kvm {
                 base,
@@ -232,7 +274,8 @@ impl VirtioDevices {
             let transport = MmioTransport::new(device, mem.clone(), Box::new(irq))
                 .map_err(|e| device_error(name.clone(), e))?;
             let notify = IoEventAddress::Mmio(base + regs::QUEUE_NOTIFY);
-            for (q, evt) in transport.queue_events().iter().enumerate() {
+            let evts = kicks.as_deref().unwrap_or(transport.queue_events());
+            for (q, evt) in evts.iter().enumerate() {
                 // The guest writes QueueNotify as a 32-bit value: the datamatch must be 4
                 // bytes wide too, or KVM never matches the write.
                 vm.register_ioevent(evt, notify, DataMatch::U32(q as u32))

@@ -653,6 +653,13 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 }
                 (owned.ram().clone(), Some(owned))
             }
+            // vhost-user backends map guest RAM themselves: it must be a shareable memfd.
+            None if !args.vhost_user.is_empty() => {
+                let owned = vmkit_memory::Backing::memfd()
+                    .build(&layout)
+                    .map_err(|_| VmmError::Memory(args.memory))?;
+                (owned.ram().clone(), Some(owned))
+            }
             None => (
                 GuestRam::from_ranges(&ranges).map_err(|_| VmmError::Memory(args.memory))?,
                 None,
@@ -770,10 +777,12 @@ impl<W: Write + Send + 'static> Vmm<W> {
 
         let (virtio, acpi_tables) = if linux {
             let specs = crate::virtio::devices_from_args(args)?;
-            let virtio = if specs.is_empty() {
+            let mem = Arc::new(memory.clone());
+            let vhost = crate::virtio::vhost_user_devices(args, &mem)?;
+            let virtio = if specs.is_empty() && vhost.is_empty() {
                 None
             } else {
-                Some(VirtioDevices::new(specs, Arc::new(memory.clone()), &vm)?)
+                Some(VirtioDevices::with_vhost_user(specs, vhost, mem, &vm)?)
             };
             let machine = acpi::Machine {
                 cpus: cpus as usize,
