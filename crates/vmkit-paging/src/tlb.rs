@@ -25,20 +25,23 @@
 //! 4 KiB page and at most four in all, with no allocation. A slot is 16 bytes, two words:
 //!
 //! * **tag**: the address bits above the page offset and the index bits (the slot's
-//!   position supplies those), in place, ORed with the PCID in bits 15:0 (the index bits and
-//!   the page offset together are at least 16 bits wide) - equality of tags is equality of
-//!   (page, PCID), exactly;
+//!   position supplies those), in place, ORed with the PCID in bits 15:0 and the
+//!   generation of the entry in the bits just above (16 up to the top of the 4 KiB array's
+//!   index bits, which every array's tag leaves zero: at least one bit, since that array
+//!   has at least 32 slots) - equality of tags is equality of (page, PCID, generation),
+//!   exactly;
 //! * **value**: the page's guest-physical frame (bits 51:12), the rights R/W, U/S, XD and the
 //!   leaf's Dirty bit in bits 3:0 (the index of a precomputed per-access verdict bitmap in
-//!   the [`Walker`], so a hit is checked with one shift and one AND), Global in bit 4, the
-//!   protection key in bits 11:8 and a 12-bit generation in bits 63:52.
+//!   the [`Walker`], so a hit is checked with one shift and one AND), Global in bit 4 and
+//!   the protection key in bits 11:8.
 //!
-//! A hit is one 16-byte load, a tag compare that ignores the PCID of global entries, a
-//! generation compare and the bitmap test; everything else (a write through a clean entry, a
-//! fault, protection keys) leaves the hit path. A full flush bumps the generation, which
-//! invalidates every slot in O(1); once every 4095 flushes the generation wraps and the
-//! arrays are cleared for real (amortised O(1)). INVLPG probes the one slot per page size
-//! that can hold the address.
+//! A hit is one 16-byte load, one tag compare (page, PCID and generation at once; the slow
+//! path also accepts a global entry cached under another PCID) and the bitmap test;
+//! everything else (a write through a clean entry, a fault, protection keys) leaves the
+//! hit path. A full flush bumps the generation, which invalidates every slot in O(1); when
+//! the generation field wraps (every `4K entries / 16 - 1` flushes) the arrays are cleared
+//! for real, about 16 slot writes per flush amortised. INVLPG probes the one slot per page
+//! size that can hold the address.
 //!
 //! ```
 //! use vmkit_paging::tlb::Tlb;
@@ -83,9 +86,8 @@ const V_DIRTY: u64 = 1 << 3;
 const V_GLOBAL: u64 = 1 << 4;
 const V_PKEY_SHIFT: u32 = 8;
 const V_FRAME: u64 = bits(51, 12);
-const GEN_SHIFT: u32 = 52;
-/// Largest generation; 0 marks a slot that never matches.
-const GEN_MAX: u64 = (1 << (64 - GEN_SHIFT)) - 1;
+/// Lowest bit of the generation field of the tag word (just above the PCID).
+const GEN_SHIFT: u32 = 16;
 /// PCID field of the tag word.
 const TAG_PCID: u64 = 0xffff;
 
@@ -119,22 +121,22 @@ impl Slot {
             pkey: ((self.val >> V_PKEY_SHIFT) & 15) as u8,
         }
     }
-    /// Whether the slot holds `tag` (page and PCID; any PCID for a global entry) in the
-    /// current generation `gen_bits` (already shifted into place). Branch-free.
+    /// Whether the slot holds `tag` (page, PCID and current generation; any PCID for a
+    /// global entry). Branch-free.
     #[inline(always)]
-    fn matches(&self, tag: u64, gen_bits: u64) -> bool {
+    fn matches(&self, tag: u64) -> bool {
         let ignore = if self.global() { TAG_PCID } else { 0 };
-        ((self.tag ^ tag) & !ignore) | ((self.val ^ gen_bits) >> GEN_SHIFT) == 0
+        (self.tag ^ tag) & !ignore == 0
     }
-    /// [`matches`](Self::matches) for the hot path: the exact tag only, so a global entry
-    /// cached under another PCID is left to the slow path (which re-tags it).
-    #[inline(always)]
-    fn matches_exactly(&self, tag: u64, gen_bits: u64) -> bool {
-        (self.tag ^ tag) | ((self.val ^ gen_bits) >> GEN_SHIFT) == 0
-    }
+    /// Whether the slot is of the generation in `gen_field` (the tag's generation bits).
     #[inline]
-    fn invalidate(&mut self) {
-        self.val &= !(GEN_MAX << GEN_SHIFT);
+    fn live(&self, gen_field: u64, gen_bits: u64) -> bool {
+        self.tag & gen_field == gen_bits
+    }
+    /// Moves the slot to generation 0, which never matches.
+    #[inline]
+    fn invalidate(&mut self, gen_field: u64) {
+        self.tag &= !gen_field;
     }
 }
 
@@ -162,12 +164,12 @@ impl Way {
         }
     }
 
-    /// The slot index and tag of `addr` in `pcid`.
+    /// The slot index and tag of `addr`; `low` is the PCID ORed with the generation bits.
     #[inline(always)]
-    fn locate(&self, class: usize, pcid: u16, addr: u64) -> (usize, u64) {
+    fn locate(&self, class: usize, low: u64, addr: u64) -> (usize, u64) {
         // Truncating the page number is harmless: only the bits under `mask` are used.
         let index = (addr >> SHIFTS[class]) as usize & self.mask;
-        let tag = (addr & self.tag_mask) | u64::from(pcid);
+        let tag = (addr & self.tag_mask) | low;
         (index, tag)
     }
 }
@@ -197,8 +199,10 @@ pub struct TlbStats {
 pub struct Tlb {
     /// One array per page size.
     ways: [Way; 4],
-    /// The current generation (1..=GEN_MAX), shifted into its place in the value word.
+    /// The current generation (1..=`gen_max`), shifted into its place in the tag word.
     gen_bits: u64,
+    /// The largest generation: the field spans bits 16 up to the 4 KiB array's index bits.
+    gen_max: u64,
     /// Whether any large entry of that size was inserted since the last full flush (skips
     /// probes of empty arrays; the 4 KiB array is always probed).
     populated: [bool; 4],
@@ -206,10 +210,10 @@ pub struct Tlb {
 }
 
 impl Tlb {
-    /// A TLB with `entries_4k` 4 KiB entries (rounded up to a power of two, at least 16) and
+    /// A TLB with `entries_4k` 4 KiB entries (rounded up to a power of two, at least 32) and
     /// a quarter as many for each large size.
     pub fn new(entries_4k: usize) -> Self {
-        let small = entries_4k.max(16).next_power_of_two();
+        let small = entries_4k.max(32).next_power_of_two();
         let large = (small / 4).max(4);
         Tlb {
             ways: [
@@ -219,6 +223,8 @@ impl Tlb {
                 Way::new(large, 3),
             ],
             gen_bits: 1 << GEN_SHIFT,
+            // Index bits of the 4 KiB array end at bit 12 + log2(small), which is >= 17.
+            gen_max: (1 << (12 + small.trailing_zeros() - GEN_SHIFT)) - 1,
             populated: [false; 4],
             stats: TlbStats::default(),
         }
@@ -229,13 +235,25 @@ impl Tlb {
         self.stats
     }
 
+    /// The generation field of the tag word.
+    #[inline]
+    fn gen_field(&self) -> u64 {
+        self.gen_max << GEN_SHIFT
+    }
+
+    /// The low bits of every tag looked up or inserted now: `pcid` and the generation.
+    #[inline(always)]
+    fn tag_low(&self, pcid: u16) -> u64 {
+        u64::from(pcid) | self.gen_bits
+    }
+
     /// Probes the slot of size class `class` for `addr` in `pcid`: (index, slot).
     #[inline(always)]
     fn probe(&self, class: usize, pcid: u16, addr: u64) -> Option<(usize, Slot)> {
         let way = &self.ways[class];
-        let (index, tag) = way.locate(class, pcid, addr);
+        let (index, tag) = way.locate(class, self.tag_low(pcid), addr);
         let slot = *way.slots.get(index)?;
-        if slot.matches(tag, self.gen_bits) {
+        if slot.matches(tag) {
             Some((index, slot))
         } else {
             None
@@ -271,9 +289,11 @@ impl Tlb {
         access: Access,
     ) -> Option<u64> {
         let way = &self.ways[0];
-        let (index, tag) = way.locate(0, pcid, addr);
+        let (index, tag) = way.locate(0, self.tag_low(pcid), addr);
         let slot = way.slots.get(index)?;
-        if slot.matches_exactly(tag, self.gen_bits) && walker.fast_allowed(access, slot.val) {
+        // The exact tag only: a global entry cached under another PCID is left to the
+        // slow path (which re-tags it).
+        if slot.tag == tag && walker.fast_allowed(access, slot.val) {
             self.stats.hits += 1;
             return Some(slot.base() | (addr & 0xfff));
         }
@@ -297,9 +317,7 @@ impl Tlb {
     /// are not stored.
     pub fn insert(&mut self, pcid: u16, addr: u64, t: &Translation) {
         let class = SIZES.iter().position(|s| *s == t.page_size).unwrap_or(0);
-        let mut val = (t.page_base() & V_FRAME)
-            | u64::from(t.rights.pkey & 15) << V_PKEY_SHIFT
-            | self.gen_bits;
+        let mut val = (t.page_base() & V_FRAME) | u64::from(t.rights.pkey & 15) << V_PKEY_SHIFT;
         for (on, bit) in [
             (t.global, V_GLOBAL),
             (t.dirty, V_DIRTY),
@@ -311,8 +329,9 @@ impl Tlb {
                 val |= bit;
             }
         }
+        let low = self.tag_low(pcid);
         let way = &mut self.ways[class];
-        let (index, tag) = way.locate(class, pcid, addr);
+        let (index, tag) = way.locate(class, low, addr);
         if let Some(slot) = way.slots.get_mut(index) {
             *slot = Slot { tag, val };
         }
@@ -395,8 +414,9 @@ impl Tlb {
                     }),
                     Err(code) => {
                         // The fault invalidates the entry (SDM 4.10.4.1).
+                        let gen_field = self.gen_field();
                         if let Some(s) = self.ways[class].slots.get_mut(index) {
-                            s.invalidate();
+                            s.invalidate(gen_field);
                         }
                         let reason = if code.contains(PfErrorCode::PK) {
                             FaultReason::ProtectionKey {
@@ -426,11 +446,11 @@ impl Tlb {
 
     /// Invalidates every live slot for which `drop` says so.
     fn invalidate_where(&mut self, mut drop: impl FnMut(&Slot) -> bool) {
-        let gen_bits = self.gen_bits;
+        let (gen_field, gen_bits) = (self.gen_field(), self.gen_bits);
         for way in self.ways.iter_mut() {
             for slot in way.slots.iter_mut() {
-                if (slot.val ^ gen_bits) >> GEN_SHIFT == 0 && drop(slot) {
-                    slot.invalidate();
+                if slot.live(gen_field, gen_bits) && drop(slot) {
+                    slot.invalidate(gen_field);
                 }
             }
         }
@@ -439,13 +459,13 @@ impl Tlb {
     /// Invalidates the entries (any size) that map the page containing `addr` and for which
     /// `drop` says so: one probe per page size, since each page has exactly one slot.
     fn invalidate_page(&mut self, pcid: u16, addr: u64, drop: impl Fn(&Slot) -> bool) {
-        let gen_bits = self.gen_bits;
+        let (gen_field, low) = (self.gen_field(), self.tag_low(pcid));
         for (class, way) in self.ways.iter_mut().enumerate() {
-            let (index, tag) = way.locate(class, pcid, addr);
+            let (index, tag) = way.locate(class, low, addr);
             if let Some(slot) = way.slots.get_mut(index) {
-                let live = (slot.val ^ gen_bits) >> GEN_SHIFT == 0;
-                if live && (slot.tag ^ tag) & !TAG_PCID == 0 && drop(slot) {
-                    slot.invalidate();
+                // Same page and generation (the tag compare covers both), any PCID.
+                if (slot.tag ^ tag) & !TAG_PCID == 0 && drop(slot) {
+                    slot.invalidate(gen_field);
                 }
             }
         }
@@ -472,11 +492,11 @@ impl Tlb {
         self.invalidate_where(|s| !s.global());
     }
 
-    /// INVPCID type 2 / CR4.PGE toggle: drops everything, in O(1) (amortised: once every
-    /// 4095 flushes the generation wraps and the arrays are cleared).
+    /// INVPCID type 2 / CR4.PGE toggle: drops everything, in O(1) (amortised: when the
+    /// generation field wraps, every `4K entries / 16 - 1` flushes, the arrays are cleared).
     pub fn flush_all(&mut self) {
         let next = (self.gen_bits >> GEN_SHIFT) + 1;
-        if next > GEN_MAX {
+        if next > self.gen_max {
             // Clear for real so no stale slot can match a reused generation.
             for way in self.ways.iter_mut() {
                 way.slots.fill(Slot::default());
@@ -671,9 +691,42 @@ mod tests {
         assert!(tlb.lookup(2, 0x60_0000).is_none());
         // Generation wrap clears for real.
         fill(&mut tlb);
-        tlb.gen_bits = GEN_MAX << GEN_SHIFT;
+        tlb.gen_bits = tlb.gen_field();
         tlb.flush_all();
         assert_eq!(tlb.gen_bits, 1 << GEN_SHIFT);
         assert!(tlb.lookup(2, 0x40_1000).is_none());
+    }
+
+    #[test]
+    fn generations_hide_flushed_entries_across_wraps() {
+        let (mem, walker) = setup();
+        let mut tlb = Tlb::new(4096);
+        assert_eq!(tlb.gen_max, 255);
+        let read = Access::user_read();
+        // A is cached once and never again; B is refilled after every flush.
+        tlb.translate(&walker, &mem, 1, 0x40_1000, read).unwrap();
+        for round in 0..600 {
+            tlb.translate(&walker, &mem, 1, 0x40_0000, read).unwrap();
+            assert!(tlb.lookup(1, 0x40_0000).is_some(), "round {round}");
+            assert_eq!(
+                tlb.lookup(1, 0x40_1000).is_some(),
+                round == 0,
+                "round {round}"
+            );
+            tlb.flush_all();
+            assert!(tlb.lookup(1, 0x40_0000).is_none(), "round {round}");
+            // INVLPG of a flushed entry changes nothing; a walk refills it.
+            tlb.invlpg(1, 0x40_0000);
+            let miss = tlb.translate(&walker, &mem, 1, 0x40_0008, read).unwrap();
+            let hit = tlb.translate(&walker, &mem, 1, 0x40_0010, read).unwrap();
+            assert!(!miss.hit && hit.hit && hit.gpa == 0x8010, "round {round}");
+            tlb.flush_all();
+        }
+        // The smallest TLB has one generation: every flush clears.
+        let mut small = Tlb::new(1);
+        assert_eq!((small.ways[0].slots.len(), small.gen_max), (32, 1));
+        small.translate(&walker, &mem, 1, 0x40_0000, read).unwrap();
+        small.flush_all();
+        assert!(small.lookup(1, 0x40_0000).is_none());
     }
 }
