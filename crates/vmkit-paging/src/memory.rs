@@ -63,6 +63,14 @@ pub struct WordSpan<'a> {
     words: PhantomData<&'a [AtomicU64]>,
 }
 
+// SAFETY: a `WordSpan` is a shared borrow of `[AtomicU64]` (the `PhantomData` records it)
+// plus plain integers; `biased` only ever addresses words of that borrowed slice and is
+// only used for atomic loads. `&[AtomicU64]` is `Send` and `Sync`, so the span is too, as
+// it was when it held the slice itself.
+unsafe impl Send for WordSpan<'_> {}
+// SAFETY: as for `Send` above: shared access through a span is atomic loads only.
+unsafe impl Sync for WordSpan<'_> {}
+
 impl<'a> WordSpan<'a> {
     /// A span of `words` starting at physical address `base`, or `None` if `base` is not
     /// 8-byte aligned. For [`PhysMemory`] implementations that own their words.
@@ -471,6 +479,17 @@ mod tests {
         let mem = FlatMemory::new(0x2000, 0x1000);
         mem.write_u64(0x2010, 7).unwrap();
         assert_eq!(mem.word_span(0).unwrap().load(0x2010), Some(7));
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn spans_are_send_and_sync_like_the_slice_they_borrow() {
+        fn shareable<T: Send + Sync>(_: &T) {}
+        let words = [AtomicU64::new(1)];
+        let span = WordSpan::new(0, &words).unwrap();
+        shareable(&span);
+        let got = std::thread::scope(|s| s.spawn(|| span.load(0)).join().unwrap());
+        assert_eq!(got, Some(1));
     }
 
     #[test]
