@@ -16,6 +16,7 @@ use mini_vmm::vmm::{Outcome, Vmm};
 use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
+    mini_vmm::vmm::trace_boot("main");
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {

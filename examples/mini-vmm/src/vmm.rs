@@ -20,6 +20,26 @@
 //! devices. KVM keeps those application processors in wait-for-SIPI until Linux starts them
 //! with INIT/SIPI through its local APIC. Whichever vCPU ends the VM stops the others with a
 //! kick (a signal that makes `KVM_RUN` return), so a reboot issued on any CPU ends the run.
+//!
+//! # Boot time
+//!
+//! What decides how fast a stock kernel reaches its init here, measured in the nested L1 of
+//! `tests/linux-guest/mini-vmm-bench.sh` (`BENCH_PROFILE=1`; set `MINI_VMM_TRACE_BOOT` to see
+//! mini-vmm's own phases, [`trace_boot`]):
+//! - **Guest RAM on 2 MiB boundaries with `MADV_HUGEPAGE`** (vmkit-memory's
+//!   [`Backing`](vmkit_memory::Backing) with huge pages). KVM maps a guest-physical 2 MiB
+//!   page with one nested-page-table entry only when the host address is 2 MiB-aligned in
+//!   step with it; otherwise every 4 KiB the kernel first touches (decompression, the memory
+//!   map, page allocator) is a separate nested page fault. Unaligned, the same kernel took
+//!   10.8 s to its init; aligned 6.3 s (L2 uptime at init 4.9 s -> 3.2 s).
+//! - The kernel and initramfs are read straight into guest memory (one copy each, no bounce
+//!   buffer); a bzImage is entered at its 64-bit entry, so no firmware or real-mode code runs.
+//! - The kernel uses kvm-clock (KVM's paravirtual CPUID leaves pass through), so it takes the
+//!   TSC frequency from KVM instead of calibrating against the PIT, and exits to mini-vmm
+//!   during boot are few (the serial port, the RTC): everything else is in-kernel.
+//!
+//! Loading the 14 MiB kernel and creating the VM cost about 0.8 s of the 6 s; the rest is the
+//! guest's own decompression and initcalls.
 
 use std::io::{Read, Seek, Write};
 use std::path::Path;
@@ -126,6 +146,24 @@ pub enum VmmError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// Where the VMM's own start-up time goes: with the environment variable
+/// `MINI_VMM_TRACE_BOOT` set (to anything), each boot phase prints one line
+/// `mini-vmm: trace <ms> <phase>` on stderr, `<ms>` counted from the first call (`main`
+/// makes it first thing). Off, a call costs one load of a cached flag.
+pub fn trace_boot(phase: &str) {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static START: OnceLock<Option<Instant>> = OnceLock::new();
+    let start =
+        START.get_or_init(|| std::env::var_os("MINI_VMM_TRACE_BOOT").map(|_| Instant::now()));
+    if let Some(t0) = start {
+        eprintln!(
+            "mini-vmm: trace {:.1} {phase}",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }
 
 /// How a run ended.
@@ -386,15 +424,17 @@ fn load_initramfs(
         path: path.display().to_string(),
         why,
     };
-    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let size = data.len() as u64;
+    // Read straight into guest memory: one copy, no buffer as big as the file.
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
     let addr = initramfs_addr(layout, size, kernel_end, limit).ok_or_else(|| {
         err(format!(
             "{size} bytes do not fit in guest RAM below {limit:#x}"
         ))
     })?;
+    let len = usize::try_from(size).map_err(|_| err(format!("{size} bytes is too big")))?;
     memory
-        .write_slice(&data, GuestAddress(addr))
+        .read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|e| err(e.to_string()))?;
     Ok((addr, size))
 }
@@ -660,14 +700,23 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     .map_err(|_| VmmError::Memory(args.memory))?;
                 (owned.ram().clone(), Some(owned))
             }
-            None => (
-                GuestRam::from_ranges(&ranges).map_err(|_| VmmError::Memory(args.memory))?,
-                None,
-            ),
+            // Anonymous memory on 2 MiB boundaries with MADV_HUGEPAGE, as QEMU maps its RAM:
+            // KVM can then back the guest with 2 MiB pages in its nested page tables, so a
+            // booting kernel takes one fault per 2 MiB it touches instead of one per 4 KiB
+            // (each an exit to the host kernel; see the module docs' boot-time notes).
+            None => {
+                let owned = vmkit_memory::Backing::anonymous()
+                    .with_huge_pages(true)
+                    .build(&layout)
+                    .map_err(|_| VmmError::Memory(args.memory))?;
+                (owned.ram().clone(), Some(owned))
+            }
         };
+        trace_boot("guest memory mapped");
         let hv = KvmHypervisor::new()?;
         let vm = hv.create_vm()?;
         vm.register_memory(&memory, 0, MemoryFlags::default())?;
+        trace_boot("KVM VM created, memory registered");
 
         let mut linux = false;
         let mut protocol = None;
@@ -708,6 +757,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 )?;
                 // A PVH entry is Linux's too (a vmlinux): it gets the same machine.
                 linux |= matches!(k.protocol, boot::BootProtocol::Pvh { .. });
+                trace_boot("kernel loaded");
                 if let Some(initramfs) = &args.initramfs {
                     let limit = match k.protocol {
                         boot::BootProtocol::Linux64 { zero_page } => {
@@ -723,6 +773,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                         n => u64::from(n),
                     };
                     initramfs_at = Some(load_initramfs(&memory, &layout, initramfs, k.end, limit)?);
+                    trace_boot("initramfs loaded");
                 }
                 protocol = Some(k.protocol);
                 Some(k)
@@ -807,6 +858,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
         } else {
             (None, None)
         };
+        trace_boot("vCPUs, irqchip, virtio devices and ACPI tables ready");
         if let Some(p) = protocol {
             let rsdp = acpi_tables.as_ref().map(|t| t.rsdp_addr);
             record_boot_extras(&memory, p, initramfs_at, rsdp)?;
@@ -956,6 +1008,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     }
                 });
             }
+            trace_boot("entering KVM_RUN");
             let r = self.run_vcpus(&end);
             drop(done_tx);
             input_stop.store(true, Ordering::SeqCst);
@@ -1119,6 +1172,30 @@ mod tests {
             start_info: 1 << 30,
         };
         assert!(record_boot_extras(&mem, far, None, None).is_err());
+    }
+
+    #[test]
+    fn the_initramfs_file_is_read_into_the_top_of_low_ram() {
+        let layout = MemoryLayout::x86_pc(16 << 20).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("initrd");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let (addr, size) = load_initramfs(&mem, &layout, &path, 0x20_0000, 0x37ff_ffff).unwrap();
+        assert_eq!((addr, size), (((16 << 20) - 10_000) & !0xfff, 10_000));
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert_eq!(back, data);
+        // No room below the kernel's limit: an error naming the file and the size.
+        let e = load_initramfs(&mem, &layout, &path, 0x20_0000, 0xfff).unwrap_err();
+        assert!(
+            e.to_string().contains("initrd") && e.to_string().contains("10000 bytes"),
+            "{e}"
+        );
+        let missing = dir.path().join("missing");
+        let e = load_initramfs(&mem, &layout, &missing, 0, 0x37ff_ffff).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 
     #[test]

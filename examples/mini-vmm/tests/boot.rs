@@ -167,3 +167,59 @@ fn serial_output_goes_where_serial_says() {
         "{stderr}"
     );
 }
+
+#[test]
+fn trace_boot_stamps_the_start_up_phases_in_order() {
+    let run = |trace: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mini-vmm"));
+        cmd.env_remove("MINI_VMM_TRACE_BOOT");
+        if trace {
+            cmd.env("MINI_VMM_TRACE_BOOT", "1");
+        }
+        let out = cmd.output().expect("run mini-vmm");
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(true);
+    let stamps: Vec<(f64, &str)> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("mini-vmm: trace "))
+        .map(|l| {
+            let (ms, phase) = l.split_once(' ').expect(l);
+            (ms.parse().expect(l), phase)
+        })
+        .collect();
+    let phases: Vec<_> = stamps.iter().map(|s| s.1).collect();
+    // The bundled guest loads no kernel file and no initramfs: those phases are absent.
+    assert_eq!(
+        phases,
+        [
+            "main",
+            "guest memory mapped",
+            "KVM VM created, memory registered",
+            "vCPUs, irqchip, virtio devices and ACPI tables ready",
+            "entering KVM_RUN"
+        ],
+        "{stderr}"
+    );
+    assert!(stamps.windows(2).all(|w| w[0].0 <= w[1].0), "{stderr}");
+    assert!(!run(false).contains("mini-vmm: trace"));
+}
+
+#[test]
+fn guest_ram_is_mapped_on_2mib_boundaries_for_huge_pages() {
+    use mini_vmm::args::Args;
+    use mini_vmm::vmm::Vmm;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let args = Args::parse(["--memory".to_string(), "size=64M".to_string()]).unwrap();
+    let vmm = Vmm::new(&args, Vec::new()).unwrap();
+    let huge = 2usize << 20;
+    let mut regions = 0;
+    for r in vmm.memory.iter() {
+        // Guest-physical and host addresses agree modulo 2 MiB, so KVM may map 2 MiB pages.
+        let host = r.as_ptr() as usize;
+        assert_eq!(host % huge, r.start_addr().0 as usize % huge, "{host:#x}");
+        regions += 1;
+    }
+    assert!(regions > 0);
+}
