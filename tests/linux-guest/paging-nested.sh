@@ -5,7 +5,8 @@
 # On the CI host the oracle is a software KVM (kvm_pvm) whose CPUID lacks 1 GiB pages and
 # whose emulation has quirks (shared/MACHINE.md). In L1:
 # - crates/vmkit-paging/tests/kvm_translate.rs compares the walker with KVM_TRANSLATE on random
-#   hostile tables, now with the 1 GiB pages `-cpu max` advertises;
+#   hostile tables, now with the 1 GiB pages and (every other round) the 5-level paging
+#   `-cpu max` advertises;
 # - crates/vmkit-vcpu/tests/paging_oracle.rs runs the paging guest, whose page faults (CR2 and
 #   error code for nine supervisor accesses: WP, NX, SMEP, SMAP with AC clear and set, a
 #   reserved bit) are raised by QEMU's model of an AMD CPU running a nested-paging guest, and
@@ -14,7 +15,7 @@
 #   it, when VMKIT_PAGING_ORACLE_QEMU_TCG is set.
 # Both test binaries must pass in L1; their summaries are printed.
 #
-# Usage: tests/linux-guest/paging-nested.sh   (CASES=20000 translations by default)
+# Usage: tests/linux-guest/paging-nested.sh   (CASES=50000 translations by default)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
@@ -32,7 +33,7 @@ lg_log "building the two oracle tests"
 TRANSLATE=$(test_exe vmkit-paging kvm_translate)
 ORACLE=$(test_exe vmkit-vcpu paging_oracle)
 [ -x "$TRANSLATE" ] && [ -x "$ORACLE" ] || { lg_log "test executables not found"; exit 1; }
-echo "${CASES:-20000}" > "$WORK/cases"
+echo "${CASES:-50000}" > "$WORK/cases"
 specs=("$TRANSLATE:bin/kvm_translate" "$ORACLE:bin/paging_oracle" "$WORK/cases:cases")
 for lib in $( (ldd "$TRANSLATE"; ldd "$ORACLE") | grep -o '/[^ ]*' | sort -u); do
     specs+=("$lib:${lib#/}")

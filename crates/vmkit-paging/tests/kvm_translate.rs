@@ -8,6 +8,10 @@
 //! that mostly follow populated entries. KVM_TRANSLATE performs a supervisor read at the
 //! vCPU's CPL (0 here), so that is the access we check; it reports address and validity.
 //!
+//! Where the CPU offers 5-level paging (CPUID.7.ECX.LA57: not on the CI host's software KVM,
+//! but in the nested L1 of tests/linux-guest/paging-nested.sh), every other round runs with
+//! CR4.LA57 and 57-bit addresses instead.
+//!
 //! Run length: `VMKIT_PAGING_KVM_CASES` (default 100,000) - set it to millions for a long
 //! run. The test fails (it does not skip) when /dev/kvm exists but cannot be used.
 
@@ -49,6 +53,7 @@ struct CpuCaps {
     nx: bool,
     smep: bool,
     smap: bool,
+    la57: bool,
 }
 
 fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd) -> CpuCaps {
@@ -73,6 +78,7 @@ fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd) -> CpuCaps {
     let vendor = find(0).map(|e| e.ebx).unwrap_or(0);
     let ext1 = find(0x8000_0001).map(|e| e.edx).unwrap_or(0);
     let leaf7 = find(7).map(|e| e.ebx).unwrap_or(0);
+    let leaf7_ecx = find(7).map(|e| e.ecx).unwrap_or(0);
     CpuCaps {
         max_phys_bits: find(0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8),
         amd: vendor == u32::from_le_bytes(*b"Auth") || vendor == u32::from_le_bytes(*b"Hygo"),
@@ -80,12 +86,23 @@ fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd) -> CpuCaps {
         nx: ext1 & (1 << 20) != 0,
         smep: leaf7 & (1 << 7) != 0,
         smap: leaf7 & (1 << 20) != 0,
+        la57: leaf7_ecx & (1 << 16) != 0,
     }
 }
 
-fn long_mode_sregs(mut s: kvm_sregs, wp: bool, nxe: bool, smep: bool, smap: bool) -> kvm_sregs {
+fn long_mode_sregs(
+    mut s: kvm_sregs,
+    wp: bool,
+    nxe: bool,
+    smep: bool,
+    smap: bool,
+    la57: bool,
+) -> kvm_sregs {
     s.cr3 = ROOT;
-    s.cr4 = 1 << 5 | if smep { 1 << 20 } else { 0 } | if smap { 1 << 21 } else { 0 };
+    s.cr4 = 1 << 5
+        | if smep { 1 << 20 } else { 0 }
+        | if smap { 1 << 21 } else { 0 }
+        | if la57 { 1 << 12 } else { 0 };
     s.cr0 = 1 | 1 << 4 | 1 << 31 | if wp { 1 << 16 } else { 0 };
     s.efer = 1 << 8 | 1 << 10 | if nxe { 1 << 11 } else { 0 };
     s.cs.base = 0;
@@ -168,9 +185,9 @@ fn random_entry(rng: &mut Rng, caps: &CpuCaps) -> u64 {
     e
 }
 
-fn random_address(rng: &mut Rng, hot: &[u64]) -> u64 {
+fn random_address(rng: &mut Rng, hot: &[u64], levels: u32) -> u64 {
     let mut va = 0u64;
-    for level in (1..=4u32).rev() {
+    for level in (1..=levels).rev() {
         let index = loop {
             let i = if rng.chance(95) {
                 hot[rng.below(hot.len() as u64) as usize]
@@ -185,8 +202,10 @@ fn random_address(rng: &mut Rng, hot: &[u64]) -> u64 {
         va |= index << (12 + 9 * (level - 1));
     }
     va |= rng.below(0x1000) & !7;
-    // Sign-extend bit 47: canonical addresses only (KVM_TRANSLATE ignores bits 63:48).
-    ((va << 16) as i64 >> 16) as u64
+    // Sign-extend the top bit (47, or 56 with LA57): canonical addresses only
+    // (KVM_TRANSLATE ignores the bits above).
+    let unused = 64 - (12 + 9 * levels);
+    ((va << unused) as i64 >> unused) as u64
 }
 
 #[test]
@@ -227,6 +246,7 @@ fn walker_matches_kvm_translate() {
     let mut valid = 0u64;
     let mut mismatches = Vec::new();
     let mut round = 0u64;
+    let mut la57_done = 0u64;
     while done < cases {
         round += 1;
         let mut hot: Vec<u64> = (0..12).map(|_| rng.below(512)).collect();
@@ -238,13 +258,19 @@ fn walker_matches_kvm_translate() {
         let smep = caps.smep && rng.chance(50);
         let smap = caps.smap && rng.chance(50);
         let ac = rng.chance(50);
-        vcpu.set_sregs(&long_mode_sregs(base_sregs, wp, nxe, smep, smap))
+        let la57 = caps.la57 && round % 2 == 0;
+        vcpu.set_sregs(&long_mode_sregs(base_sregs, wp, nxe, smep, smap, la57))
             .expect("KVM_SET_SREGS (long mode)");
         let mut regs = vcpu.get_regs().expect("KVM_GET_REGS");
         regs.rflags = 2 | if ac { 1 << 18 } else { 0 };
         vcpu.set_regs(&regs).expect("KVM_SET_REGS");
 
-        let mut cfg = PagingConfig::new(PagingMode::Level4, ROOT);
+        let mode = if la57 {
+            PagingMode::Level5
+        } else {
+            PagingMode::Level4
+        };
+        let mut cfg = PagingConfig::new(mode, ROOT);
         cfg.write_protect = wp;
         cfg.nxe = nxe;
         cfg.smep = smep;
@@ -256,7 +282,8 @@ fn walker_matches_kvm_translate() {
         let walker = Walker::new(cfg);
 
         for _ in 0..ADDRS_PER_ROUND {
-            let va = random_address(&mut rng, &hot);
+            let va = random_address(&mut rng, &hot, if la57 { 5 } else { 4 });
+            la57_done += u64::from(la57);
             let kvm_result = vcpu.translate_gva(va).expect("KVM_TRANSLATE");
             let ours = walker.translate(&mem, va, Access::supervisor_read());
             let theirs = (kvm_result.valid != 0).then_some(kvm_result.physical_address);
@@ -266,7 +293,7 @@ fn walker_matches_kvm_translate() {
             }
             if mine != theirs && mismatches.len() < 20 {
                 mismatches.push(format!(
-                    "round {round} va {va:#x} wp={wp} nxe={nxe} smep={smep} smap={smap} ac={ac}: \
+                    "round {round} va {va:#x} la57={la57} wp={wp} nxe={nxe} smep={smep} smap={smap} ac={ac}: \
                      kvm {theirs:x?}, ours {ours:x?}"
                 ));
             } else if mine != theirs {
@@ -276,8 +303,8 @@ fn walker_matches_kvm_translate() {
         }
     }
     eprintln!(
-        "{done} translations in {round} random table sets, {valid} valid, {} mismatches \
-         (MAXPHYADDR {}, amd {}, 1G {}, nx {}, smep {}, smap {})",
+        "{done} translations ({la57_done} with 5-level paging) in {round} random table sets, \
+         {valid} valid, {} mismatches (MAXPHYADDR {}, amd {}, 1G {}, nx {}, smep {}, smap {})",
         mismatches.len(),
         caps.max_phys_bits,
         caps.amd,
