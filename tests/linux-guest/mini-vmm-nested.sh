@@ -112,6 +112,8 @@ case " $L2_VMM_ARGS " in *" --net "*) markers+=("L1-TAP-UP" "L2-NET-OK");; esac
 case " $L2_VMM_ARGS " in *" --console "*) markers+=("L2-HVC0-OK");; esac
 cpus=$(echo "$L2_VMM_ARGS" | sed -n 's/.*--cpus boot=\([0-9]*\).*/\1/p')
 markers+=("L2-CPUS ${cpus:-1}" "L2-RTC-OK" "L1-SERIAL-IN-OK" "L2-DONE" "mini-vmm: the guest powered off" "MINI-VMM-EXIT=0")
+# With --cpus ...,host=M|auto the vCPUs ran as vmkit-sched tasks (mini-vmm's --stats line).
+case " $L2_VMM_ARGS " in *host=[0-9a]*) markers+=("${cpus:-1} vCPUs on vmkit-sched");; esac
 # The first run's markers, from its own lines only (not the second run's, prefixed R2).
 FIRST="$WORK/console.first.log"
 grep -vE '^(R2|L1-R2-END)' "$LOG" > "$FIRST" || true

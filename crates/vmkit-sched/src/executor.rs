@@ -509,6 +509,11 @@ impl<S: Scheduler + 'static> Executor<S> {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Drop the tasks that never exited now (outside the lock: a task's drop may take
+        // locks of its own), not when the last `Waker` goes: a task that holds its own
+        // waker would otherwise keep itself alive.
+        let tasks = std::mem::take(&mut lock(&self.shared.state).tasks);
+        drop(tasks);
     }
 }
 

@@ -16,6 +16,8 @@
 
 use std::path::PathBuf;
 
+use crate::sched::VcpuThreads;
+
 /// Errors in the command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
@@ -134,6 +136,8 @@ pub struct Args {
     pub stats: bool,
     /// Number of vCPUs (kernels only).
     pub cpus: u8,
+    /// How the vCPUs get host threads (`--cpus host=`).
+    pub vcpu_threads: VcpuThreads,
     /// virtio-blk devices, in order.
     pub disks: Vec<DiskArg>,
     /// virtio-net devices, in order.
@@ -171,6 +175,7 @@ impl Default for Args {
             help: false,
             stats: false,
             cpus: 1,
+            vcpu_threads: VcpuThreads::PerVcpu,
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
@@ -207,7 +212,10 @@ With no arguments, boots the bundled `hello` guest on KVM and exits with its sta
   --initramfs PATH    initial RAM disk for the kernel
   --memory size=SIZE  guest RAM, e.g. size=128M (K, M, G suffixes; default 64M)
   --cmdline TEXT      kernel command line (default: console=ttyS0 reboot=k panic=-1)
-  --cpus boot=N       vCPUs for the kernel (1-32, default 1), described in the ACPI MADT
+  --cpus boot=N[,host=M|auto|per-vcpu]
+                      vCPUs for the kernel (1-32, default 1), described in the ACPI MADT;
+                      host=M runs them on M vmkit-sched worker threads (auto: one per host
+                      CPU, at most one per vCPU); default: one thread per vCPU
   --disk path=PATH[,readonly=on]
                       virtio-blk disk over an image file or block device (repeatable)
   --net tap=NAME[,mac=MAC]
@@ -362,9 +370,29 @@ fn parse_serial(v: &str) -> Result<SerialArg, ArgsError> {
     }
 }
 
-fn parse_cpus(v: &str) -> Result<u8, ArgsError> {
-    let mut cpus = None;
-    for (_, val) in key_values("--cpus", v, &["boot"])? {
+/// Most scheduler workers `--cpus host=` accepts.
+pub const MAX_HOST_THREADS: usize = 256;
+
+fn parse_cpus(v: &str) -> Result<(u8, VcpuThreads), ArgsError> {
+    let (mut cpus, mut host) = (None, None);
+    for (key, val) in key_values("--cpus", v, &["boot", "host"])? {
+        if key == "host" {
+            host = Some(match val {
+                "per-vcpu" => VcpuThreads::PerVcpu,
+                "auto" => VcpuThreads::Auto,
+                _ => match val.parse::<usize>() {
+                    Ok(n) if (1..=MAX_HOST_THREADS).contains(&n) => VcpuThreads::Scheduler(n),
+                    _ => {
+                        return Err(invalid(
+                            "--cpus host",
+                            val,
+                            format!("expected 1 to {MAX_HOST_THREADS}, auto or per-vcpu"),
+                        ))
+                    }
+                },
+            });
+            continue;
+        }
         let n: u8 = val
             .parse()
             .map_err(|e| invalid("--cpus boot", val, format!("{e}")))?;
@@ -377,7 +405,10 @@ fn parse_cpus(v: &str) -> Result<u8, ArgsError> {
         }
         cpus = Some(n);
     }
-    cpus.ok_or_else(|| invalid("--cpus", v, "boot= is required"))
+    match (cpus, host) {
+        (None, None) => Err(invalid("--cpus", v, "boot= or host= is required")),
+        (c, h) => Ok((c.unwrap_or(1), h.unwrap_or_default())),
+    }
 }
 
 fn parse_snapshot(v: &str) -> Result<SnapshotArg, ArgsError> {
@@ -507,7 +538,14 @@ impl Args {
                         .parse()
                         .map_err(|e| invalid("--param", &v, format!("{e}")))?;
                 }
-                "--cpus" => out.cpus = parse_cpus(&next_value(&mut it, "--cpus")?)?,
+                "--cpus" => {
+                    let v = next_value(&mut it, "--cpus")?;
+                    (out.cpus, out.vcpu_threads) = parse_cpus(&v)?;
+                    if !v.split(',').any(|kv| kv.starts_with("boot=")) {
+                        // `host=` alone says how to run the vCPUs, not what the machine is.
+                        machine_opts.pop();
+                    }
+                }
                 "--disk" => out.disks.push(parse_disk(&next_value(&mut it, "--disk")?)?),
                 "--net" => out.nets.push(parse_net(&next_value(&mut it, "--net")?)?),
                 "--rng" => out.rng = true,

@@ -20,6 +20,8 @@
 //! devices. KVM keeps those application processors in wait-for-SIPI until Linux starts them
 //! with INIT/SIPI through its local APIC. Whichever vCPU ends the VM stops the others with a
 //! kick (a signal that makes `KVM_RUN` return), so a reboot issued on any CPU ends the run.
+//! With `--cpus ...,host=M` the vCPUs run instead as tasks on M vmkit-sched workers
+//! ([`crate::sched`]).
 //!
 //! # Boot time
 //!
@@ -251,6 +253,8 @@ pub struct Vmm<W: Write + Send + 'static> {
     pub machine: Machine,
     /// Pause every vCPU after the guest ran this long ([`Outcome::Paused`]).
     pub snapshot_after: Option<Duration>,
+    /// How the vCPUs get host threads (`--cpus ...,host=`; see [`crate::sched`]).
+    pub vcpu_threads: crate::sched::VcpuThreads,
     /// Host input for COM1's receive FIFO (see [`crate::input`]), read while the guest runs;
     /// `None` (the default) for none. The caller owns the fd.
     pub serial_input: Option<std::os::unix::io::RawFd>,
@@ -355,14 +359,14 @@ struct Restoring<'a> {
 
 /// The flags that end a run, shared by every vCPU thread.
 #[derive(Clone)]
-struct EndFlags {
-    reset: Arc<AtomicBool>,
-    power_off: Arc<AtomicBool>,
+pub(crate) struct EndFlags {
+    pub(crate) reset: Arc<AtomicBool>,
+    pub(crate) power_off: Arc<AtomicBool>,
     /// Another vCPU ended the VM.
-    stop: Arc<AtomicBool>,
+    pub(crate) stop: Arc<AtomicBool>,
     /// Park for a snapshot.
-    pause: Arc<AtomicBool>,
-    exit: Arc<ExitPort>,
+    pub(crate) pause: Arc<AtomicBool>,
+    pub(crate) exit: Arc<ExitPort>,
 }
 
 /// Runs one vCPU until the VM ends; `Ok(None)` when another vCPU ended it.
@@ -552,7 +556,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
             None
         };
         let copy = mapped.is_none();
-        let vmm = Self::build(
+        let mut vmm = Self::build(
             &margs,
             out,
             Some(Restoring {
@@ -599,6 +603,8 @@ impl<W: Write + Send + 'static> Vmm<W> {
         if let Some(v) = &vmm.virtio {
             v.restore_states(&virtio_states)?;
         }
+        // How to run the vCPUs is this command line's choice, not the snapshot's.
+        vmm.vcpu_threads = args.vcpu_threads;
         Ok(vmm)
     }
 
@@ -927,6 +933,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 .snapshot
                 .as_ref()
                 .map(|s| Duration::from_millis(s.after_ms)),
+            vcpu_threads: args.vcpu_threads,
             serial_input: None,
             _mapped_memory: mapped_memory,
         })
@@ -956,6 +963,9 @@ impl<W: Write + Send + 'static> Vmm<W> {
                     max
                 ));
             }
+        }
+        if let Some(line) = crate::sched::last_run_summary() {
+            out.push_str(&format!("\n{line}"));
         }
         out
     }
@@ -1023,6 +1033,16 @@ impl<W: Write + Send + 'static> Vmm<W> {
     /// Runs every vCPU until one ends the VM (or all are paused).
     fn run_vcpus(&mut self, end: &EndFlags) -> Result<Option<Outcome>, VmmError> {
         let end = end.clone();
+        if let Some(workers) = self.vcpu_threads.workers(1 + self.aps.len()) {
+            let vcpus = std::iter::once((&mut self.vcpu, &mut self.dispatcher))
+                .chain(
+                    self.aps
+                        .iter_mut()
+                        .map(|a| (&mut a.vcpu, &mut a.dispatcher)),
+                )
+                .collect();
+            return crate::sched::run_vcpus(vcpus, &end, workers);
+        }
         if self.aps.is_empty() {
             run_vcpu(&mut self.vcpu, &mut self.dispatcher, &end)
         } else {
