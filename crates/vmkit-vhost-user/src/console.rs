@@ -9,8 +9,12 @@
 //! `SET_CONFIG`) reaches the same output as the transmit queue.
 //!
 //! QEMU (10.0 included) has no user-creatable vhost-user frontend for virtio-console (its
-//! generic `vhost-user-device-pci` is not user-creatable), so this backend is exercised through
-//! vhost's frontend API in the tests, not by a guest kernel.
+//! generic `vhost-user-device-pci` is not user-creatable), so a real guest drives this backend
+//! through vmkit's own VMM instead: `tests/linux-guest/mini-vmm-nested.sh` runs
+//! `vmkit-vhost-user console` as a process beside `mini-vmm --vhost-user type=console,...`,
+//! and Debian's stock `virtio_console` driver (L2 on nested KVM) writes a token to the port
+//! and reads a host-supplied line back through it. The tests here drive it through vhost's
+//! frontend API.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};

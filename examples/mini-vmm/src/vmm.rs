@@ -700,8 +700,11 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 (owned.ram().clone(), Some(owned))
             }
             // vhost-user backends map guest RAM themselves: it must be a shareable memfd.
+            // Huge pages as for anonymous RAM (shmem THP needs the host's
+            // transparent_hugepage/shmem_enabled at `advise` or above).
             None if !args.vhost_user.is_empty() => {
                 let owned = vmkit_memory::Backing::memfd()
+                    .with_huge_pages(true)
                     .build(&layout)
                     .map_err(|_| VmmError::Memory(args.memory))?;
                 (owned.ram().clone(), Some(owned))
