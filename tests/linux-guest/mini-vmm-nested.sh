@@ -26,6 +26,18 @@
 # image file itself holds the token at 1 MiB. On failure the log is printed and the script
 # exits non-zero; every run is bounded by a timeout.
 #
+# vhost-user (unless L2_VHOST_USER is empty): in the first run mini-vmm is also the
+# vhost-user *frontend* of vmkit-vhost-user's console backend, a separate process in L1
+# (`vmkit-vhost-user console --socket /vu-con.sock --output /vu-con.out --input /vu-con.in`,
+# mini-vmm `--vhost-user type=console,socket=/vu-con.sock`, guest RAM memfd-shared). L2's stock
+# virtio_console driver sees it as hvc1: L2 writes this run's token to it, reads the line L1
+# then writes into the backend's input (a FIFO) and writes it back. L1 prints the backend's output file
+# (L1-VU-CONSOLE-LOG lines) and L1-VU-CONSOLE-IN-OK when the echo of its line is there; here
+# the token is looked for in those lines. The same frontend also carries vmkit-vhost-user's
+# rng backend (`--vhost-user type=rng`): L2 selects that second virtio-rng as its hwrng source
+# and reads 32 bytes (L2-VU-RNG-OK). The second run has no vhost-user device (a VM with one
+# cannot be snapshotted).
+#
 # A second run (unless L2_SNAPSHOT_AFTER_MS=0) checks snapshot/restore of the whole VM: in
 # the same L1, mini-vmm boots the same L2 with `--snapshot path=/snap,after=MS` (mid-boot by
 # default: half-way to L2's init, as the first run measured it), which saves the VM and exits
@@ -46,6 +58,7 @@
 #                    with a PVH entry, e.g. Debian's unpacked from that bzImage, also works)
 #   L2_SNAPSHOT_AFTER_MS=...  when the second run saves the VM (default auto: half of the
 #                    first run's time from mini-vmm's start to L2's init; 0: no second run)
+#   L2_VHOST_USER=... vhost-user devices of the first run (default: "console rng"; empty: none)
 #   LG_TIMEOUT=...   seconds before the L1 run is killed (default 240, 480 with the second
 #                    run)
 set -euo pipefail
@@ -57,6 +70,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$LG_ROOT/target}"
 lg_log "building mini-vmm (release)"
 (cd "$LG_ROOT" && cargo build --release -q -p mini-vmm)
 VMM="$CARGO_TARGET_DIR/release/mini-vmm"
+L2_VHOST_USER="${L2_VHOST_USER-console rng}"
+VU="$CARGO_TARGET_DIR/release/vmkit-vhost-user"
+if [ -n "$L2_VHOST_USER" ]; then
+    lg_log "building vmkit-vhost-user (release)"
+    (cd "$LG_ROOT" && cargo build --release -q -p vmkit-vhost-user)
+fi
 
 WORK="$LG_CACHE/mini-vmm-nested"
 mkdir -p "$WORK"
@@ -92,6 +111,15 @@ specs=("$VMM:bin/mini-vmm" "${L2_KERNEL:-$LG_KERNEL}:vmlinuz" "$WORK/l2.cpio.gz:
 for lib in $(ldd "$VMM" | grep -o '/[^ ]*'); do
     specs+=("$lib:${lib#/}")
 done
+echo "$L2_VHOST_USER" > "$WORK/l2-vhost-user"
+specs+=("$WORK/l2-vhost-user:l2-vhost-user")
+if [ -n "$L2_VHOST_USER" ]; then
+    # The backend binary and its libraries (the same glibc as mini-vmm's, copied again).
+    specs+=("$VU:bin/vmkit-vhost-user")
+    for lib in $(ldd "$VU" | grep -o '/[^ ]*'); do
+        specs+=("$lib:${lib#/}")
+    done
+fi
 lg_initramfs "$WORK/l1.cpio.gz" "$HERE/mini-vmm/l1-init" "${specs[@]}"
 
 LOG="$WORK/console.log"
@@ -118,6 +146,16 @@ case " $L2_VMM_ARGS " in *host=[0-9a]*) markers+=("${cpus:-1} vCPUs on vmkit-sch
 FIRST="$WORK/console.first.log"
 grep -vE '^(R2|L1-R2-END)' "$LOG" > "$FIRST" || true
 lg_expect "$FIRST" "${markers[@]}"
+case " $L2_VHOST_USER " in *" console "*)
+    # The token can only have reached L1's log through the backend's output file.
+    lg_expect "$FIRST" "L1-VU-CONSOLE-LOG L2-VU-CONSOLE-TX $(cat "$WORK/token")" \
+        "L1-VU-CONSOLE-IN-OK"
+    lg_log "vhost-user console: L2's token and the echo of L1's line are in the backend's output";;
+esac
+case " $L2_VHOST_USER " in *" rng "*)
+    lg_expect "$FIRST" "L2-VU-RNG-OK"
+    lg_log "vhost-user rng: L2 read its hwrng from the second virtio-rng (the backend process)";;
+esac
 case " $L2_VMM_ARGS " in *" --disk "*)
     found=$(dd if="$DISK" bs=512 skip=2048 count=1 2>/dev/null | head -c ${#TOKEN})
     if [ "$found" != "$TOKEN" ]; then
