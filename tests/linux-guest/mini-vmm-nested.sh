@@ -9,8 +9,9 @@
 # disk image files as virtio-blk-pci disks. L1's /init loads kvm-amd, and runs
 #   mini-vmm --kernel /vmlinuz --initramfs /l2.cpio.gz --stats --disk path=/dev/vda
 #            --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console file=/hvc0.out
-#            --cpus boot=2
-# configuring L1's end of tap0 (10.0.2.1) as soon as mini-vmm has created it. mini-vmm
+#            --cpus boot=2,host=2 [--vhost-user ...]
+# (host=2: the two vCPUs run as vmkit-sched tasks on two workers, halts parked; the restored
+# run of the second part takes thread-per-vCPU, mini-vmm's default), configuring L1's end of tap0 (10.0.2.1) as soon as mini-vmm has created it. mini-vmm
 # describes two vCPUs and its virtio-mmio devices to L2 in ACPI tables. L2's /init loads the
 # virtio modules, then prints one marker per verified step: the token of this run written to
 # its disk at 1 MiB, synced and read back (L2-BLK-OK), the second disk read-only and refusing
@@ -80,7 +81,7 @@ fi
 WORK="$LG_CACHE/mini-vmm-nested"
 mkdir -p "$WORK"
 L2_CMDLINE="${L2_CMDLINE:-console=ttyS0 reboot=k panic=-1}"
-L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console file=/hvc0.out --cpus boot=2}"
+L2_VMM_ARGS="${L2_VMM_ARGS:---disk path=/dev/vda --disk path=/dev/vdb,readonly=on --net tap=tap0 --rng --console file=/hvc0.out --cpus boot=2,host=2}"
 echo "$L2_CMDLINE" > "$WORK/l2-cmdline"
 echo "$L2_VMM_ARGS" > "$WORK/l2-vmm-args"
 L2_SNAPSHOT_AFTER_MS="${L2_SNAPSHOT_AFTER_MS:-auto}"
