@@ -12,10 +12,18 @@
 //! waits for input with `poll` and a [`TICK`] timeout, so it notices the end of the run
 //! without needing input; end of file on stdin ends it.
 //!
-//! [`Terminal::take`] saves stdin's file flags (the virtio console makes the fd non-blocking)
-//! and, if stdin is a terminal, switches it to raw mode for the run (keys reach the guest one
-//! at a time, unechoed and uninterpreted - Ctrl-C goes to the guest's shell, as on a serial
-//! line); dropping it restores both.
+//! The virtio console's event loop needs a non-blocking fd, but on a terminal stdin, stdout
+//! and stderr share one open file description, so `O_NONBLOCK` on fd 0 would make mini-vmm's
+//! own output fail with `EAGAIN` whenever the terminal is slow. [`open_input`] therefore opens
+//! stdin again (a new description of the same terminal or pipe) for the console to own.
+//!
+//! [`Terminal::take`] switches a terminal stdin to raw mode for the run, if mini-vmm is in the
+//! terminal's foreground process group (a background `mini-vmm &` leaves the terminal alone):
+//! keys reach the guest one at a time, unechoed, while output post-processing and signal keys
+//! stay on - Ctrl-C stops mini-vmm, not the guest's program, so a hung guest can always be
+//! stopped from the keyboard. The saved mode is restored when the guard drops, and by a
+//! handler for SIGINT, SIGTERM, SIGHUP and SIGQUIT before the signal's default action ends the
+//! process (SIGKILL cannot be caught: `stty sane` repairs the terminal then).
 //!
 //! Bytes read but not yet queued when the run ends (at most one read, 64 bytes) are lost,
 //! also across a snapshot; the FIFO's content itself is part of the saved serial state.
@@ -121,38 +129,55 @@ pub fn pollable(fd: RawFd) -> bool {
     ok
 }
 
-/// An input fd's saved state: its file status flags, and its terminal mode if it is a
-/// terminal (then switched to raw). Both are restored on drop.
+/// Opens stdin again as a new, non-blocking open file description (see the module docs), for
+/// an event loop to own.
+pub fn open_input() -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open("/proc/self/fd/0")
+}
+
+/// The terminal mode to restore from a signal handler: set once, before the handlers are
+/// installed, and only read after.
+static SAVED_MODE: std::sync::OnceLock<(RawFd, libc::termios)> = std::sync::OnceLock::new();
+
+extern "C" fn restore_and_reraise(sig: libc::c_int) {
+    if let Some((fd, mode)) = SAVED_MODE.get() {
+        // SAFETY: tcsetattr, signal and raise are async-signal-safe; `mode` is a termios saved
+        // before this handler was installed and never written again.
+        unsafe {
+            libc::tcsetattr(*fd, libc::TCSANOW, mode);
+        }
+    }
+    // SAFETY: as above; the default action then ends the process as the signal would have.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// A terminal switched to raw mode for the run, restored on drop (see the module docs).
 pub struct Terminal {
     fd: RawFd,
-    saved: Option<libc::termios>,
-    flags: libc::c_int,
+    saved: libc::termios,
 }
 
 impl std::fmt::Debug for Terminal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Terminal")
-            .field("fd", &self.fd)
-            .field("raw", &self.saved.is_some())
-            .finish()
+        f.debug_struct("Terminal").field("fd", &self.fd).finish()
     }
 }
 
 impl Terminal {
-    /// Saves `fd`'s flags and, if it is a terminal, switches it to raw mode.
-    pub fn take(fd: RawFd) -> io::Result<Terminal> {
-        // SAFETY: F_GETFL on an fd we were given; no memory is passed.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: isatty only inspects the fd.
-        if unsafe { libc::isatty(fd) } != 1 {
-            return Ok(Terminal {
-                fd,
-                saved: None,
-                flags,
-            });
+    /// Switches `fd` to raw mode (with signal keys and output processing kept) if it is a
+    /// terminal whose foreground process group is ours; `Ok(None)` if it is not.
+    pub fn take(fd: RawFd) -> io::Result<Option<Terminal>> {
+        // SAFETY: isatty, tcgetpgrp and getpgrp only inspect the fd and the process.
+        let foreground = unsafe { libc::isatty(fd) == 1 && libc::tcgetpgrp(fd) == libc::getpgrp() };
+        if !foreground {
+            return Ok(None);
         }
         // SAFETY: termios is plain data; tcgetattr fills it completely on success.
         let mut saved: libc::termios = unsafe { std::mem::zeroed() };
@@ -163,33 +188,29 @@ impl Terminal {
         let mut raw = saved;
         // SAFETY: cfmakeraw edits the termios we own.
         unsafe { libc::cfmakeraw(&mut raw) };
+        raw.c_lflag |= libc::ISIG;
+        raw.c_oflag |= libc::OPOST;
+        if SAVED_MODE.set((fd, saved)).is_ok() {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                // SAFETY: installs an async-signal-safe handler (see `restore_and_reraise`).
+                unsafe {
+                    libc::signal(sig, restore_and_reraise as *const () as libc::sighandler_t)
+                };
+            }
+        }
         // SAFETY: `raw` is a valid termios derived from the terminal's own.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Terminal {
-            fd,
-            saved: Some(saved),
-            flags,
-        })
-    }
-
-    /// Whether the fd is a terminal now in raw mode.
-    pub fn is_raw(&self) -> bool {
-        self.saved.is_some()
+        Ok(Some(Terminal { fd, saved }))
     }
 }
 
 impl Drop for Terminal {
     fn drop(&mut self) {
         // Best effort: there is nobody to report a failure to while exiting.
-        if let Some(saved) = &self.saved {
-            // SAFETY: restores the mode saved from this fd.
-            unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, saved) };
-        }
-        // SAFETY: F_SETFL with the flags read from this fd (the virtio console may have
-        // made it non-blocking).
-        unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.flags) };
+        // SAFETY: restores the mode saved from this fd.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
     }
 }
 
@@ -268,17 +289,32 @@ mod tests {
     }
 
     #[test]
-    fn a_non_terminal_keeps_its_mode_and_gets_its_flags_back() {
+    fn a_non_terminal_is_left_alone() {
         let (_tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
-        let fd = rx.as_raw_fd();
-        // SAFETY: F_GETFL on a live fd.
-        let flags = || unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert!(Terminal::take(rx.as_raw_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_console_input_is_a_new_description_so_stdin_keeps_blocking() {
+        // This test process's stdin: whatever the harness gave (a pipe, a terminal, /dev/null).
+        // SAFETY: F_GETFL on fd 0 of this process.
+        let flags = || unsafe { libc::fcntl(0, libc::F_GETFL) };
         let before = flags();
-        let t = Terminal::take(fd).unwrap();
-        assert!(!t.is_raw());
-        rx.set_nonblocking(true).unwrap();
-        assert_ne!(flags(), before);
-        drop(t);
-        assert_eq!(flags(), before, "the flags are restored");
+        if before < 0 {
+            return; // no stdin at all: nothing to reopen
+        }
+        let input = open_input().unwrap();
+        // SAFETY: F_GETFL on the fd just opened.
+        let theirs = unsafe { libc::fcntl(input.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(
+            theirs & libc::O_NONBLOCK,
+            0,
+            "the console's fd is non-blocking"
+        );
+        assert_eq!(
+            flags(),
+            before,
+            "fd 0 (shared with stdout on a terminal) is untouched"
+        );
     }
 }

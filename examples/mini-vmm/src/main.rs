@@ -39,6 +39,16 @@ fn main() -> ExitCode {
             }
         },
     };
+    // stdin is the guest's input: hvc0's with `--console tty` (its event loop reads it),
+    // else COM1's with `--serial tty`. A terminal in our foreground is put in raw mode for the
+    // run (see `mini_vmm::input`) and restored when `terminal` drops, before the last lines.
+    let console_tty = matches!(args.console, Some(ConsoleArg::Tty));
+    let serial_input = matches!(args.serial, SerialArg::Tty) && !console_tty;
+    let terminal = if console_tty || serial_input {
+        Terminal::take(0).ok().flatten()
+    } else {
+        None
+    };
     let built = match &args.restore {
         Some(dir) => {
             let start = Instant::now();
@@ -52,17 +62,8 @@ fn main() -> ExitCode {
         }
         None => Vmm::new(&args, serial),
     };
-    // stdin is the guest's input: hvc0's with `--console tty` (its event loop reads it),
-    // else COM1's with `--serial tty`. A terminal is put in raw mode for the run and restored
-    // (with the fd's flags) when `_stdin` drops, before mini-vmm exits.
-    let console_tty = matches!(args.console, Some(ConsoleArg::Tty));
-    let serial_input = matches!(args.serial, SerialArg::Tty) && !console_tty;
-    // A closed stdin: run without input.
-    let _stdin = (console_tty || serial_input)
-        .then(|| Terminal::take(0).ok())
-        .flatten();
     let result = built.and_then(|mut vmm| {
-        if serial_input && _stdin.is_some() {
+        if serial_input {
             vmm.serial_input = Some(0);
         }
         // `--snapshot` applies to restored machines too.
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
         vmm.flush_data_log()?;
         outcome
     });
+    drop(terminal);
     match result {
         Ok(Outcome::Exited(status)) => ExitCode::from(status.min(255) as u8),
         Ok(Outcome::Shutdown) => {

@@ -164,9 +164,14 @@ pub fn devices_from_args(args: &Args) -> Result<Vec<Spec>, VirtioError> {
     }
     if let Some(c) = &args.console {
         let backend = match c {
-            // stdin is hvc0's input when an event loop can watch it (see `crate::input`).
-            ConsoleArg::Tty if crate::input::pollable(0) => ConsoleBackend::stdio()
-                .map_err(|e| device_error("--console tty (stdin)".into(), e))?,
+            // stdin is hvc0's input when an event loop can watch it, through a description
+            // of its own (see `crate::input`).
+            ConsoleArg::Tty if crate::input::pollable(0) => ConsoleBackend::new(
+                Some(Box::new(crate::input::open_input().map_err(|e| {
+                    device_error("--console tty (reopening stdin)".into(), e)
+                })?)),
+                Box::new(std::io::stdout()),
+            ),
             ConsoleArg::Tty => ConsoleBackend::new(None, Box::new(std::io::stdout())),
             ConsoleArg::File(p) => ConsoleBackend::file(p, None)
                 .map_err(|e| device_error(format!("--console file={}", p.display()), e))?,
