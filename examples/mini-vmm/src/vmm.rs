@@ -431,18 +431,35 @@ fn load_initramfs(
         path: path.display().to_string(),
         why,
     };
-    // Read straight into guest memory: one copy, no buffer as big as the file.
     let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    // A pipe or other stream has no size up front: read it whole first (bounded by RAM).
+    let buffered = if meta.is_file() {
+        None
+    } else {
+        let mut bytes = Vec::new();
+        std::io::Read::by_ref(&mut file)
+            .take(memory.last_addr().0.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| err(e.to_string()))?;
+        Some(bytes)
+    };
+    let size = buffered.as_ref().map_or(meta.len(), |b| b.len() as u64);
+    if size == 0 {
+        return Err(err("empty initramfs".into()));
+    }
     let addr = initramfs_addr(layout, size, kernel_end, limit).ok_or_else(|| {
         err(format!(
             "{size} bytes do not fit in guest RAM below {limit:#x}"
         ))
     })?;
     let len = usize::try_from(size).map_err(|_| err(format!("{size} bytes is too big")))?;
-    memory
-        .read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|e| err(e.to_string()))?;
+    match &buffered {
+        Some(bytes) => memory.write_slice(bytes, GuestAddress(addr)),
+        // A regular file: straight into guest memory, one copy, no buffer as big as the file.
+        None => memory.read_exact_volatile_from(GuestAddress(addr), &mut file, len),
+    }
+    .map_err(|e| err(e.to_string()))?;
     Ok((addr, size))
 }
 
@@ -1222,6 +1239,23 @@ mod tests {
         let missing = dir.path().join("missing");
         let e = load_initramfs(&mem, &layout, &missing, 0, 0x37ff_ffff).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+        // A FIFO (`--initramfs <(...)`) has no size up front: it is read whole, not skipped.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (writer_path, writer_data) = (fifo.clone(), data.clone());
+        let writer = std::thread::spawn(move || std::fs::write(writer_path, writer_data));
+        let (addr, size) = load_initramfs(&mem, &layout, &fifo, 0x20_0000, 0x37ff_ffff).unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(size, 10_000);
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert_eq!(back, data);
+        // An empty one is an error, not an empty initramfs.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let e = load_initramfs(&mem, &layout, &empty, 0, 0x37ff_ffff).unwrap_err();
+        assert!(e.to_string().contains("empty initramfs"), "{e}");
     }
 
     #[test]
