@@ -13,7 +13,7 @@
 //! | virtio-mmio event (transport)      | vhost-user message(s) sent                                  |
 //! |------------------------------------|-------------------------------------------------------------|
 //! | device creation (`--vhost-user`)   | `SET_OWNER`, `GET_FEATURES`, `GET_PROTOCOL_FEATURES`, `SET_PROTOCOL_FEATURES`, `GET_QUEUE_NUM` (with MQ), `SET_MEM_TABLE` (memfd fds + offsets) |
-//! | `DeviceFeatures` read              | nothing: the backend's features minus `VHOST_USER_F_PROTOCOL_FEATURES`, read once |
+//! | `DeviceFeatures` read              | nothing: the backend's features (read once) within [`OFFERABLE_FEATURES`] |
 //! | config space read / write          | `GET_CONFIG` / `SET_CONFIG` (when the backend offers CONFIG; else zeros / ignored) |
 //! | `DRIVER_OK` (activation)           | `SET_FEATURES`, then per ready queue `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE`, `SET_VRING_CALL`, `SET_VRING_KICK`, `SET_VRING_ENABLE` |
 //! | `Status = 0` (reset)               | per started queue `SET_VRING_ENABLE(0)`, `GET_VRING_BASE` (stops the ring) |
@@ -39,9 +39,12 @@
 //! **Failure.** Every exchange runs under a [`Watchdog`]: a backend that does not answer within
 //! [`SOCKET_TIMEOUT`] gets its socket shut down, which ends the blocked receive with an error
 //! (vhost's endpoint retries a receive that merely timed out, so `SO_RCVTIMEO` alone would
-//! not do), so a silent backend costs at most that long and never hangs a vCPU. Any protocol error marks the
-//! device failed: activation returns an error (the transport sets `DEVICE_NEEDS_RESET`),
-//! config reads return zeros, and no further message is sent. The socket itself is watched
+//! not do), so a silent backend costs at most that long and never hangs a vCPU. A protocol
+//! error in a step that changes state marks the device failed: activation returns an error
+//! (the transport sets `DEVICE_NEEDS_RESET`), config reads return zeros, and no further
+//! message is sent. A failed config read (`GET_CONFIG`, which the transport makes through
+//! `&self`) only returns zeros and logs; once the watchdog has shut the socket, every later
+//! exchange fails at once. The socket itself is watched
 //! too: when the backend closes it while the device runs, the next event-loop pass reports a
 //! [`DeviceError::Backend`] and the transport sets `DEVICE_NEEDS_RESET`. Nothing panics.
 //!
@@ -131,6 +134,14 @@ impl VhostUserKind {
         }
     }
 }
+
+/// The backend feature bits a guest may be offered: the device-specific range (0-23) and the
+/// transport features this frontend implements - `INDIRECT_DESC` (28), `EVENT_IDX` (29) and
+/// `VERSION_1` (32). Everything else is hidden, whatever the backend offers: packed rings
+/// (34) would need wrap counters in `SET/GET_VRING_BASE`, `ACCESS_PLATFORM` (33) an IOMMU,
+/// `NOTIFICATION_DATA` (38) a different notify format, and `VHOST_F_LOG_ALL` (26) and
+/// `VHOST_USER_F_PROTOCOL_FEATURES` (30) are vhost's own, not the guest's.
+pub const OFFERABLE_FEATURES: u64 = 0x00ff_ffff | 1 << 28 | 1 << 29 | 1 << 32;
 
 /// A `--vhost-user` option.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -471,7 +482,7 @@ impl VhostUserDevice {
             fe,
             watch,
             dog,
-            avail_features: features & !protocol_bit & !arg.kind.masked_features(),
+            avail_features: features & OFFERABLE_FEATURES & !arg.kind.masked_features(),
             protocol,
             config,
             acked: 0,
@@ -784,5 +795,27 @@ impl VirtioDevice<Memory> for VhostUserDevice {
         Err(StateError::Device(
             "a vhost-user device cannot be restored: its ring state lives in its backend".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_implemented_transport_features_reach_the_guest() {
+        use super::OFFERABLE_FEATURES as F;
+        for (bit, offered) in [
+            (0, true),   // device-specific
+            (23, true),  // device-specific
+            (26, false), // VHOST_F_LOG_ALL
+            (28, true),  // INDIRECT_DESC
+            (29, true),  // EVENT_IDX
+            (30, false), // VHOST_USER_F_PROTOCOL_FEATURES
+            (32, true),  // VERSION_1
+            (33, false), // ACCESS_PLATFORM
+            (34, false), // RING_PACKED
+            (38, false), // NOTIFICATION_DATA
+        ] {
+            assert_eq!(F & (1u64 << bit) != 0, offered, "bit {bit}");
+        }
     }
 }
