@@ -399,6 +399,16 @@ impl Machine {
             Payload::Guest(g) => t.push_str(&format!("guest {g}\n")),
             Payload::Kernel(k) => t.push_str(&format!("kernel {}\n", path(k, file)?)),
         }
+        if self.disk_sizes.len() != self.disks.len() {
+            return Err(format_err(
+                file,
+                format!(
+                    "{} disks but {} disk sizes: an inconsistent machine",
+                    self.disks.len(),
+                    self.disk_sizes.len()
+                ),
+            ));
+        }
         for (d, size) in self.disks.iter().zip(&self.disk_sizes) {
             let ro = if d.readonly { "ro" } else { "rw" };
             // `-` when the size is unknown.
@@ -831,6 +841,13 @@ mod tests {
             let e = Machine::parse(bad, f).unwrap_err().to_string();
             assert!(e.contains("machine.txt") && e.contains(why), "{bad:?}: {e}");
         }
+        let mut short = machine();
+        short.disk_sizes.clear();
+        assert!(short
+            .to_text(f)
+            .unwrap_err()
+            .to_string()
+            .contains("1 disks but 0"));
         let mut nl = machine();
         nl.disks[0].path = "/a\nb".into();
         assert!(nl.to_text(f).unwrap_err().to_string().contains("one line"));
