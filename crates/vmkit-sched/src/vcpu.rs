@@ -111,11 +111,18 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
 
     fn run(&self) {
         let mut st = self.lock();
+        // Halt probes are read once per HALT_TICK, however often arms and wakes rouse this
+        // thread: `blocking_ticks` counts ticks, so a halt is parked only after it lasted them.
+        let mut next_probe = Instant::now();
         loop {
             if st.stop {
                 return;
             }
             let now = Instant::now();
+            let probe_now = now >= next_probe;
+            if probe_now {
+                next_probe = now + HALT_TICK;
+            }
             let mut next: Option<Instant> = None;
             let mut earliest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
             let mut fired = 0;
@@ -128,6 +135,10 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
                 }
                 earliest(a.deadline);
                 if let Some(p) = &a.probe {
+                    if !probe_now {
+                        earliest(next_probe);
+                        return true;
+                    }
                     if p.blocking() {
                         a.blocking_ticks += 1;
                         if a.blocking_ticks >= HALT_TICKS {
