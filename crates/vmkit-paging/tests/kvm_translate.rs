@@ -239,6 +239,20 @@ fn walker_matches_kvm_translate() {
     unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
     let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
     let caps = setup_cpuid(&kvm, &vcpu);
+    // A run that exists to cover these (tests/linux-guest/paging-nested.sh) must not pass
+    // quietly on a CPU that lost them: VMKIT_PAGING_REQUIRE=la57,1g.
+    let required = std::env::var("VMKIT_PAGING_REQUIRE").unwrap_or_default();
+    for need in required.split(',').filter(|n| !n.is_empty()) {
+        let have = match need {
+            "la57" => caps.la57,
+            "1g" => caps.gbpages,
+            other => panic!("VMKIT_PAGING_REQUIRE: unknown feature `{other}` (la57, 1g)"),
+        };
+        assert!(
+            have,
+            "VMKIT_PAGING_REQUIRE asks for {need}, which this KVM does not offer"
+        );
+    }
     let base_sregs = vcpu.get_sregs().expect("KVM_GET_SREGS");
 
     let mut rng = Rng(seed);
