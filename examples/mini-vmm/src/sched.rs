@@ -13,8 +13,10 @@
 //! stop_machine), and a userspace scheduler neither sees the IPI that should wake the
 //! parked target (it re-polls) nor the spin (KVM handles PAUSE exits in the kernel). Measured
 //! in the nested L1 of `tests/linux-guest/mini-vmm-nested.sh`, 2 vCPUs: mini-vmm start to L2's
-//! init took ~170 s on 1 worker with 10 ms slices and ~27 s on 2 workers, against a few
-//! seconds with a thread per vCPU. The guest is correct on both; it is just slow.
+//! init took ~170 s on 1 worker with 10 ms slices, 72-99 s on 1 worker with the 2 ms slices
+//! used now when workers are fewer than vCPUs, and 27-42 s on 2 workers, against 22-77 s
+//! with a thread per vCPU in runs under very different host load (the CI proof uses 2
+//! workers). The guest is correct in every case; it is just slow on 1 worker.
 //!
 //! Linux machines use KVM's in-kernel irqchip, where a halted vCPU sleeps inside `KVM_RUN`.
 //! Each task therefore carries [`KernelHalts`]: the slice timer notices the sleep through
