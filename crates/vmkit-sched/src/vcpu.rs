@@ -66,6 +66,17 @@ struct TimerState<K> {
     fired: u64,
 }
 
+/// What [`SliceTimer::park_if_halted`] found after a vCPU left the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaltCheck {
+    /// Not kicked for a halt: handle the exit as usual.
+    NotHalted,
+    /// Parked, its timed wake armed: the task returns [`Outcome::Blocked`].
+    Parked,
+    /// Kicked for a halt but runnable after all: watched again, re-enter the guest.
+    Runnable,
+}
+
 /// A task's place in a [`SliceTimer`], handed out by [`SliceTimer::register`] so that no two
 /// tasks share one (they would disarm each other's kicks).
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -250,6 +261,29 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         self.changed.notify_one();
     }
 
+    /// The park sequence after a vCPU watched with `halts` left the guest (see "Why no wakeup
+    /// is lost" in [`crate::halt`]): if the timer kicked it for an in-kernel halt and the vCPU
+    /// is still waiting, arm its timed wake and report [`HaltCheck::Parked`] (the task must
+    /// return [`Outcome::Blocked`]); if it turned runnable, watch it again until `deadline`.
+    pub fn park_if_halted<V: Vcpu<Kick = K>>(
+        &self,
+        slot: &TimerSlot,
+        halts: &KernelHalts,
+        vcpu: &V,
+        deadline: Instant,
+    ) -> HaltCheck {
+        if !self.take_halt_kick(slot) {
+            return HaltCheck::NotHalted;
+        }
+        if let Some((at, waker)) = halts.park(vcpu) {
+            // Armed before the task returns Blocked.
+            self.wake_at(slot, at, waker);
+            return HaltCheck::Parked;
+        }
+        self.arm_watching(slot, deadline, vcpu.kick_handle(), halts.probe());
+        HaltCheck::Runnable
+    }
+
     /// Cancels the slot's timed wake, if any.
     pub fn cancel_wake(&self, slot: &TimerSlot) {
         self.lock().wakes.remove(&slot.0);
@@ -415,12 +449,8 @@ where
         }
         // `end` includes a cut already asked for; a later deferred cut comes through
         // `kick_at` (arm_earlier), before or after this arm.
-        self.timer.arm_watching(
-            &self.slot,
-            slice.end(),
-            self.vcpu.kick_handle(),
-            probe.clone(),
-        );
+        self.timer
+            .arm_watching(&self.slot, slice.end(), self.vcpu.kick_handle(), probe);
         let outcome = loop {
             if slice.expired() {
                 self.stats.slices.fetch_add(1, Ordering::Relaxed);
@@ -429,22 +459,16 @@ where
             match self.dispatcher.run(&mut self.vcpu) {
                 Ok(Action::Continue) | Ok(Action::Interrupted) => {
                     if let Some(h) = &self.halts {
-                        if self.timer.take_halt_kick(&self.slot) {
-                            if let Some((at, waker)) = h.park(&self.vcpu) {
-                                // Armed before returning Blocked: see "Why no wakeup is
-                                // lost" in crate::halt.
-                                self.timer.wake_at(&self.slot, at, waker);
+                        match self
+                            .timer
+                            .park_if_halted(&self.slot, h, &self.vcpu, slice.end())
+                        {
+                            HaltCheck::Parked => {
                                 self.stats.halts.fetch_add(1, Ordering::Relaxed);
                                 break Outcome::Blocked;
                             }
-                            // Runnable after all: back in, watched again.
-                            self.timer.arm_watching(
-                                &self.slot,
-                                slice.end(),
-                                self.vcpu.kick_handle(),
-                                probe.clone(),
-                            );
-                            continue;
+                            HaltCheck::Runnable => continue,
+                            HaltCheck::NotHalted => {}
                         }
                     }
                     if !slice.expired() {

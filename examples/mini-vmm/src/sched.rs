@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use vmkit_sched::halt::KernelHalts;
-use vmkit_sched::vcpu::{SliceTimer, TimerSlot};
+use vmkit_sched::vcpu::{HaltCheck, SliceTimer, TimerSlot};
 use vmkit_sched::{
     Accounting, CreditConfig, CreditScheduler, Executor, Kick, Outcome as TaskOutcome, Slice, Task,
     VmConfig,
@@ -191,7 +191,7 @@ impl Task for VcpuRun {
         let probe = self.halts.probe();
         self.timer.cancel_wake(&self.slot);
         self.timer
-            .arm_watching(&self.slot, slice.end(), self.kick.clone(), probe.clone());
+            .arm_watching(&self.slot, slice.end(), self.kick.clone(), probe);
         let outcome = loop {
             if slice.expired() {
                 break TaskOutcome::SliceEnd;
@@ -214,19 +214,12 @@ impl Task for VcpuRun {
                     break self.finish(Ok(None))
                 }
                 Action::Continue | Action::Interrupted | Action::Debug { .. } => {
-                    if !self.timer.take_halt_kick(&self.slot) {
-                        continue;
-                    }
-                    if let Some((at, waker)) = self.halts.park(vcpu) {
-                        self.timer.wake_at(&self.slot, at, waker);
+                    let check =
+                        self.timer
+                            .park_if_halted(&self.slot, &self.halts, &*vcpu, slice.end());
+                    if check == HaltCheck::Parked {
                         break TaskOutcome::Blocked;
                     }
-                    self.timer.arm_watching(
-                        &self.slot,
-                        slice.end(),
-                        self.kick.clone(),
-                        probe.clone(),
-                    );
                 }
                 Action::Halt => {
                     break self.finish(Ok(Some(Outcome::Exited(
