@@ -15,6 +15,20 @@ pub mod paging;
 pub mod vcpu;
 pub mod virtio;
 
+/// Writes one target's seeds as files `dir/target/NAME`.
+pub fn write_corpus<N: AsRef<Path>>(
+    dir: &Path,
+    target: &str,
+    seeds: impl IntoIterator<Item = (N, Vec<u8>)>,
+) -> std::io::Result<()> {
+    let target = dir.join(target);
+    std::fs::create_dir_all(&target)?;
+    for (name, bytes) in seeds {
+        std::fs::write(target.join(name), bytes)?;
+    }
+    Ok(())
+}
+
 /// Writes the seed corpus of every fuzz target under `dir` (one sub-directory per target).
 pub fn write_all_seeds(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;

@@ -114,12 +114,7 @@ pub fn seeds() -> std::io::Result<Vec<(&'static str, Vec<u8>)>> {
 
 /// Writes the seed corpora of the vmkit-memory fuzz targets under `dir`.
 pub fn write_seeds(dir: &Path) -> std::io::Result<()> {
-    let target = dir.join(SNAPSHOT_RESTORE);
-    std::fs::create_dir_all(&target)?;
-    for (name, bytes) in seeds()? {
-        std::fs::write(target.join(name), bytes)?;
-    }
-    Ok(())
+    crate::write_corpus(dir, SNAPSHOT_RESTORE, seeds()?)
 }
 
 #[cfg(test)]

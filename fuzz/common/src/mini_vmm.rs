@@ -114,12 +114,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Writes the seeds under `dir/mini_vmm_snapshot`.
 pub fn write_seeds(dir: &Path) -> std::io::Result<()> {
-    let target = dir.join(MINI_VMM_SNAPSHOT);
-    std::fs::create_dir_all(&target)?;
-    for (name, bytes) in seeds() {
-        std::fs::write(target.join(name), bytes)?;
-    }
-    Ok(())
+    crate::write_corpus(dir, MINI_VMM_SNAPSHOT, seeds())
 }
 
 #[cfg(test)]

@@ -208,12 +208,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
 
 /// Writes the seed corpora of the vmkit-paging fuzz targets under `dir`.
 pub fn write_seeds(dir: &Path) -> std::io::Result<()> {
-    let target = dir.join(PAGING_WALK);
-    std::fs::create_dir_all(&target)?;
-    for (name, bytes) in seeds() {
-        std::fs::write(target.join(name), bytes)?;
-    }
-    Ok(())
+    crate::write_corpus(dir, PAGING_WALK, seeds())
 }
 
 #[cfg(test)]

@@ -326,14 +326,8 @@ pub fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Writes the seed corpora of the vmkit-vcpu fuzz targets under `dir`.
 pub fn write_seeds(dir: &Path) -> std::io::Result<()> {
-    for (target, seeds) in [(VCPU_EMULATOR, seeds()), (VCPU_STATE, state_seeds())] {
-        let target = dir.join(target);
-        std::fs::create_dir_all(&target)?;
-        for (name, bytes) in seeds {
-            std::fs::write(target.join(name), bytes)?;
-        }
-    }
-    Ok(())
+    crate::write_corpus(dir, VCPU_EMULATOR, seeds())?;
+    crate::write_corpus(dir, VCPU_STATE, state_seeds())
 }
 
 #[cfg(test)]
