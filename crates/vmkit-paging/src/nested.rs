@@ -313,7 +313,7 @@ impl NestedWalker {
         let gpa = t.gpa;
         let final_access = EptAccess {
             kind: access.kind,
-            user_linear: t.rights.user,
+            user_linear: t.rights().user,
             cause: LinearCause::FinalPage,
         };
         if let Some(c) = caches.as_deref() {
@@ -332,7 +332,7 @@ impl NestedWalker {
                     return Ok(NestedTranslation {
                         gpa,
                         hpa: s.hpa_page | (gpa & 0xfff),
-                        guest_page_size: t.page_size,
+                        guest_page_size: t.page_size(),
                         ept_page_size: None,
                         memory_refs: refs,
                     });
@@ -357,7 +357,7 @@ impl NestedWalker {
         Ok(NestedTranslation {
             gpa,
             hpa: e.hpa,
-            guest_page_size: t.page_size,
+            guest_page_size: t.page_size(),
             ept_page_size: Some(e.page_size),
             memory_refs: refs,
         })

@@ -609,7 +609,7 @@ where
         };
         // The recorder may have seen restarted walks: keep the last `levels` reads.
         let levels = self.levels() as usize;
-        let path_len = match t.page_size {
+        let path_len = match t.page_size() {
             PageSize::Size1G => levels - 2,
             PageSize::Size2M => levels - 1,
             _ => levels,
@@ -624,7 +624,7 @@ where
             return Ok(ShadowOutcome::Mmio(t.gpa));
         };
         let gfn = gpa_page >> 12;
-        let writable = t.rights.writable && t.dirty;
+        let writable = t.rights().writable && t.dirty();
         if let Some(sps) = self.by_gfn.get(&gfn).cloned() {
             if access.is_write() && self.is_protected(gfn) {
                 // The guest writes one of its own page tables.
@@ -673,16 +673,16 @@ where
                 // Building the path may have made the target frame a shadowed table.
                 let writable = writable && !self.is_protected(gfn);
                 let mut leaf = hpa_page | PRESENT | ACCESSED | DIRTY;
-                if t.rights.user {
+                if t.rights().user {
                     leaf |= USER;
                 }
                 if writable {
                     leaf |= WRITABLE;
                 }
-                if t.rights.no_execute {
+                if t.rights().no_execute {
                     leaf |= NO_EXECUTE;
                 }
-                leaf |= u64::from(t.rights.pkey) << PKEY_SHIFT;
+                leaf |= u64::from(t.rights().pkey) << PKEY_SHIFT;
                 self.shadow
                     .write_u64(addr, leaf)
                     .ok_or(ShadowError::OutsideMemory { addr })?;

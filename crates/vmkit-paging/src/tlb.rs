@@ -316,14 +316,14 @@ impl Tlb {
     /// Page bases are 4 KiB aligned and below 2^52 on x86; other bits of `t.page_base()`
     /// are not stored.
     pub fn insert(&mut self, pcid: u16, addr: u64, t: &Translation) {
-        let class = SIZES.iter().position(|s| *s == t.page_size).unwrap_or(0);
-        let mut val = (t.page_base() & V_FRAME) | u64::from(t.rights.pkey & 15) << V_PKEY_SHIFT;
+        let class = SIZES.iter().position(|s| *s == t.page_size()).unwrap_or(0);
+        let mut val = (t.page_base() & V_FRAME) | u64::from(t.rights().pkey & 15) << V_PKEY_SHIFT;
         for (on, bit) in [
-            (t.global, V_GLOBAL),
-            (t.dirty, V_DIRTY),
-            (t.rights.writable, V_WRITABLE),
-            (t.rights.user, V_USER),
-            (t.rights.no_execute, V_NX),
+            (t.global(), V_GLOBAL),
+            (t.dirty(), V_DIRTY),
+            (t.rights().writable, V_WRITABLE),
+            (t.rights().user, V_USER),
+            (t.rights().no_execute, V_NX),
         ] {
             if on {
                 val |= bit;
@@ -439,7 +439,7 @@ impl Tlb {
         self.insert(pcid, addr, &t);
         Ok(TlbTranslation {
             gpa: t.gpa,
-            page_size: t.page_size,
+            page_size: t.page_size(),
             hit: false,
         })
     }

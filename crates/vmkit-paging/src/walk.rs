@@ -342,7 +342,14 @@ pub struct Rights {
 /// page size (hence the page base, [`page_base`](Self::page_base)), the rights combined
 /// over all levels, G and D of the leaf, the leaf entry and where it lives (for tools that
 /// edit or write-protect the guest's tables), and the number of entries read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// The address and the leaf are fields; the rest is read through methods, because it is
+/// stored the way the walk produces it: G, D and the protection key are bits of
+/// `leaf_entry`, and the combined rights, the page size and the reference count share one
+/// word whose R/W, U/S and XD bits sit where a paging entry has them (so a walk stores the
+/// AND and OR of its entries masked, instead of unpacking them into separate fields - a
+/// third of the cost of a 4-level walk was building the result).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
     /// The guest-physical address.
     pub gpa: u64,
@@ -350,25 +357,114 @@ pub struct Translation {
     pub leaf_entry: u64,
     /// Physical address of the leaf entry.
     pub leaf_addr: u64,
-    /// Size of the page.
-    pub page_size: PageSize,
-    /// Combined rights.
-    pub rights: Rights,
-    /// The leaf has G set.
-    pub global: bool,
-    /// The leaf's D bit after the walk (a TLB may cache a write only when set).
-    pub dirty: bool,
-    /// Number of paging-structure entries read (memory references of the walk, 1..=5).
-    pub memory_refs: u8,
+    /// R/W (bit 1) and U/S (bit 2) combined over all levels, XD (bit 63, only with
+    /// EFER.NXE), the page size (bits 9:8, [`Translation::SIZE_SHIFT`]) and the number of
+    /// entries read (bits 15:12).
+    info: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<Translation>() == 32);
 
+/// Page sizes by their code in [`Translation`]'s info word.
+const SIZE_CODES: [PageSize; 4] = [
+    PageSize::Size4K,
+    PageSize::Size2M,
+    PageSize::Size4M,
+    PageSize::Size1G,
+];
+
 impl Translation {
+    const SIZE_SHIFT: u32 = 8;
+    const REFS_SHIFT: u32 = 12;
+    /// The rights bits of the info word, in their paging-entry positions.
+    const RIGHTS: u64 = WRITABLE | USER | NO_EXECUTE;
+
+    /// The info word's page-size and reference-count bits.
+    #[inline(always)]
+    const fn shape(size: PageSize, memory_refs: u32) -> u64 {
+        let code = match size {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 1,
+            PageSize::Size4M => 2,
+            PageSize::Size1G => 3,
+        };
+        (code << Self::SIZE_SHIFT) | ((memory_refs as u64) << Self::REFS_SHIFT)
+    }
+
+    /// A translation from its parts: `rights_bits` holds R/W, U/S and XD in their
+    /// paging-entry positions (other bits are ignored), `shape` comes from
+    /// [`shape`](Self::shape).
+    #[inline(always)]
+    const fn from_parts(
+        gpa: u64,
+        leaf_entry: u64,
+        leaf_addr: u64,
+        rights_bits: u64,
+        shape: u64,
+    ) -> Self {
+        Translation {
+            gpa,
+            leaf_entry,
+            leaf_addr,
+            info: (rights_bits & Self::RIGHTS) | shape,
+        }
+    }
+
     /// Guest-physical base of the page.
     #[inline]
     pub const fn page_base(&self) -> u64 {
-        self.gpa & !(self.page_size.bytes() - 1)
+        self.gpa & !(self.page_size().bytes() - 1)
+    }
+
+    /// Size of the page.
+    #[inline]
+    pub const fn page_size(&self) -> PageSize {
+        SIZE_CODES[((self.info >> Self::SIZE_SHIFT) & 3) as usize]
+    }
+
+    /// Rights combined over all levels, and the leaf's protection key (4/5-level paging;
+    /// the bits are reserved, hence 0, in the other modes).
+    #[inline]
+    pub const fn rights(&self) -> Rights {
+        Rights {
+            writable: self.info & WRITABLE != 0,
+            user: self.info & USER != 0,
+            no_execute: self.info & NO_EXECUTE != 0,
+            pkey: ((self.leaf_entry >> PKEY_SHIFT) & 15) as u8,
+        }
+    }
+
+    /// The leaf has G set.
+    #[inline]
+    pub const fn global(&self) -> bool {
+        self.leaf_entry & GLOBAL != 0
+    }
+
+    /// The leaf's D bit after the walk (a TLB may cache a write only when set).
+    #[inline]
+    pub const fn dirty(&self) -> bool {
+        self.leaf_entry & DIRTY != 0
+    }
+
+    /// Number of paging-structure entries read (memory references of the walk, 1..=5).
+    #[inline]
+    pub const fn memory_refs(&self) -> u8 {
+        ((self.info >> Self::REFS_SHIFT) & 15) as u8
+    }
+}
+
+impl core::fmt::Debug for Translation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Translation")
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("leaf_entry", &format_args!("{:#x}", self.leaf_entry))
+            .field("leaf_addr", &format_args!("{:#x}", self.leaf_addr))
+            .field("page_size", &self.page_size())
+            .field("rights", &self.rights())
+            .field("global", &self.global())
+            .field("dirty", &self.dirty())
+            .field("memory_refs", &self.memory_refs())
+            .finish()
     }
 }
 
@@ -1081,16 +1177,13 @@ impl Walker {
         let Some(w) = self.fast_walk::<LEVELS, M>(mem, addr, access) else {
             return detailed();
         };
-        Ok(Translation {
-            gpa: w.gpa,
-            leaf_entry: w.leaf,
-            leaf_addr: w.leaf_addr,
-            page_size: w.size,
-            rights: Self::fast_rights(w.and_bits, w.or_bits & self.nx_bit, w.leaf),
-            global: w.leaf & GLOBAL != 0,
-            dirty: w.leaf & DIRTY != 0,
-            memory_refs: (LEVELS + 1 - w.level) as u8,
-        })
+        Ok(Translation::from_parts(
+            w.gpa,
+            w.leaf,
+            w.leaf_addr,
+            (w.and_bits & (WRITABLE | USER)) | (w.or_bits & self.nx_bit),
+            Translation::shape(w.size, LEVELS + 1 - w.level),
+        ))
     }
 
     /// The guest-physical address of `addr` when the common case applies, `None` otherwise.
@@ -1337,16 +1430,13 @@ impl Walker {
             }
         }
         let offset = size.bytes() - 1;
-        Ok(Translation {
-            gpa: (leaf & NEXT & !offset) | (addr & offset),
-            leaf_entry: leaf_now,
+        Ok(Translation::from_parts(
+            (leaf & NEXT & !offset) | (addr & offset),
+            leaf_now,
             leaf_addr,
-            page_size: size,
-            rights,
-            global: leaf_now & GLOBAL != 0,
-            dirty: leaf_now & DIRTY != 0,
-            memory_refs: (LEVELS + 1 - level) as u8,
-        })
+            (and_bits & (WRITABLE | USER)) | (or_bits & self.nx_bit),
+            Translation::shape(size, LEVELS + 1 - level),
+        ))
     }
 
     /// One walk; `None` when an A/D update lost a race and the walk must restart.
@@ -1509,16 +1599,16 @@ impl Walker {
                 }
             }
         }
-        Some(Ok(Translation {
-            gpa: page_base | (addr & (size.bytes() - 1)),
-            leaf_entry: leaf_now,
-            leaf_addr: path[(leaf_level - 1) as usize].0,
-            page_size: size,
-            rights,
-            global: leaf_now & GLOBAL != 0,
-            dirty: leaf_now & DIRTY != 0,
-            memory_refs: refs,
-        }))
+        let rights_bits = (u64::from(rights.writable) * WRITABLE)
+            | (u64::from(rights.user) * USER)
+            | (u64::from(rights.no_execute) * NO_EXECUTE);
+        Some(Ok(Translation::from_parts(
+            page_base | (addr & (size.bytes() - 1)),
+            leaf_now,
+            path[(leaf_level - 1) as usize].0,
+            rights_bits,
+            Translation::shape(size, u32::from(refs)),
+        )))
     }
 }
 
@@ -1566,9 +1656,9 @@ mod tests {
         let t = w.translate(&mem, VA, Access::user_read()).unwrap();
         assert_eq!(t.gpa, 0x7123);
         assert_eq!(t.page_base(), 0x7000);
-        assert_eq!(t.page_size, PageSize::Size4K);
-        assert_eq!(t.memory_refs, 4);
-        assert!(!t.dirty);
+        assert_eq!(t.page_size(), PageSize::Size4K);
+        assert_eq!(t.memory_refs(), 4);
+        assert!(!t.dirty());
         for a in [0x1000, 0x2000, 0x3010, 0x4028] {
             assert_eq!(
                 mem.read_u64(a).unwrap() & (ACCESSED | DIRTY),
@@ -1577,7 +1667,7 @@ mod tests {
             );
         }
         let t = w.translate(&mem, VA, Access::user_write()).unwrap();
-        assert!(t.dirty);
+        assert!(t.dirty());
         assert_eq!(mem.read_u64(0x4028).unwrap() & DIRTY, DIRTY);
         assert_eq!(mem.read_u64(0x3010).unwrap() & DIRTY, 0);
         // The leaf is reported with the bits the walk set.
@@ -1620,17 +1710,17 @@ mod tests {
             .translate(&mem, 0x4123_4567, Access::supervisor_read())
             .unwrap();
         assert_eq!(
-            (t.gpa, t.page_size, t.memory_refs),
+            (t.gpa, t.page_size(), t.memory_refs()),
             (0x8123_4567, PageSize::Size1G, 2)
         );
         let t = w
             .translate(&mem, 0x67_89ab, Access::supervisor_write())
             .unwrap();
         assert_eq!(
-            (t.gpa, t.page_size, t.memory_refs),
+            (t.gpa, t.page_size(), t.memory_refs()),
             (0x67_89ab, PageSize::Size2M, 3)
         );
-        assert!(t.dirty && mem.read_u64(0x3018).unwrap() & DIRTY != 0);
+        assert!(t.dirty() && mem.read_u64(0x3018).unwrap() & DIRTY != 0);
 
         // Without 1 GiB pages PS in a PDPTE is reserved.
         let mut cfg = cfg4();
@@ -1785,7 +1875,7 @@ mod tests {
         let w = Walker::new(cfg4());
         let t = w.translate(&mem, VA, Access::supervisor_read()).unwrap();
         assert_eq!(
-            t.rights,
+            t.rights(),
             Rights {
                 writable: false,
                 user: false,
@@ -1870,7 +1960,10 @@ mod tests {
             Some(PF_P | PF_R | PF_U)
         );
         let bit8 = l4([PWU | GLOBAL, PWU | GLOBAL, PWU | GLOBAL, PWU | GLOBAL]);
-        assert!(w.translate(&bit8, VA, Access::user_read()).unwrap().global);
+        assert!(w
+            .translate(&bit8, VA, Access::user_read())
+            .unwrap()
+            .global());
         let mut amd = cfg;
         amd.amd = true;
         let f = Walker::new(amd)
@@ -1994,7 +2087,7 @@ mod tests {
                         }
                 );
             } else {
-                assert_eq!(got.unwrap().rights.pkey, ((pte >> 59) & 15) as u8);
+                assert_eq!(got.unwrap().rights().pkey, ((pte >> 59) & 15) as u8);
             }
         }
     }
@@ -2075,7 +2168,7 @@ mod tests {
             .translate(&mem, 0xffff_ff80_0000_2028, Access::supervisor_read())
             .unwrap();
         assert_eq!(t.gpa, 0x4028);
-        assert_eq!(t.memory_refs, 4);
+        assert_eq!(t.memory_refs(), 4);
         // All-ones memory: every entry present with every reserved bit set.
         let ones = FlatMemory::new(0, 0x2000);
         for a in (0..0x2000).step_by(8) {
@@ -2134,7 +2227,7 @@ mod tests {
         let t = w
             .translate_with(&mut racy, VA, Access::user_write())
             .unwrap();
-        assert!(t.dirty);
+        assert!(t.dirty());
         assert_eq!(racy.races, 0);
         for a in [0x1000, 0x2000, 0x3010] {
             assert_eq!(mem.read_u64(a).unwrap() & ACCESSED, ACCESSED);
@@ -2164,12 +2257,12 @@ mod tests {
         let va = 0x8020_5123;
         let w = Walker::new(PagingConfig::new(PagingMode::Pae, 0x1020));
         let t = w.translate(&mem, va, Access::user_write()).unwrap();
-        assert_eq!((t.gpa, t.memory_refs), (0x7123, 3));
+        assert_eq!((t.gpa, t.memory_refs()), (0x7123, 3));
         // The PDPTE has no A bit; the others got it.
         assert_eq!(mem.read_u64(0x1030).unwrap(), 0x3000 | P);
         assert_eq!(mem.read_u64(0x3008).unwrap() & ACCESSED, ACCESSED);
         let t = w.translate(&mem, 0x8040_0042, Access::user_read()).unwrap();
-        assert_eq!((t.gpa, t.page_size), (0x2_0000_0042, PageSize::Size2M));
+        assert_eq!((t.gpa, t.page_size()), (0x2_0000_0042, PageSize::Size2M));
         assert_eq!(
             code(w.translate(&mem, 0x8040_0042, Access::user_fetch())),
             Some(PF_P | PF_U | PF_I)
@@ -2185,7 +2278,7 @@ mod tests {
         cfg.pdptes = Some([0, 0, 0x3000 | P, 0]);
         let wr = Walker::new(cfg);
         let t = wr.translate(&mem, va, Access::user_read()).unwrap();
-        assert_eq!((t.gpa, t.memory_refs), (0x7123, 2));
+        assert_eq!((t.gpa, t.memory_refs()), (0x7123, 2));
         assert_eq!(
             wr.translate(&mem, 0x1000, Access::user_read())
                 .unwrap_err()
@@ -2236,7 +2329,7 @@ mod tests {
         let w = Walker::new(cfg);
         let t = w.translate(&mem, 0x40_5123, Access::user_write()).unwrap();
         assert_eq!(
-            (t.gpa, t.memory_refs, t.page_size),
+            (t.gpa, t.memory_refs(), t.page_size()),
             (0x7123, 2, PageSize::Size4K)
         );
         assert_eq!(
@@ -2245,7 +2338,7 @@ mod tests {
         );
         assert_eq!(mem.read_u32(0x1004).unwrap() & DIRTY as u32, 0);
         let t = w.translate(&mem, 0x80_1234, Access::user_read()).unwrap();
-        assert_eq!((t.gpa, t.page_size), (0x12_0080_1234, PageSize::Size4M));
+        assert_eq!((t.gpa, t.page_size()), (0x12_0080_1234, PageSize::Size4M));
         // No XD in 32-bit paging: fetches allowed; with SMEP a supervisor fetch from a user
         // page faults with I set, even though NXE is on and meaningless here.
         assert!(w.translate(&mem, 0x40_5000, Access::user_fetch()).is_ok());
@@ -2323,7 +2416,7 @@ mod tests {
         let va = 0xffff_0000_0000_1abc;
         let w = Walker::new(PagingConfig::new(PagingMode::Level5, 0x1000));
         let t = w.translate(&mem, va, Access::user_read()).unwrap();
-        assert_eq!((t.gpa, t.memory_refs), (0x9abc, 5));
+        assert_eq!((t.gpa, t.memory_refs()), (0x9abc, 5));
         mem.write_u64(0x1000 + 0x1ff * 8, 0x2000 | PWU | PAGE_SIZE)
             .unwrap();
         assert_eq!(

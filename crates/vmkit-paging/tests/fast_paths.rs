@@ -287,7 +287,7 @@ proptest! {
                     match (&cached, &direct) {
                         (Ok(c), Ok(d)) => {
                             prop_assert_eq!(c.gpa, d.gpa);
-                            prop_assert_eq!(c.page_size, d.page_size);
+                            prop_assert_eq!(c.page_size, d.page_size());
                         }
                         (Err(c), Err(d)) => prop_assert_eq!(c.error_code(), d.error_code()),
                         _ => prop_assert!(false, "TLB {:?} vs walk {:?}", cached, direct),
@@ -301,7 +301,7 @@ proptest! {
                         // Whatever is cached for `va` now must be what a walk says.
                         let d = walker.translate(&mem, va, Access::new(AccessKind::Read, Privilege::Supervisor));
                         if let Ok(d) = d {
-                            prop_assert_eq!((gpa, size), (d.gpa, d.page_size));
+                            prop_assert_eq!((gpa, size), (d.gpa, d.page_size()));
                         }
                     }
                     last_va = va;

@@ -220,7 +220,7 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
         .translate(&t.mem, 0x1fc000, supervisor(AccessKind::Read))
         .unwrap();
     assert!(
-        tr.dirty,
+        tr.dirty(),
         "KVM set D on the written page: {:#x}",
         tr.leaf_entry
     );
@@ -228,7 +228,7 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
         .translate(&t.mem, 0x1fe000, supervisor(AccessKind::Read))
         .unwrap();
     assert!(
-        !tr.dirty,
+        !tr.dirty(),
         "a refused write must not set D: {:#x}",
         tr.leaf_entry
     );
@@ -240,7 +240,7 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
             .translate(&t.mem, addr, supervisor(kind))
             .unwrap_or_else(|f| panic!("{kind:?} at {addr:#x} faulted: {f}"));
         assert_eq!(tr.gpa, addr, "{kind:?} at {addr:#x}: identity mapping");
-        assert_eq!(tr.page_size, size, "{kind:?} at {addr:#x}: page size");
+        assert_eq!(tr.page_size(), size, "{kind:?} at {addr:#x}: page size");
         tr
     };
     let fault = |addr: u64, access: Access, code: u32| {
@@ -261,10 +261,10 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
     ok(0x1fc000, AccessKind::Fetch, PageSize::Size4K);
     // The read-only page reads fine; the no-execute page reads and writes fine.
     let ro = ok(0x1fe008, AccessKind::Read, PageSize::Size4K);
-    assert!(!ro.rights.writable);
+    assert!(!ro.rights().writable);
     ok(0x1fd000, AccessKind::Read, PageSize::Size4K);
     let nx = ok(0x1fd000, AccessKind::Write, PageSize::Size4K);
-    assert!(nx.rights.no_execute && nx.rights.writable);
+    assert!(nx.rights().no_execute && nx.rights().writable);
     // The not-present page refuses every access, with W / I/D bits per access kind.
     fault(0x1ff000, supervisor(AccessKind::Write), PfErrorCode::WRITE);
     fault(0x1ff000, supervisor(AccessKind::Fetch), PfErrorCode::FETCH);
@@ -280,7 +280,7 @@ fn the_walker_agrees_with_kvm_on_the_paging_guests_own_tables() {
         let tr = walker
             .translate(&t.mem, 0x1fb010, access)
             .expect("user data page");
-        assert!(tr.rights.user);
+        assert!(tr.rights().user);
     }
     walker
         .translate(&t.mem, 0x1fa000, Access::user_fetch())

@@ -85,10 +85,10 @@ pub fn walk_bytes(data: &[u8]) {
     let walker = Walker::new(cfg);
     let direct = walker.translate(&mem, va, access);
     if let Ok(t) = &direct {
-        assert!(t.memory_refs <= 5, "unbounded guest walk: {t:?}");
+        assert!(t.memory_refs() <= 5, "unbounded guest walk: {t:?}");
         assert_eq!(
-            t.gpa & (t.page_size.bytes() - 1),
-            va & (t.page_size.bytes() - 1)
+            t.gpa & (t.page_size().bytes() - 1),
+            va & (t.page_size().bytes() - 1)
         );
     }
     // The TLB: a miss then a hit must agree with a direct walk. Without A/D updates the
