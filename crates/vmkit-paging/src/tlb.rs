@@ -295,7 +295,10 @@ impl Tlb {
         // slow path (which re-tags it).
         if slot.tag == tag && walker.fast_allowed(access, slot.val) {
             self.stats.hits += 1;
-            return Some(slot.base() | (addr & 0xfff));
+            // Bits 63:52 of a value word are always clear and 11:0 hold only attributes,
+            // so clearing the low 12 bits leaves the frame (one AND with a short immediate
+            // instead of the 52-bit frame mask).
+            return Some((slot.val & !0xfff) | (addr & 0xfff));
         }
         None
     }
