@@ -31,6 +31,19 @@
 //!   fault through it in between is zapped, as KVM does against write flooding.
 //! * **Accessed/Dirty emulation.** A shadow leaf is writable only once the guest leaf is
 //!   dirty: the first guest write faults, the guest walk sets D, the leaf becomes writable.
+//! * **CR0.WP = 0.** The shadow tables are walked with CR0.WP = 1 (on hardware the host
+//!   keeps WP set, or write protection of the guest's tables would not hold against its
+//!   kernel). A guest with WP = 0 lets its kernel write read-only pages, which no single
+//!   shadow leaf expresses together with "user may read, not write". As KVM does, the leaf
+//!   takes one of two shapes depending on the fault that built it: a kernel write makes it
+//!   writable and supervisor-only (and no-execute when the guest has SMEP, since the page
+//!   is a user page the kernel must not execute), any other access makes it user-readable
+//!   and read-only. An access the current shape refuses faults and flips it.
+//! * **Control registers.** [`ShadowMmu::set_paging_config`] takes the guest's new
+//!   CR0/CR4/EFER/RFLAGS state. What shadow leaves were derived from (CR0.WP, SMEP, SMAP,
+//!   EFER.NXE, the paging mode, protection-key enables, MAXPHYADDR) zaps everything when it
+//!   changes, in O(1); RFLAGS.AC, PKRU and IA32_PKRS only act when the tables are walked,
+//!   so they take effect without a zap.
 //! * **Roots.** [`ShadowMmu::set_cr3`] keeps a cache of the [`ROOT_CACHE`] most recent
 //!   (CR3, PCID) roots, so switching back to a recent address space costs no rebuild.
 //!   Without the no-flush bit a CR3 write also resynchronises unsync pages.
@@ -38,9 +51,13 @@
 //!   roots of older generations are dead from that instant and their frames are reclaimed
 //!   incrementally on later faults.
 //!
-//! Scope: guests in 4- or 5-level paging with CR0.WP=1 (the shadow leaf carries the guest's
-//! effective U/W/NX and protection key, and the guest's SMEP/SMAP/PKRU apply when the shadow
-//! tables are walked). 32-bit/PAE guests and WP=0 are refused with [`ShadowError`].
+//! Scope: guests in 4- or 5-level paging (the shadow leaf carries the guest's effective
+//! U/W/NX and protection key, and the guest's SMEP/SMAP/PKRU apply when the shadow tables
+//! are walked). Refused with [`ShadowError::Unsupported`]: 32-bit and PAE guests, and
+//! CR0.WP = 0 together with SMAP or protection keys - a kernel-writable leaf is a
+//! supervisor page, so SMAP and PKRU would no longer see the user page the guest's rules
+//! protect (KVM leaves the SMAP case inexact and offers PKU only with two-dimensional
+//! paging; here the combination is refused rather than shadowed wrongly).
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
@@ -58,13 +75,17 @@ pub const WRITE_FLOOD_LIMIT: u8 = 3;
 /// Errors of the shadow MMU (VMM-side problems, not guest events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ShadowError {
-    /// Only 4/5-level guests with CR0.WP=1 are shadowed.
-    #[error("guest paging mode {mode:?} with CR0.WP={wp} is not supported by the shadow MMU")]
+    /// The guest's paging state cannot be shadowed exactly (see the module docs).
+    #[error(
+        "guest paging mode {mode:?} with CR0.WP={wp} is not supported by the shadow MMU: {why}"
+    )]
     Unsupported {
         /// The guest's paging mode.
         mode: PagingMode,
         /// CR0.WP.
         wp: bool,
+        /// What makes it unsupported.
+        why: &'static str,
     },
     /// No frame for a shadow table, even after zapping everything.
     #[error("out of frames for shadow page tables")]
@@ -237,12 +258,7 @@ where
         alloc: A,
         host: H,
     ) -> Result<Self, ShadowError> {
-        if !matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5) || !cfg.write_protect {
-            return Err(ShadowError::Unsupported {
-                mode: cfg.mode,
-                wp: cfg.write_protect,
-            });
-        }
+        check_supported(&cfg)?;
         let mut mmu = ShadowMmu {
             guest,
             shadow,
@@ -344,6 +360,35 @@ where
                 );
                 self.roots.truncate(ROOT_CACHE);
             }
+        }
+        Ok(())
+    }
+
+    /// The guest changed its paging state (CR0, CR4, EFER, RFLAGS.AC, PKRU, IA32_PKRS).
+    ///
+    /// `cfg.cr3` is ignored: CR3 writes go through [`set_cr3`](Self::set_cr3), which knows
+    /// the PCID and the no-flush bit. When anything a shadow leaf was derived from changed
+    /// (the mode, CR0.WP, CR4.SMEP/SMAP/PKE/PKS, EFER.NXE, MAXPHYADDR and the other CPU
+    /// features of the config), every shadow page is zapped in O(1), as KVM resets its MMU
+    /// context when the role changes; RFLAGS.AC, PKRU and IA32_PKRS are applied when the
+    /// shadow tables are walked and need nothing. An unsupported state is refused and the
+    /// MMU keeps the previous one.
+    pub fn set_paging_config(&mut self, cfg: PagingConfig) -> Result<(), ShadowError> {
+        check_supported(&cfg)?;
+        let old = *self.walker.config();
+        let mut new = cfg;
+        new.cr3 = old.cr3;
+        let shape = |c: &PagingConfig| {
+            let mut c = *c;
+            c.alignment_check = false;
+            c.pkru = 0;
+            c.pkrs = 0;
+            c
+        };
+        let zap = shape(&old) != shape(&new);
+        self.walker = Walker::new(new);
+        if zap {
+            self.zap_all();
         }
         Ok(())
     }
@@ -624,7 +669,9 @@ where
             return Ok(ShadowOutcome::Mmio(t.gpa));
         };
         let gfn = gpa_page >> 12;
-        let writable = t.rights().writable && t.dirty();
+        // CR0.WP = 0: the guest walk allowed a kernel write to a read-only page.
+        let kernel_write = access.is_write() && !access.is_user() && !t.rights().writable;
+        let writable = (t.rights().writable || kernel_write) && t.dirty();
         if let Some(sps) = self.by_gfn.get(&gfn).cloned() {
             if access.is_write() && self.is_protected(gfn) {
                 // The guest writes one of its own page tables.
@@ -643,7 +690,7 @@ where
                 }
             }
         }
-        self.install(gva, &path, &t, hpa_page, writable)?;
+        self.install(gva, &path, &t, hpa_page, writable, kernel_write)?;
         self.stats.fixed += 1;
         Ok(ShadowOutcome::Fixed)
     }
@@ -655,6 +702,7 @@ where
         t: &crate::walk::Translation,
         hpa_page: u64,
         writable: bool,
+        kernel_write: bool,
     ) -> Result<(), ShadowError> {
         let Some(root) = self.roots.first().copied() else {
             return Ok(());
@@ -673,13 +721,16 @@ where
                 // Building the path may have made the target frame a shadowed table.
                 let writable = writable && !self.is_protected(gfn);
                 let mut leaf = hpa_page | PRESENT | ACCESSED | DIRTY;
-                if t.rights().user {
+                let rights = t.rights();
+                // The kernel-write shape of a WP = 0 leaf (module docs): supervisor-only,
+                // and a user page the kernel may write but, under SMEP, not execute.
+                if rights.user && !kernel_write {
                     leaf |= USER;
                 }
                 if writable {
                     leaf |= WRITABLE;
                 }
-                if t.rights().no_execute {
+                if rights.no_execute || (kernel_write && rights.user && self.walker.config().smep) {
                     leaf |= NO_EXECUTE;
                 }
                 leaf |= u64::from(t.rights().pkey) << PKEY_SHIFT;
@@ -756,6 +807,8 @@ where
         let mut cfg = *self.walker.config();
         cfg.cr3 = root;
         cfg.set_accessed_dirty = false;
+        // The host's setting: WP = 0 is emulated by the leaves' shapes.
+        cfg.write_protect = true;
         cfg.max_phys_bits = 52;
         cfg.amd = false;
         cfg.nxe = true;
@@ -782,6 +835,27 @@ where
         }
         // A fix that does not stick (e.g. the guest races us): let the vCPU retry.
         Ok(Err(ShadowOutcome::Fixed))
+    }
+}
+
+/// Refuses paging states the shadow MMU cannot shadow exactly (module docs).
+fn check_supported(cfg: &PagingConfig) -> Result<(), ShadowError> {
+    let why = if !matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5) {
+        Some("only 4- and 5-level paging guests are shadowed")
+    } else if !cfg.write_protect && cfg.smap {
+        Some("CR0.WP=0 with CR4.SMAP: a kernel-writable shadow leaf would escape SMAP")
+    } else if !cfg.write_protect && (cfg.pke || cfg.pks) {
+        Some("CR0.WP=0 with protection keys: a kernel-writable shadow leaf changes which key register applies")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ShadowError::Unsupported {
+            mode: cfg.mode,
+            wp: cfg.write_protect,
+            why,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -1154,12 +1228,122 @@ mod tests {
             .contains("out of frames"));
     }
 
+    /// A user page the guest maps read-only, in a WP = 0 guest (with or without SMEP).
+    fn wp0(e: &Env, smep: bool) -> (Mmu<'_>, u64) {
+        let walker = crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, e.cr3[0]));
+        let pte = walker
+            .translate(&e.guest, 0x40_3000, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr;
+        let old = e.guest.read_u64(pte).unwrap();
+        e.guest.write_u64(pte, old & !WRITABLE).unwrap();
+        let mut m = mmu(e);
+        let mut cfg = *m.guest_walker().config();
+        cfg.write_protect = false;
+        cfg.smep = smep;
+        m.set_paging_config(cfg).unwrap();
+        (m, 0x10_3000 + HOST_OFFSET)
+    }
+
+    fn injected(r: Result<Result<u64, ShadowOutcome>, ShadowError>) -> u32 {
+        match r {
+            Ok(Err(ShadowOutcome::InjectGuestFault(f))) => f.error_code().unwrap().bits(),
+            other => panic!("expected a guest fault, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cr0_wp_clear_flips_the_leaf_between_kernel_write_and_user_read() {
+        let e = env();
+        let (mut m, hpa) = wp0(&e, true);
+        // The kernel writes the read-only user page: allowed with WP = 0.
+        assert_eq!(
+            m.access(0x40_3008, Access::supervisor_write()),
+            Ok(Ok(hpa + 8))
+        );
+        // That leaf is now supervisor-only: a user read faults in the shadow, is fixed by
+        // flipping the leaf, and succeeds; the kernel write then flips it back.
+        assert!(m.translate(0x40_3000, Access::user_read()).is_err());
+        assert_eq!(m.access(0x40_3000, Access::user_read()), Ok(Ok(hpa)));
+        assert!(m.translate(0x40_3000, Access::supervisor_write()).is_err());
+        assert_eq!(
+            m.access(0x40_3010, Access::supervisor_write()),
+            Ok(Ok(hpa + 0x10))
+        );
+        // A user write stays a guest fault whatever the shape (P, W, U).
+        assert_eq!(injected(m.access(0x40_3000, Access::user_write())), 0x7);
+        // In the kernel-write shape the page is no-execute for the kernel (SMEP): the fetch
+        // faults in the shadow and the guest's own rules say SMEP violation (P, I/D).
+        m.access(0x40_3000, Access::supervisor_write())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            injected(m.access(0x40_3000, Access::supervisor_fetch())),
+            0x11
+        );
+        // A user fetch is fine (the guest page is executable) and flips the leaf again.
+        assert_eq!(m.access(0x40_3000, Access::user_fetch()), Ok(Ok(hpa)));
+    }
+
+    #[test]
+    fn cr0_wp_clear_without_smep_lets_the_kernel_execute_the_written_page() {
+        let e = env();
+        let (mut m, hpa) = wp0(&e, false);
+        m.access(0x40_3000, Access::supervisor_write())
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.translate(0x40_3000, Access::supervisor_fetch()), Ok(hpa));
+        // Supervisor pages the guest maps read-only are kernel-writable too.
+        let ro = m.access(TABLES_VA + 0x5_0000, Access::supervisor_write());
+        assert_eq!(ro, Ok(Ok(0x5_0000 + HOST_OFFSET)));
+    }
+
+    #[test]
+    fn control_register_changes_zap_only_when_leaves_depend_on_them() {
+        let e = env();
+        let (mut m, hpa) = wp0(&e, false);
+        let zaps = m.stats().zap_alls;
+        assert_eq!(m.access(0x40_3000, Access::supervisor_write()), Ok(Ok(hpa)));
+        // RFLAGS.AC and PKRU act at walk time: no zap, the leaf stays.
+        let mut cfg = *m.guest_walker().config();
+        cfg.alignment_check = true;
+        cfg.pkru = 0xc;
+        cfg.cr3 = 0xdead_0000; // ignored: CR3 goes through set_cr3
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(m.stats().zap_alls, zaps);
+        assert_eq!(m.guest_walker().config().cr3, e.cr3[0]);
+        assert_eq!(m.translate(0x40_3000, Access::supervisor_write()), Ok(hpa));
+        // CR0.WP back to 1: the kernel-writable leaf must go, and the write is now the
+        // guest's fault (P, W).
+        cfg.write_protect = true;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(m.stats().zap_alls, zaps + 1);
+        assert!(m.translate(0x40_3000, Access::supervisor_write()).is_err());
+        assert_eq!(
+            injected(m.access(0x40_3000, Access::supervisor_write())),
+            0x3
+        );
+        // 5-level paging: a new root of the new depth is built on the next fault.
+        cfg.mode = PagingMode::Level5;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(m.stats().zap_alls, zaps + 2);
+    }
+
     #[test]
     fn unsupported_guests() {
         let e = env();
-        for (mode, wp) in [(PagingMode::Pae, true), (PagingMode::Level4, false)] {
-            let mut cfg = PagingConfig::new(mode, e.cr3[0]);
-            cfg.write_protect = wp;
+        let pae = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        let mut wp0_smap = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+        wp0_smap.write_protect = false;
+        wp0_smap.smap = true;
+        let mut wp0_pke = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+        wp0_pke.write_protect = false;
+        wp0_pke.pke = true;
+        for (cfg, what) in [
+            (pae, "5-level"),
+            (wp0_smap, "SMAP"),
+            (wp0_pke, "protection keys"),
+        ] {
             let r = ShadowMmu::new(
                 cfg,
                 &e.guest,
@@ -1168,8 +1352,19 @@ mod tests {
                 host as fn(u64) -> Option<u64>,
             );
             let err = r.unwrap_err();
-            assert_eq!(err, ShadowError::Unsupported { mode, wp });
-            assert!(err.to_string().contains("not supported"));
+            assert!(
+                matches!(err, ShadowError::Unsupported { mode, wp, .. }
+                    if mode == cfg.mode && wp == cfg.write_protect),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("not supported"), "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+            // The same state refused when the guest switches to it later; the MMU keeps
+            // working with the state it had.
+            let mut m = mmu(&e);
+            assert_eq!(m.set_paging_config(cfg), Err(err));
+            assert_eq!(m.guest_walker().config().mode, PagingMode::Level4);
+            assert!(m.guest_walker().config().write_protect);
         }
         let outside = ShadowMmu::new(
             PagingConfig::new(PagingMode::Level4, e.cr3[0]),

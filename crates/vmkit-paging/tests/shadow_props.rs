@@ -54,6 +54,13 @@ enum Op {
     },
     Flush,
     ZapAll,
+    /// The guest changes CR0.WP, CR4.SMEP and RFLAGS.AC (SMAP is dropped while WP is 0:
+    /// the shadow MMU refuses that combination).
+    ControlRegisters {
+        wp: bool,
+        smep: bool,
+        ac: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -75,6 +82,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(space, pcid, no_flush)| Op::SwitchCr3 { space, pcid, no_flush }),
         1 => Just(Op::Flush),
         1 => Just(Op::ZapAll),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(wp, smep, ac)| Op::ControlRegisters { wp, smep, ac }),
     ]
 }
 
@@ -154,6 +163,7 @@ proptest! {
         targets in prop::collection::vec((0x100..0x3c0u64, any::<u8>()), PAGES as usize),
         smep in any::<bool>(),
         smap in any::<bool>(),
+        wp in any::<bool>(),
         ops in prop::collection::vec(op(), 20..120),
     ) {
         let guest = FlatMemory::new(0, GUEST_RAM as usize);
@@ -161,7 +171,8 @@ proptest! {
         let shadow = FlatMemory::new(0x4000_0000, 2 << 20);
         let mut cfg = PagingConfig::new(PagingMode::Level4, roots[0]);
         cfg.smep = smep;
-        cfg.smap = smap;
+        cfg.smap = smap && wp;
+        cfg.write_protect = wp;
         let mut mmu = ShadowMmu::new(
             cfg,
             &guest,
@@ -223,6 +234,13 @@ proptest! {
                 }
                 Op::Flush => mmu.flush(),
                 Op::ZapAll => mmu.zap_all(),
+                Op::ControlRegisters { wp, smep, ac } => {
+                    cfg.write_protect = wp;
+                    cfg.smep = smep;
+                    cfg.smap = smap && wp;
+                    cfg.alignment_check = ac;
+                    mmu.set_paging_config(cfg).unwrap();
+                }
             }
         }
 
