@@ -8,8 +8,10 @@
 #   hostile tables, now with the 1 GiB pages and (every other round) the 5-level paging
 #   `-cpu max` advertises;
 # - crates/vmkit-vcpu/tests/paging_oracle.rs runs the paging guest, whose page faults (CR2 and
-#   error code for nine supervisor accesses: WP, NX, SMEP, SMAP with AC clear and set, a
-#   reserved bit) are raised by QEMU's model of an AMD CPU running a nested-paging guest, and
+#   error code for supervisor accesses: WP, NX, SMEP, SMAP with AC clear and set, a reserved
+#   bit; user (CPL3) accesses to supervisor, read-only, no-execute and not-present pages;
+#   writes with CR0.WP = 0; and, required here, protection-key probes, which the CI host's
+#   CPU cannot run) are raised by QEMU's model of an AMD CPU running a nested-paging guest, and
 #   the walker must reach the same verdicts. QEMU's CPU model differs from hardware in one
 #   known way (a reserved-bit #PF without the P bit); the test undoes exactly that, and prints
 #   it, when VMKIT_PAGING_ORACLE_QEMU_TCG is set.
