@@ -26,6 +26,8 @@ pub enum SerialIrq {
     None,
     /// An eventfd, registered by the VMM as an irqfd: each trigger is one edge on its GSI.
     EventFd(EventFd),
+    /// An irqfd that also wakes vCPUs parked on the scheduler (see [`crate::sched::IrqWake`]).
+    Waking(crate::sched::WakingIrqFd),
 }
 
 impl Trigger for SerialIrq {
@@ -34,6 +36,7 @@ impl Trigger for SerialIrq {
         match self {
             SerialIrq::None => Ok(()),
             SerialIrq::EventFd(fd) => fd.write(1),
+            SerialIrq::Waking(irq) => vmkit_virtio::interrupt::IrqTrigger::trigger(irq),
         }
     }
 }

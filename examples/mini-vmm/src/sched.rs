@@ -21,10 +21,11 @@
 //! Linux machines use KVM's in-kernel irqchip, where a halted vCPU sleeps inside `KVM_RUN`.
 //! Each task therefore carries [`KernelHalts`]: the slice timer notices the sleep through
 //! KVM's `blocking` stat, the task parks the vCPU and gives its worker away, and the vCPU
-//! re-enters the guest at its LAPIC timer deadline, or at the latest after
-//! [`REPOLL`], which is what brings in interrupts that KVM delivers behind the VMM's back
-//! (IPIs, INIT/SIPI, device interrupts through irqfds). See [`vmkit_sched::halt`] for the
-//! model and why no wakeup is lost.
+//! re-enters the guest at its LAPIC timer deadline, when one of mini-vmm's own devices
+//! raises its interrupt ([`IrqWake`]: COM1 and every virtio-mmio transport signal their
+//! irqfd and then wake the parked vCPUs), or at the latest after [`REPOLL`], which is what
+//! brings in interrupts that KVM delivers behind the VMM's back (IPIs, INIT/SIPI). See
+//! [`vmkit_sched::halt`] for the model and why no wakeup is lost.
 //!
 //! A vCPU task does what the thread-per-vCPU loop does at each exit: it checks the reset and
 //! power-off flags, a kick with the pause flag set parks it for a snapshot, and whichever
@@ -39,7 +40,7 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use vmkit_sched::halt::KernelHalts;
@@ -52,7 +53,57 @@ use vmkit_vcpu::dispatch::{Action, DispatchError, Dispatcher};
 use vmkit_vcpu::kvm::{KvmKick, KvmVcpu};
 use vmkit_vcpu::{Vcpu, VcpuKick};
 
+use vmkit_virtio::interrupt::IrqTrigger;
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::vmm::{EndFlags, Outcome, VmmError};
+
+/// The halt handles of the vCPUs while they run on the scheduler, for the VMM's interrupt
+/// sources: after a device signals its irqfd it calls [`IrqWake::wake`], so a vCPU parked
+/// in a halt re-enters the guest at once instead of at its next re-poll (up to [`REPOLL`]
+/// later). Which vCPU the interrupt is routed to is the guest's choice (IOAPIC
+/// redirection), so every vCPU is woken; a wake of one that is running is harmless (it
+/// only delays its next park by one halt check). Empty outside [`run_vcpus`], and with a
+/// thread per vCPU, where KVM wakes the halted thread itself.
+#[derive(Debug, Default)]
+pub struct IrqWake(RwLock<Vec<KernelHalts>>);
+
+impl IrqWake {
+    /// Wakes every parked vCPU.
+    pub fn wake(&self) {
+        for h in self.0.read().unwrap_or_else(PoisonError::into_inner).iter() {
+            h.wake();
+        }
+    }
+
+    fn install(&self, halts: Vec<KernelHalts>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = halts;
+    }
+}
+
+/// An interrupt line that is a KVM irqfd and also wakes the vCPUs parked on the scheduler
+/// ([`IrqWake`]). The irqfd is signalled first, so the woken vCPU finds the interrupt
+/// pending when it re-enters `KVM_RUN`.
+#[derive(Debug)]
+pub struct WakingIrqFd {
+    fd: EventFd,
+    wake: Arc<IrqWake>,
+}
+
+impl WakingIrqFd {
+    /// `fd` (registered with `KVM_IRQFD`) waking through `wake`.
+    pub fn new(fd: EventFd, wake: Arc<IrqWake>) -> Self {
+        Self { fd, wake }
+    }
+}
+
+impl IrqTrigger for WakingIrqFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.fd.write(1)?;
+        self.wake.wake();
+        Ok(())
+    }
+}
 
 /// The longest a parked vCPU waits before it re-enters the guest to look for interrupts
 /// that arrived without a wake.
@@ -256,6 +307,7 @@ pub(crate) fn run_vcpus(
     vcpus: Vec<(&mut KvmVcpu, &mut Dispatcher)>,
     end: &EndFlags,
     workers: usize,
+    irq_wake: &IrqWake,
 ) -> VcpuResult {
     let sched_err = |e: vmkit_sched::ExecutorError| VmmError::Guest(format!("vCPU scheduler: {e}"));
     let mut config = CreditConfig::with_cpus(workers);
@@ -311,8 +363,10 @@ pub(crate) fn run_vcpus(
             h.set_waker(waker);
             halts.push(h);
         }
+        irq_wake.install(halts.clone());
         let _ = peers.halts.set(halts);
         ex.wait_exited(count);
+        irq_wake.install(Vec::new());
         let m = ex.shutdown();
         if let Some(e) = m.errors.first() {
             return Err(VmmError::Guest(format!("vCPU scheduler: {e}")));
@@ -358,4 +412,62 @@ pub(crate) fn run_vcpus(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use vmkit_sched::{Outcome as TaskOutcome, Slice, Task};
+
+    /// Halts once (as a vCPU parked in `HLT`), then exits when run again.
+    struct Sleeper(Arc<AtomicU32>);
+
+    impl Task for Sleeper {
+        fn run(&mut self, _slice: &Slice) -> TaskOutcome {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                TaskOutcome::Blocked
+            } else {
+                TaskOutcome::Exited
+            }
+        }
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_device_interrupt_signals_its_irqfd_then_wakes_the_parked_vcpus() {
+        let ex = Executor::new(CreditScheduler::new(CreditConfig::with_cpus(1)).unwrap()).unwrap();
+        let vm = ex.add_vm(VmConfig::default()).unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let (_, waker) = ex.spawn(vm, Sleeper(Arc::clone(&runs))).unwrap();
+        let halts = KernelHalts::without_probe();
+        assert!(halts.set_waker(waker));
+        let wake = Arc::new(IrqWake::default());
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = WakingIrqFd::new(fd.try_clone().unwrap(), Arc::clone(&wake));
+        wait_for("the task to block", || runs.load(Ordering::SeqCst) == 1);
+
+        // Outside a scheduler run nothing is installed: only the irqfd is signalled.
+        irq.trigger().unwrap();
+        assert_eq!(fd.read().unwrap(), 1);
+        assert_eq!(halts.stats().external_wakes.load(Ordering::SeqCst), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "blocked until woken");
+
+        // Installed (as `run_vcpus` does): the trigger wakes the parked task.
+        wake.install(vec![halts.clone()]);
+        irq.trigger().unwrap();
+        assert_eq!(fd.read().unwrap(), 1, "the irqfd is still signalled once");
+        wait_for("the woken task to run", || runs.load(Ordering::SeqCst) == 2);
+        assert_eq!(halts.stats().external_wakes.load(Ordering::SeqCst), 1);
+        ex.wait_exited(1);
+        assert_eq!(ex.shutdown().exited, 1);
+    }
 }

@@ -241,17 +241,19 @@ impl VirtioDevices {
     /// queue notifications (ioeventfds) into `vm`. The event loop starts with
     /// [`VirtioDevices::start`].
     pub fn new(specs: Vec<Spec>, mem: Memory, vm: &KvmVm) -> Result<Self, VirtioError> {
-        Self::with_vhost_user(specs, Vec::new(), mem, vm)
+        Self::with_vhost_user(specs, Vec::new(), mem, vm, Arc::default())
     }
 
     /// [`VirtioDevices::new`] plus vhost-user devices in the slots after `specs`. Their
     /// queue notifications go to the backend directly: each queue's ioeventfd is the device's
-    /// kick eventfd, not the transport's.
+    /// kick eventfd, not the transport's. Every transport's interrupt also wakes the vCPUs
+    /// parked on the scheduler through `irq_wake`.
     pub fn with_vhost_user(
         specs: Vec<Spec>,
         vhost: Vec<crate::vhost_user::VhostUserDevice>,
         mem: Memory,
         vm: &KvmVm,
+        irq_wake: Arc<crate::sched::IrqWake>,
     ) -> Result<Self, VirtioError> {
         let total = specs.len() + vhost.len();
         if total > MAX_DEVICES {
@@ -276,6 +278,7 @@ impl VirtioDevices {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| kvm("irq eventfd", &e))?;
             vm.register_irqfd(&irq, gsi)
                 .map_err(|e| kvm("KVM_IRQFD", &e))?;
+            let irq = crate::sched::WakingIrqFd::new(irq, Arc::clone(&irq_wake));
             let transport = MmioTransport::new(device, mem.clone(), Box::new(irq))
                 .map_err(|e| device_error(name.clone(), e))?;
             let notify = IoEventAddress::Mmio(base + regs::QUEUE_NOTIFY);

@@ -258,6 +258,8 @@ pub struct Vmm<W: Write + Send + 'static> {
     pub snapshot_after: Option<Duration>,
     /// How the vCPUs get host threads (`--cpus ...,host=`; see [`crate::sched`]).
     pub vcpu_threads: crate::sched::VcpuThreads,
+    /// Wakes vCPUs parked on the scheduler when a device raises its interrupt.
+    irq_wake: Arc<crate::sched::IrqWake>,
     /// Host input for COM1's receive FIFO (see [`crate::input`]), read while the guest runs;
     /// `None` (the default) for none. The caller owns the fd.
     pub serial_input: Option<std::os::unix::io::RawFd>,
@@ -821,6 +823,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 }
             }
         }
+        let irq_wake = Arc::new(crate::sched::IrqWake::default());
         let serial_irq = if linux {
             // In-kernel PIC/IOAPIC/LAPIC and PIT; both must exist before the vCPU.
             vm.create_irq_chip()?;
@@ -837,7 +840,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
             mask_pic(&vm)?;
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| hv_error("eventfd", e))?;
             vm.register_irqfd(&fd, SERIAL_GSI)?;
-            SerialIrq::EventFd(fd)
+            SerialIrq::Waking(crate::sched::WakingIrqFd::new(fd, Arc::clone(&irq_wake)))
         } else {
             SerialIrq::None
         };
@@ -862,7 +865,13 @@ impl<W: Write + Send + 'static> Vmm<W> {
             let virtio = if specs.is_empty() && vhost.is_empty() {
                 None
             } else {
-                Some(VirtioDevices::with_vhost_user(specs, vhost, mem, &vm)?)
+                Some(VirtioDevices::with_vhost_user(
+                    specs,
+                    vhost,
+                    mem,
+                    &vm,
+                    Arc::clone(&irq_wake),
+                )?)
             };
             let machine = acpi::Machine {
                 cpus: cpus as usize,
@@ -957,6 +966,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                 .as_ref()
                 .map(|s| Duration::from_millis(s.after_ms)),
             vcpu_threads: args.vcpu_threads,
+            irq_wake,
             serial_input: None,
             _mapped_memory: mapped_memory,
         })
@@ -1064,7 +1074,7 @@ impl<W: Write + Send + 'static> Vmm<W> {
                         .map(|a| (&mut a.vcpu, &mut a.dispatcher)),
                 )
                 .collect();
-            return crate::sched::run_vcpus(vcpus, &end, workers);
+            return crate::sched::run_vcpus(vcpus, &end, workers, &self.irq_wake);
         }
         if self.aps.is_empty() {
             run_vcpu(&mut self.vcpu, &mut self.dispatcher, &end)
