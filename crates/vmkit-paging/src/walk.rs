@@ -647,20 +647,32 @@ pub struct Walker {
 }
 
 /// One access's rules as masks over the entries of a walk: the walk may be answered by the
-/// fast path only if `((AND ^ need_and) & check_and) | (OR & forbid_or) | (!leaf &
-/// need_leaf)` is zero, AND/OR being over all entries. Derived in
-/// [`Walker::new`] from the `denied` table, so the rules are still written only once.
+/// fast path only if `(AND & check_and) | (leaf & need_leaf) == expect` and `OR & forbid_or`
+/// is zero, AND/OR being over all entries (`check_and` never contains D, so the two parts of
+/// the comparison cannot mix). Derived in [`Walker::new`] from the `denied` table, so the
+/// rules are still written only once.
 #[derive(Debug, Clone, Copy, Default)]
 struct FastMasks {
-    /// P, A (with A/D updates), R/W and U/S where the access needs them at every level.
-    need_and: u64,
-    /// `need_and` plus U/S where a user page is denied (SMEP, SMAP): the AND of the
-    /// entries must equal `need_and` on these bits.
+    /// The bits of the AND the access looks at: P, A (with A/D updates), R/W and U/S where
+    /// the access needs them at every level, and U/S where a user page is denied (SMEP,
+    /// SMAP).
     check_and: u64,
     /// Bits reserved at every level, and XD for fetches (with EFER.NXE).
     forbid_or: u64,
     /// D for writes with A/D updates (else the detailed walk must set it).
     need_leaf: u64,
+    /// What the masked AND and leaf must come to: the needed bits of the AND (P, A, R/W
+    /// and U/S where needed; not U/S where a user page is denied) plus `need_leaf`.
+    expect: u64,
+}
+
+impl FastMasks {
+    /// The fast path's whole verdict from the AND and OR of a walk's entries and its leaf.
+    #[inline(always)]
+    fn allows(&self, and_bits: u64, or_bits: u64, leaf: u64) -> bool {
+        (and_bits & self.check_and) | (leaf & self.need_leaf) == self.expect
+            && or_bits & self.forbid_or == 0
+    }
 }
 
 /// What a successful fast walk learned (the rest of a [`Translation`] follows from it).
@@ -674,9 +686,8 @@ struct FastWalk {
     /// The guest-physical address, and the address of the leaf entry.
     gpa: u64,
     leaf_addr: u64,
-    /// Level of the leaf (1..=3) and the page size it maps.
-    level: u32,
-    size: PageSize,
+    /// The page size and reference count of the walk ([`Translation::shape`]).
+    shape: u64,
 }
 
 /// Reads entry `offset` (bytes) of the 4 KiB table at `table` through `span`, fetching a
@@ -859,8 +870,13 @@ impl Walker {
         let pick = |bit: u32, mask: u64| if c & bit != 0 { mask } else { 0 };
         let need_and = self.fast_need | pick(1, WRITABLE) | pick(2, USER);
         let forbid_and = pick(4, USER);
+        let need_leaf = if access.is_write() && cfg.set_accessed_dirty {
+            DIRTY
+        } else {
+            0
+        };
+        debug_assert_eq!((need_and | forbid_and) & need_leaf, 0);
         FastMasks {
-            need_and,
             check_and: need_and | forbid_and,
             // "Needs U/S" and "forbids U/S" together deny everything (no x86 rule does):
             // PRESENT in the OR sends every walk to the detailed path.
@@ -871,11 +887,8 @@ impl Walker {
                 } else {
                     0
                 },
-            need_leaf: if access.is_write() && cfg.set_accessed_dirty {
-                DIRTY
-            } else {
-                0
-            },
+            need_leaf,
+            expect: need_and | need_leaf,
         }
     }
 
@@ -1095,11 +1108,23 @@ impl Walker {
         let e = read(table, offset)?;
         and_bits &= e;
         or_bits |= e;
-        let (leaf, leaf_addr, level, size) = if e & PAGE_SIZE != 0 {
+        // Each branch knows its page size: the GPA and the result's shape word are built
+        // there from constants (a common tail would look the size up in a table).
+        const fn gpa_of(leaf: u64, addr: u64, size: PageSize) -> u64 {
+            let offset = size.bytes() - 1;
+            (leaf & NEXT & !offset) | (addr & offset)
+        }
+        let refs = |level: u32| LEVELS + 1 - level;
+        let (leaf, leaf_addr, gpa, shape) = if e & PAGE_SIZE != 0 {
             if e & self.rsvd_large[2] != 0 {
                 return None;
             }
-            (e, table + offset, 3, PageSize::Size1G)
+            (
+                e,
+                table + offset,
+                gpa_of(e, addr, PageSize::Size1G),
+                Translation::shape(PageSize::Size1G, refs(3)),
+            )
         } else {
             table = e & NEXT;
             let offset = (addr >> 18) & 0xff8;
@@ -1110,21 +1135,29 @@ impl Walker {
                 if e & self.rsvd_large[1] != 0 {
                     return None;
                 }
-                (e, table + offset, 2, PageSize::Size2M)
+                (
+                    e,
+                    table + offset,
+                    gpa_of(e, addr, PageSize::Size2M),
+                    Translation::shape(PageSize::Size2M, refs(2)),
+                )
             } else {
                 table = e & NEXT;
                 let offset = (addr >> 9) & 0xff8;
                 let e = read(table, offset)?;
                 and_bits &= e;
                 or_bits |= e;
-                (e, table + offset, 1, PageSize::Size4K)
+                (
+                    e,
+                    table + offset,
+                    gpa_of(e, addr, PageSize::Size4K),
+                    Translation::shape(PageSize::Size4K, refs(1)),
+                )
             }
         };
         // Presence, reserved bits, rights, A and D in one expression (see `FastMasks`).
         let m = &self.fast_masks[access_index(access)];
-        if ((and_bits ^ m.need_and) & m.check_and) | (or_bits & m.forbid_or) | (!leaf & m.need_leaf)
-            != 0
-        {
+        if !m.allows(and_bits, or_bits, leaf) {
             return None;
         }
         // Protection keys depend on the key's PKRU/PKRS bits: the full rule decides.
@@ -1139,15 +1172,13 @@ impl Walker {
         {
             return None;
         }
-        let offset = size.bytes() - 1;
         Some(FastWalk {
             leaf,
             and_bits,
             or_bits,
-            gpa: (leaf & NEXT & !offset) | (addr & offset),
+            gpa,
             leaf_addr,
-            level,
-            size,
+            shape,
         })
     }
 
@@ -1182,7 +1213,7 @@ impl Walker {
             w.leaf,
             w.leaf_addr,
             (w.and_bits & (WRITABLE | USER)) | (w.or_bits & self.nx_bit),
-            Translation::shape(w.size, LEVELS + 1 - w.level),
+            w.shape,
         ))
     }
 
@@ -2462,10 +2493,7 @@ mod tests {
                         }
                         let or = and | if no_execute { NO_EXECUTE } else { 0 };
                         let leaf = and | if dirty { DIRTY } else { 0 };
-                        let fast_ok = ((and ^ m.need_and) & m.check_and)
-                            | (or & m.forbid_or)
-                            | (!leaf & m.need_leaf)
-                            == 0;
+                        let fast_ok = m.allows(and, or, leaf);
                         let rights = Rights {
                             writable,
                             user,
