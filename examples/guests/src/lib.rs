@@ -12,6 +12,11 @@
 //! | `0x510`         | in  (32)  | parameter (e.g. an iteration count) supplied by the VMM     |
 //! | `0x511`         | out (32)  | data value reported by the guest (benchmarks, state tests)  |
 //! | `0x520..0x523`  | out (32)  | page-fault reports of the paging guest (see `paging.rs`)    |
+//! | `0x524`         | out (32)  | paging guest: 1 if its protection-key probes follow, 0 if skipped |
+//!
+//! The paging guest also reads one switch from memory: its probes after the first nine
+//! (user mode, CR0.WP = 0, protection keys) run only when the VMM wrote 1 to the 32-bit word
+//! at guest-physical `0x1f1000` before starting it (see `paging.rs`).
 //!
 //! Everything is integer-only and avoids the instructions this machine's software KVM cannot
 //! emulate (`cmpxchg16b`, `xsave`, `int3`).
