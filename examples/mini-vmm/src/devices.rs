@@ -4,8 +4,9 @@
 //!
 //! The bundled guests poll the serial port, so its interrupt goes nowhere ([`SerialIrq::None`]).
 //! A Linux guest drives the port with interrupts: there the line is an eventfd registered as
-//! a KVM irqfd for GSI 4 ([`SerialIrq::EventFd`]), so raising it costs a `write(2)` and no
-//! extra exit; KVM's in-kernel PIC/IOAPIC deliver it.
+//! a KVM irqfd for GSI 4 ([`SerialIrq::Waking`]), so raising it costs a `write(2)` and no
+//! extra exit; KVM's in-kernel PIC/IOAPIC deliver it. It also wakes vCPUs parked on the
+//! scheduler ([`crate::sched::IrqWake`]). [`SerialIrq::EventFd`] is the bare irqfd.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};

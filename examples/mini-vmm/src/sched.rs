@@ -82,8 +82,10 @@ impl IrqWake {
 }
 
 /// An interrupt line that is a KVM irqfd and also wakes the vCPUs parked on the scheduler
-/// ([`IrqWake`]). The irqfd is signalled first, so the woken vCPU finds the interrupt
-/// pending when it re-enters `KVM_RUN`.
+/// ([`IrqWake`]). The irqfd is signalled first. KVM routes an IOAPIC line to its vCPU from
+/// a work item, so the interrupt may land an instant after the vCPU re-entered `KVM_RUN`;
+/// it is not lost either way: a vCPU inside `KVM_RUN` is woken by KVM itself, and one that
+/// parked again before the interrupt landed re-enters at its next re-poll.
 #[derive(Debug)]
 pub struct WakingIrqFd {
     fd: EventFd,
@@ -353,6 +355,16 @@ pub(crate) fn run_vcpus(
     }
     let count = tasks.len();
     let all_halts: Vec<KernelHalts> = tasks.iter().map(|t| t.halts.clone()).collect();
+    // Installed before the first task can run (a wake does nothing until the task's waker
+    // is set) and removed however this function ends.
+    struct Installed<'a>(&'a IrqWake);
+    impl Drop for Installed<'_> {
+        fn drop(&mut self) {
+            self.0.install(Vec::new());
+        }
+    }
+    irq_wake.install(all_halts.clone());
+    let _installed = Installed(irq_wake);
     let outcome = (|| {
         let ex = Executor::with_accounting(sched, Accounting::ThreadCpu).map_err(sched_err)?;
         let vm = ex.add_vm(VmConfig::default()).map_err(sched_err)?;
@@ -363,10 +375,8 @@ pub(crate) fn run_vcpus(
             h.set_waker(waker);
             halts.push(h);
         }
-        irq_wake.install(halts.clone());
         let _ = peers.halts.set(halts);
         ex.wait_exited(count);
-        irq_wake.install(Vec::new());
         let m = ex.shutdown();
         if let Some(e) = m.errors.first() {
             return Err(VmmError::Guest(format!("vCPU scheduler: {e}")));
