@@ -33,7 +33,8 @@
 //! * **value**: the page's guest-physical frame (bits 51:12), the rights R/W, U/S, XD and the
 //!   leaf's Dirty bit in bits 3:0 (the index of a precomputed per-access verdict bitmap in
 //!   the [`Walker`], so a hit is checked with one shift and one AND), Global in bit 4 and
-//!   the protection key in bits 11:8.
+//!   the protection key in bits 11:8. Bits 63:52 and 7:5 are always zero, so clearing the
+//!   low 12 bits of the value leaves the frame.
 //!
 //! A hit is one 16-byte load, one tag compare (page, PCID and generation at once; the slow
 //! path also accepts a global entry cached under another PCID) and the bitmap test;
@@ -332,6 +333,7 @@ impl Tlb {
                 val |= bit;
             }
         }
+        debug_assert_eq!(val & !(V_FRAME | 0xf1f), 0, "value word layout");
         let low = self.tag_low(pcid);
         let way = &mut self.ways[class];
         let (index, tag) = way.locate(class, low, addr);
