@@ -392,11 +392,12 @@ pub(crate) fn run_vcpus(
         };
         let summary = format!(
             "{count} vCPUs on vmkit-sched, {workers} worker(s): {} in-kernel halts parked \
-             ({} woken at the LAPIC timer deadline, {} false alarms), wake-to-run p50 {} us \
-             p99 {} us, {} decisions",
+             ({} woken at the LAPIC timer deadline, {} false alarms), {} wakes asked \
+             for by devices and the end of the run, wake-to-run p50 {} us p99 {} us, {} decisions",
             sum(|s| &s.parks),
             sum(|s| &s.timer_wakes),
             sum(|s| &s.false_alarms),
+            sum(|s| &s.external_wakes),
             m.latency.percentile(0.5) / 1000,
             m.latency.percentile(0.99) / 1000,
             m.stats.decisions,
