@@ -5,12 +5,34 @@
 //! # Model and invariants (in the spirit of KVM's `mmu.rst`)
 //!
 //! * **Shadow pages.** Each shadow table page shadows one guest table page in one *role*:
-//!   `(guest frame, level, direct, access)`. `access` is the AND of the W/U and OR of the NX
+//!   `(guest frame, level, direct, quadrant, access)`. `access` is the AND of the W/U and OR of the NX
 //!   rights of the guest entries above it, so two guest paths reaching the same guest table
 //!   with different rights get different shadow pages and every shadow leaf can carry the
 //!   guest's *effective* rights. A *direct* shadow page has no guest table behind it: it
 //!   splits a guest large page into 4 KiB shadow leaves (the host mapping need not be
 //!   contiguous). Shadow non-leaf entries are fully permissive; rights live in the leaves.
+//! * **Shadow formats.** 4- and 5-level guests get shadow tables of their own format, one
+//!   shadow page per guest table (and role). 32-bit and PAE guests get **PAE-format**
+//!   shadow tables - the real CPU runs them in PAE paging, so a shadow leaf can carry NX -
+//!   with a root PDPT whose 4 entries may hold only P (R/W, U/S and XD are reserved in
+//!   PDPTEs): the root is a table of links, not a shadow of guest memory, and is private to
+//!   its root-cache entry (and below 4 GiB, as PAE CR3 is 32 bits wide).
+//!   - *32-bit guests.* A guest page directory (1024 4-byte entries, 4 MiB each) is
+//!     shadowed by up to 4 shadow page directories (512 entries, 2 MiB each), the root's
+//!     entry `i` linking to the one of *quadrant* `i` (the guest entries `256 i..256 i +
+//!     255`, each becoming 2 shadow entries); a guest page table (4 MiB) by up to 2 shadow
+//!     page tables, quadrant 0 or 1 for its lower or upper 512 entries, as KVM's
+//!     `role.quadrant`. A 4 MiB page (CR4.PSE, PSE-36 bits included) is split into 4 KiB
+//!     leaves by a direct shadow page per 2 MiB half. 32-bit entries have no NX: a shadow
+//!     leaf is no-execute only in the WP = 0 kernel-write shape under SMEP (below).
+//!   - *PAE guests.* The CPU loads the 4 PDPTEs into registers at a CR3 load (and at CR0/
+//!     CR4 writes that change paging) and never reads them again; so does the MMU
+//!     ([`ShadowMmu::set_cr3`], [`ShadowMmu::set_paging_config`]), and the root's entries
+//!     link to the shadows of the page directories those registers name. A guest write to
+//!     its PDPT therefore needs no write protection (the PDPT is 32 bytes at a 32-byte
+//!     aligned CR3, usually sharing its page with other data): it takes effect at the next
+//!     CR3 load, as on hardware. The root cache is keyed by (CR3, PCID, PDPTEs). Page
+//!     directories and tables are shadowed one-to-one as in 4-level paging.
 //! * **Lazy fill.** Shadow tables start empty. A shadow fault ([`ShadowMmu::handle_fault`])
 //!   walks the guest tables with the exact guest walker ([`Walker`], which also sets the
 //!   guest's Accessed/Dirty bits) and answers [`ShadowOutcome::InjectGuestFault`] when the
@@ -27,8 +49,13 @@
 //!   - or the shadow pages of the frame are **zapped** (unlinked from their parents).
 //! * **Emulated table writes.** A VMM that emulates the guest's store instead reports it
 //!   with [`ShadowMmu::guest_table_written`]: the shadow entries derived from the written
-//!   guest entries are dropped (refilled lazily), and a shadow page written 3 times with no
-//!   fault through it in between is zapped, as KVM does against write flooding.
+//!   guest entries are dropped (refilled lazily; a 4-byte 32-bit entry maps to its
+//!   quadrant's shadow page, and a PDE to both of its shadow PDEs), and a shadow page
+//!   written 3 times with no fault through it in between is zapped, as KVM does against
+//!   write flooding. A guest store to a non-leaf table that translates the store's own
+//!   address (a 32-bit guest writing its page directory through a self-map) cannot be let
+//!   through by any shadow leaf: the fault answers [`ShadowOutcome::EmulateWrite`] and the
+//!   VMM emulates the store, as KVM does.
 //! * **Accessed/Dirty emulation.** A shadow leaf is writable only once the guest leaf is
 //!   dirty: the first guest write faults, the guest walk sets D, the leaf becomes writable.
 //! * **CR0.WP = 0.** The shadow tables are walked with CR0.WP = 1 (on hardware the host
@@ -41,9 +68,10 @@
 //!   and read-only. An access the current shape refuses faults and flips it.
 //! * **Control registers.** [`ShadowMmu::set_paging_config`] takes the guest's new
 //!   CR0/CR4/EFER/RFLAGS state. What shadow leaves were derived from (CR0.WP, SMEP, SMAP,
-//!   EFER.NXE, the paging mode, protection-key enables, MAXPHYADDR) zaps everything when it
-//!   changes, in O(1); RFLAGS.AC, PKRU and IA32_PKRS only act when the tables are walked,
-//!   so they take effect without a zap.
+//!   EFER.NXE, CR4.PSE, the paging mode, protection-key enables, MAXPHYADDR) zaps
+//!   everything when it changes, in O(1), and the next fault builds a root in the new
+//!   mode's format; RFLAGS.AC, PKRU and IA32_PKRS only act when the tables are walked, so
+//!   they take effect without a zap.
 //! * **Roots.** [`ShadowMmu::set_cr3`] keeps a cache of the [`ROOT_CACHE`] most recent
 //!   (CR3, PCID) roots, so switching back to a recent address space costs no rebuild.
 //!   Without the no-flush bit a CR3 write also resynchronises unsync pages.
@@ -51,18 +79,22 @@
 //!   roots of older generations are dead from that instant and their frames are reclaimed
 //!   incrementally on later faults.
 //!
-//! Scope: guests in 4- or 5-level paging (the shadow leaf carries the guest's effective
-//! U/W/NX and protection key, and the guest's SMEP/SMAP/PKRU apply when the shadow tables
-//! are walked). Refused with [`ShadowError::Unsupported`]: 32-bit and PAE guests, and
-//! CR0.WP = 0 together with SMAP or protection keys - a kernel-writable leaf is a
-//! supervisor page, so SMAP and PKRU would no longer see the user page the guest's rules
-//! protect (KVM leaves the SMAP case inexact and offers PKU only with two-dimensional
-//! paging; here the combination is refused rather than shadowed wrongly).
+//! Scope: guests in 32-bit, PAE, 4- and 5-level paging (the shadow leaf carries the
+//! guest's effective U/W/NX and, in 4/5-level paging, protection key, and the guest's
+//! SMEP/SMAP/PKRU apply when the shadow tables are walked). Refused with
+//! [`ShadowError::Unsupported`]: CR0.WP = 0 together with SMAP, or in 4/5-level paging
+//! with protection keys - a kernel-writable leaf is a supervisor page, so SMAP and PKRU
+//! would no longer see the user page the guest's rules protect (KVM leaves the SMAP case
+//! inexact and offers PKU only with two-dimensional paging; here the combination is
+//! refused rather than shadowed wrongly). A PAE guest's PDPTE with reserved bits is
+//! [`ShadowError::ReservedPdpte`] (the CPU's #GP on the load), and a PAE-format root
+//! frame above 4 GiB is [`ShadowError::RootAbove4G`]: give 32-bit and PAE guests a frame
+//! allocator below 4 GiB.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::builder::{FrameAllocator, PageSize};
+use crate::builder::FrameAllocator;
 use crate::entry::*;
 use crate::memory::PhysMemory;
 use crate::walk::{Access, Fault, PagingConfig, PagingMode, TableAccess, Walker};
@@ -96,6 +128,24 @@ pub enum ShadowError {
         /// The address.
         addr: u64,
     },
+    /// A PAE-format shadow root (32-bit and PAE guests) must lie below 4 GiB, since CR3
+    /// holds only 32 bits of it in PAE paging; the frame allocator returned one above.
+    #[error("shadow root frame {frame:#x} for a 32-bit or PAE guest is above 4 GiB")]
+    RootAbove4G {
+        /// The frame the allocator returned.
+        frame: u64,
+    },
+    /// A PAE guest's PDPTE has reserved bits set: the CPU refuses the CR3 (or CR0/CR4)
+    /// load with #GP, which the VMM injects; the MMU keeps its previous state.
+    #[error(
+        "PAE guest PDPTE {index} = {value:#x} has reserved bits set: the load faults with #GP"
+    )]
+    ReservedPdpte {
+        /// Which PDPTE (0-3).
+        index: usize,
+        /// Its value.
+        value: u64,
+    },
 }
 
 /// What a shadow fault turned out to be.
@@ -107,6 +157,12 @@ pub enum ShadowOutcome {
     InjectGuestFault(Fault),
     /// The access targets a GPA without host memory: emulate it as MMIO.
     Mmio(u64),
+    /// The access writes (at this GPA) a guest page table that is a non-leaf table of its
+    /// own translation - a 32-bit guest storing to its page directory through a self-map,
+    /// say. No shadow leaf can let the store through while that table stays
+    /// write-protected, so, as KVM does, the VMM emulates the store and reports it with
+    /// [`ShadowMmu::guest_table_written`].
+    EmulateWrite(u64),
 }
 
 /// Maps guest-physical pages to host-physical pages (the VMM's memory slots).
@@ -147,6 +203,9 @@ struct Role {
     gfn: u64,
     level: u8,
     direct: bool,
+    /// Which part of a 32-bit guest table this page shadows: 0-3 (1 GiB each) of a guest
+    /// page directory, 0-1 (2 MiB each) of a guest page table; 0 for every other guest.
+    quadrant: u8,
     /// bit 0: writable, bit 1: user, bit 2: executable (each ANDed over the entries above).
     access: u8,
 }
@@ -166,8 +225,11 @@ struct ShadowPage {
 
 #[derive(Debug, Clone, Copy)]
 struct CachedRoot {
+    /// The guest's top-level table address (CR3 without flag, PCID and no-flush bits).
     cr3: u64,
     pcid: u16,
+    /// PAE guests: the PDPTE registers the root's entries were derived from.
+    pdptes: [u64; 4],
     sp: usize,
     serial: u64,
     generation: u64,
@@ -181,35 +243,49 @@ struct Recorder<'a, M: PhysMemory + ?Sized> {
 }
 
 impl<M: PhysMemory + ?Sized> TableAccess for Recorder<'_, M> {
-    fn read_entry(&mut self, addr: u64, _wide: bool) -> Option<u64> {
-        let v = self.mem.read_u64(addr)?;
+    fn read_entry(&mut self, addr: u64, wide: bool) -> Option<u64> {
+        let v = if wide {
+            self.mem.read_u64(addr)?
+        } else {
+            u64::from(self.mem.read_u32(addr)?)
+        };
         self.reads.push((addr, v));
         Some(v)
     }
     fn update_entry(
         &mut self,
         addr: u64,
-        _wide: bool,
+        wide: bool,
         old: u64,
         new: u64,
     ) -> Option<Result<(), ()>> {
-        let r = self.mem.compare_exchange_u64(addr, old, new)?;
+        let ok = if wide {
+            self.mem.compare_exchange_u64(addr, old, new)?.is_ok()
+        } else {
+            // 4-byte entries of a 32-bit guest: the walker only passes 32-bit values.
+            let (old, new) = (u32::try_from(old).ok()?, u32::try_from(new).ok()?);
+            self.mem.compare_exchange_u32(addr, old, new)?.is_ok()
+        };
         // Keep the recorded value current so the shadow sees what the walk produced.
-        if r.is_ok() {
+        if ok {
             for e in self.reads.iter_mut() {
                 if e.0 == addr {
                     e.1 = new;
                 }
             }
         }
-        Some(r.map(|_| ()).map_err(|_| ()))
+        Some(if ok { Ok(()) } else { Err(()) })
     }
 }
 
 const ACC_W: u8 = 1;
 const ACC_U: u8 = 2;
 const ACC_X: u8 = 4;
+const ACC_ALL: u8 = ACC_W | ACC_U | ACC_X;
+/// A shadow non-leaf entry: fully permissive, the rights live in the leaves.
 const LINK: u64 = PRESENT | WRITABLE | USER;
+/// A shadow PDPTE (PAE-format root): only P may be set, R/W, U/S and XD are reserved.
+const LINK_PDPTE: u64 = PRESENT;
 
 /// The shadow MMU for one guest address-space owner (one vCPU's view).
 #[derive(Debug)]
@@ -251,6 +327,10 @@ where
     /// A shadow MMU for a guest with paging state `cfg` (its `cr3` is the initial address
     /// space, PCID 0), guest memory `guest`, shadow tables in `shadow` (frames from
     /// `alloc`), and the VMM's memory map `host`.
+    ///
+    /// PAE guests: `cfg.pdptes` of `Some` is taken as the PDPTE registers (restored from a
+    /// snapshot or a VMCS); `None` loads them from guest memory at `cfg.cr3`, as the CPU
+    /// does when it enters PAE paging.
     pub fn new(
         cfg: PagingConfig,
         guest: &'a G,
@@ -259,6 +339,9 @@ where
         host: H,
     ) -> Result<Self, ShadowError> {
         check_supported(&cfg)?;
+        let mut cfg = cfg;
+        cfg.cr3 = root_address(&cfg, cfg.cr3);
+        cfg.pdptes = resolve_pdptes(guest, &cfg, cfg.pdptes)?;
         let mut mmu = ShadowMmu {
             guest,
             shadow,
@@ -278,7 +361,7 @@ where
             reclaim_cursor: 0,
             stats: ShadowStats::default(),
         };
-        mmu.set_cr3(cfg.cr3, 0, true)?;
+        mmu.load_root()?;
         Ok(mmu)
     }
 
@@ -287,7 +370,8 @@ where
         self.stats
     }
 
-    /// The guest walker (guest control registers and CR3).
+    /// The guest walker (guest control registers, CR3 and, for PAE guests, the PDPTE
+    /// registers loaded at the last CR3 write).
     pub fn guest_walker(&self) -> &Walker {
         &self.walker
     }
@@ -297,13 +381,28 @@ where
         self.pages.iter().filter(|p| p.live).count()
     }
 
+    /// Whether the shadow tables are in PAE format (32-bit and PAE guests).
+    fn pae_format(&self) -> bool {
+        matches!(
+            self.walker.config().mode,
+            PagingMode::Legacy32 | PagingMode::Pae
+        )
+    }
+
+    /// Depth of the shadow tables: 3 in PAE format, else the guest's depth.
     fn levels(&self) -> u32 {
-        self.walker.config().mode.levels()
+        if self.pae_format() {
+            3
+        } else {
+            self.walker.config().mode.levels()
+        }
     }
 
     /// The current shadow root: the value for the real CR3. `None` after [`zap_all`]
     /// until the next fault or CR3 write builds a new root (the old one is obsolete and
     /// must not be used, as KVM reloads obsolete roots before the next guest entry).
+    /// For 32-bit and PAE guests the root is a PAE page-directory-pointer table (below
+    /// 4 GiB) and the real CPU runs in PAE paging.
     ///
     /// [`zap_all`]: Self::zap_all
     pub fn shadow_root(&self) -> Option<u64> {
@@ -320,48 +419,91 @@ where
     }
 
     /// The guest wrote CR3 (`cr3` with PCID `pcid`; `no_flush` is CR3 bit 63 with PCIDE).
+    ///
+    /// A PAE guest's PDPTEs are loaded from guest memory here, as the CPU loads its PDPTE
+    /// registers on a MOV to CR3; later guest writes to its PDPT take effect only at the
+    /// next CR3 load, so the PDPT is not write-protected. PDPTEs with reserved bits are
+    /// refused with [`ShadowError::ReservedPdpte`] (the VMM injects #GP) and nothing
+    /// changes; a PDPT outside guest memory loads as not present.
     pub fn set_cr3(&mut self, cr3: u64, pcid: u16, no_flush: bool) -> Result<(), ShadowError> {
-        let page = cr3 & bits(51, 12);
-        self.walker.set_cr3(page);
+        let mut cfg = *self.walker.config();
+        cfg.cr3 = root_address(&cfg, cr3);
+        if cfg.mode == PagingMode::Pae {
+            cfg.pdptes = resolve_pdptes(self.guest, &cfg, None)?;
+            self.walker = Walker::new(cfg);
+        } else {
+            self.walker.set_cr3(cfg.cr3);
+        }
         self.pcid = pcid;
         if !no_flush {
             self.resync_all();
         }
-        let found = self
-            .roots
-            .iter()
-            .position(|r| r.cr3 == page && r.pcid == pcid && self.root_valid(r));
-        match found {
-            Some(i) => {
-                let r = self.roots.remove(i);
-                self.roots.insert(0, r);
-                self.stats.root_hits += 1;
-            }
-            None => {
-                self.stats.root_misses += 1;
-                let role = Role {
-                    gfn: page >> 12,
-                    level: self.levels() as u8,
-                    direct: false,
-                    access: ACC_W | ACC_U | ACC_X,
-                };
-                let sp = self.get_or_create(role, None)?;
-                let serial = self.pages[sp].serial;
-                self.roots.retain(|r| r.generation == self.generation);
-                self.roots.insert(
-                    0,
-                    CachedRoot {
-                        cr3: page,
-                        pcid,
-                        sp,
-                        serial,
-                        generation: self.generation,
-                    },
-                );
-                self.roots.truncate(ROOT_CACHE);
+        self.load_root()
+    }
+
+    /// Makes the root for the current (CR3, PCID, PDPTEs) current: from the cache, or new.
+    fn load_root(&mut self) -> Result<(), ShadowError> {
+        let cr3 = self.walker.config().cr3;
+        let pdptes = self.walker.config().pdptes.unwrap_or_default();
+        let pcid = self.pcid;
+        let found = self.roots.iter().position(|r| {
+            r.cr3 == cr3 && r.pcid == pcid && r.pdptes == pdptes && self.root_valid(r)
+        });
+        if let Some(i) = found {
+            let r = self.roots.remove(i);
+            self.roots.insert(0, r);
+            self.stats.root_hits += 1;
+            return Ok(());
+        }
+        self.stats.root_misses += 1;
+        let sp = self.new_root()?;
+        let serial = self.pages[sp].serial;
+        self.roots.retain(|r| r.generation == self.generation);
+        self.roots.insert(
+            0,
+            CachedRoot {
+                cr3,
+                pcid,
+                pdptes,
+                sp,
+                serial,
+                generation: self.generation,
+            },
+        );
+        while self.roots.len() > ROOT_CACHE {
+            let Some(old) = self.roots.pop() else { break };
+            // A PAE-format root belongs to its cache entry alone: free it with the entry.
+            if self.pae_format() && self.root_valid(&old) {
+                self.zap(old.sp);
             }
         }
         Ok(())
+    }
+
+    /// A root for the current guest CR3. In 4/5-level paging the root shadows the guest's
+    /// top-level table and is shared like any shadow page. In PAE format (32-bit and PAE
+    /// guests) it is a PDPT of 4 links, built privately for one cache entry: its entries
+    /// come from the PDPTE registers (PAE) or point at the 4 quadrants of the guest page
+    /// directory (32-bit), so nothing in it shadows guest memory that could change
+    /// behind it.
+    fn new_root(&mut self) -> Result<usize, ShadowError> {
+        let levels = self.levels() as u8;
+        let role = Role {
+            gfn: self.walker.config().cr3 >> 12,
+            level: levels,
+            direct: self.pae_format(),
+            quadrant: 0,
+            access: ACC_ALL,
+        };
+        if !self.pae_format() {
+            return self.get_or_create(role, None);
+        }
+        let frame = self.new_frame()?;
+        if frame >> 32 != 0 {
+            self.free_frames.push(frame);
+            return Err(ShadowError::RootAbove4G { frame });
+        }
+        Ok(self.insert_page(role, frame))
     }
 
     /// The guest changed its paging state (CR0, CR4, EFER, RFLAGS.AC, PKRU, IA32_PKRS).
@@ -370,25 +512,32 @@ where
     /// the PCID and the no-flush bit. When anything a shadow leaf was derived from changed
     /// (the mode, CR0.WP, CR4.SMEP/SMAP/PKE/PKS, EFER.NXE, MAXPHYADDR and the other CPU
     /// features of the config), every shadow page is zapped in O(1), as KVM resets its MMU
-    /// context when the role changes; RFLAGS.AC, PKRU and IA32_PKRS are applied when the
-    /// shadow tables are walked and need nothing. An unsupported state is refused and the
-    /// MMU keeps the previous one.
+    /// context when the role changes, and the next fault builds a root in the new mode's
+    /// format; RFLAGS.AC, PKRU and IA32_PKRS are applied when the shadow tables are walked
+    /// and need nothing. PAE guests: the PDPTE registers are `cfg.pdptes`, or reloaded from
+    /// guest memory at the current CR3 when it is `None` (a MOV to CR0/CR4 that changes
+    /// paging reloads them); new PDPTEs select another root. An unsupported state or
+    /// reserved PDPTE bits are refused and the MMU keeps the previous state.
     pub fn set_paging_config(&mut self, cfg: PagingConfig) -> Result<(), ShadowError> {
         check_supported(&cfg)?;
         let old = *self.walker.config();
         let mut new = cfg;
-        new.cr3 = old.cr3;
+        new.cr3 = root_address(&new, old.cr3);
+        new.pdptes = resolve_pdptes(self.guest, &new, cfg.pdptes)?;
         let shape = |c: &PagingConfig| {
             let mut c = *c;
             c.alignment_check = false;
             c.pkru = 0;
             c.pkrs = 0;
+            c.pdptes = None;
             c
         };
         let zap = shape(&old) != shape(&new);
         self.walker = Walker::new(new);
         if zap {
             self.zap_all();
+        } else if old.pdptes != new.pdptes {
+            self.load_root()?;
         }
         Ok(())
     }
@@ -452,29 +601,8 @@ where
             Some(&id) => id,
             None => {
                 let frame = self.new_frame()?;
-                self.serial += 1;
-                let page = ShadowPage {
-                    role,
-                    frame,
-                    generation: self.generation,
-                    serial: self.serial,
-                    live: true,
-                    unsync: false,
-                    writes: 0,
-                    parents: Vec::new(),
-                };
-                let id = match self.free_ids.pop() {
-                    Some(id) => {
-                        self.pages[id] = page;
-                        id
-                    }
-                    None => {
-                        self.pages.push(page);
-                        self.pages.len() - 1
-                    }
-                };
+                let id = self.insert_page(role, frame);
                 self.by_role.insert(role, id);
-                self.stats.pages_created += 1;
                 if !role.direct {
                     // A synced shadow of this frame exists from now on: protect it, and
                     // bring its unsync siblings back in sync.
@@ -504,6 +632,32 @@ where
             }
         }
         Ok(id)
+    }
+
+    /// Records a new shadow page of `role` in `frame` (not yet findable by role).
+    fn insert_page(&mut self, role: Role, frame: u64) -> usize {
+        self.serial += 1;
+        self.stats.pages_created += 1;
+        let page = ShadowPage {
+            role,
+            frame,
+            generation: self.generation,
+            serial: self.serial,
+            live: true,
+            unsync: false,
+            writes: 0,
+            parents: Vec::new(),
+        };
+        match self.free_ids.pop() {
+            Some(id) => {
+                self.pages[id] = page;
+                id
+            }
+            None => {
+                self.pages.push(page);
+                self.pages.len() - 1
+            }
+        }
     }
 
     fn leaf_valid(&self, sp: usize, serial: u64, index: u16) -> Option<u64> {
@@ -605,10 +759,13 @@ where
         let Some(sps) = self.by_gfn.get(&gfn).cloned() else {
             return;
         };
-        let first = (gpa & 0xfff) / 8;
+        let legacy = self.walker.config().mode == PagingMode::Legacy32;
+        let entry_size = if legacy { 4 } else { 8 };
+        let offset = gpa & 0xfff;
         // `len` may be anything the VMM was told (a `rep movs` count): saturate, the store
         // is clipped to this page anyway.
-        let last = (gpa & 0xfff).saturating_add(len.max(1) - 1).min(0xfff) / 8;
+        let end = offset.saturating_add(len.max(1) - 1).min(0xfff);
+        let (first, last) = (offset / entry_size, end / entry_size);
         for sp in sps {
             let page = &mut self.pages[sp];
             page.writes = page.writes.saturating_add(1);
@@ -616,9 +773,20 @@ where
                 self.zap(sp);
                 continue;
             }
-            let frame = page.frame;
-            for i in first..=last {
-                let _ = self.shadow.write_u64(frame + i * 8, 0);
+            let (frame, role) = (page.frame, page.role);
+            // The guest entries this shadow page covers (`span` of them from the quadrant's
+            // first) and the shadow entries each one became: a 32-bit guest PDE (4 MiB) is
+            // two shadow PDEs (2 MiB each).
+            let (span, per) = if legacy && role.level == 2 {
+                (256, 2)
+            } else {
+                (512, 1)
+            };
+            let base = u64::from(role.quadrant) * span;
+            for g in first.max(base)..=last.min(base + span - 1) {
+                for k in 0..per {
+                    let _ = self.shadow.write_u64(frame + ((g - base) * per + k) * 8, 0);
+                }
             }
         }
     }
@@ -631,8 +799,7 @@ where
                 // Start over with an empty shadow and a fully reclaimed pool.
                 self.zap_all();
                 self.reclaim(usize::MAX);
-                let (cr3, pcid) = (self.walker.config().cr3, self.pcid);
-                self.set_cr3(cr3, pcid, true)?;
+                self.load_root()?;
                 self.try_fix(gva, access)
             }
             other => other,
@@ -641,8 +808,8 @@ where
 
     fn try_fix(&mut self, gva: u64, access: Access) -> Result<ShadowOutcome, ShadowError> {
         if !self.roots.first().is_some_and(|r| self.root_valid(r)) {
-            let (cr3, pcid) = (self.walker.config().cr3, self.pcid);
-            self.set_cr3(cr3, pcid, true)?;
+            // Same CR3 and PDPTE registers: no reload from guest memory.
+            self.load_root()?;
         }
         let mut rec = Recorder {
             mem: self.guest,
@@ -652,13 +819,9 @@ where
             Ok(t) => t,
             Err(f) => return Ok(ShadowOutcome::InjectGuestFault(f)),
         };
-        // The recorder may have seen restarted walks: keep the last `levels` reads.
-        let levels = self.levels() as usize;
-        let path_len = match t.page_size() {
-            PageSize::Size1G => levels - 2,
-            PageSize::Size2M => levels - 1,
-            _ => levels,
-        };
+        // The recorder may have seen restarted walks: keep the reads of the last one (a PAE
+        // guest's PDPTEs come from the registers, not from memory).
+        let path_len = usize::from(t.memory_refs());
         let reads = rec.reads.len();
         if reads < path_len {
             return Ok(ShadowOutcome::Fixed);
@@ -676,6 +839,11 @@ where
             if access.is_write() && self.is_protected(gfn) {
                 // The guest writes one of its own page tables.
                 let leaf_tables_only = sps.iter().all(|&s| self.pages[s].role.level == 1);
+                let on_own_path = path.iter().any(|&(addr, _)| addr >> 12 == gfn);
+                if !leaf_tables_only && on_own_path {
+                    // Zapping would be undone by building this very path: emulate.
+                    return Ok(ShadowOutcome::EmulateWrite(t.gpa));
+                }
                 if leaf_tables_only {
                     for s in sps {
                         if !self.pages[s].unsync {
@@ -707,9 +875,10 @@ where
         let Some(root) = self.roots.first().copied() else {
             return Ok(());
         };
+        let mode = self.walker.config().mode;
         let levels = self.levels();
         let mut sp = root.sp;
-        let mut access = ACC_W | ACC_U | ACC_X;
+        let mut access = ACC_ALL;
         // Base and size of the guest large page being split, once below its level.
         let mut direct: Option<(u64, u64)> = None;
         for level in (1..=levels).rev() {
@@ -733,7 +902,9 @@ where
                 if rights.no_execute || (kernel_write && rights.user && self.walker.config().smep) {
                     leaf |= NO_EXECUTE;
                 }
-                leaf |= u64::from(t.rights().pkey) << PKEY_SHIFT;
+                if !self.pae_format() {
+                    leaf |= u64::from(rights.pkey) << PKEY_SHIFT;
+                }
                 self.shadow
                     .write_u64(addr, leaf)
                     .ok_or(ShadowError::OutsideMemory { addr })?;
@@ -746,35 +917,76 @@ where
             }
             // The child table replaces one entry of this level: it covers `cover` bytes.
             let cover = 1u64 << (12 + 9 * (level - 1));
-            let role = match direct {
-                Some((base, size)) => Role {
+            let mut link = LINK;
+            let role = if let Some((base, size)) = direct {
+                Role {
                     gfn: (base + (gva & (size - 1) & !(cover - 1))) >> 12,
                     level: (level - 1) as u8,
                     direct: true,
+                    quadrant: 0,
                     access,
-                },
-                None => {
-                    let depth = (levels - level) as usize;
-                    let Some(&(_, entry)) = path.get(depth) else {
-                        return Ok(());
-                    };
-                    access &= rights_of(entry);
-                    if entry & PAGE_SIZE != 0 {
-                        // A guest large page: split it with direct shadow pages.
-                        direct = Some((t.page_base(), cover));
-                        Role {
-                            gfn: t.page_base() >> 12,
-                            level: (level - 1) as u8,
-                            direct: true,
-                            access,
-                        }
-                    } else {
-                        Role {
-                            gfn: (entry & ADDR_MASK_52) >> 12,
-                            level: (level - 1) as u8,
-                            direct: false,
-                            access,
-                        }
+                }
+            } else if self.pae_format() && level == 3 {
+                // The PAE-format root: a PDPTE links to a shadow page directory.
+                link = LINK_PDPTE;
+                let quarter = ((gva >> 30) & 3) as usize;
+                let (gfn, quadrant) = match mode {
+                    // A quarter of the guest's page directory.
+                    PagingMode::Legacy32 => (root.cr3 >> 12, quarter as u8),
+                    // The directory the PDPTE register names (it carries no rights).
+                    _ => {
+                        let Some(&pdpte) = root.pdptes.get(quarter) else {
+                            return Ok(());
+                        };
+                        ((pdpte & ADDR_MASK_52) >> 12, 0)
+                    }
+                };
+                Role {
+                    gfn,
+                    level: 2,
+                    direct: false,
+                    quadrant,
+                    access,
+                }
+            } else {
+                // The guest entry this shadow entry derives from (one-to-one except that a
+                // 32-bit PDE spans two shadow PDEs).
+                let depth = if self.pae_format() {
+                    2 - level
+                } else {
+                    levels - level
+                } as usize;
+                let Some(&(_, entry)) = path.get(depth) else {
+                    return Ok(());
+                };
+                access &= rights_of(entry);
+                if depth + 1 == path.len() {
+                    // A guest large page: split it with direct shadow pages.
+                    let (base, size) = (t.page_base(), t.page_size().bytes());
+                    direct = Some((base, size));
+                    Role {
+                        gfn: (base + (gva & (size - 1) & !(cover - 1))) >> 12,
+                        level: (level - 1) as u8,
+                        direct: true,
+                        quadrant: 0,
+                        access,
+                    }
+                } else if mode == PagingMode::Legacy32 {
+                    // Half of a 1024-entry guest page table.
+                    Role {
+                        gfn: (entry & 0xffff_f000) >> 12,
+                        level: 1,
+                        direct: false,
+                        quadrant: ((gva >> 21) & 1) as u8,
+                        access,
+                    }
+                } else {
+                    Role {
+                        gfn: (entry & ADDR_MASK_52) >> 12,
+                        level: (level - 1) as u8,
+                        direct: false,
+                        quadrant: 0,
+                        access,
                     }
                 }
             };
@@ -785,7 +997,7 @@ where
                 return Ok(());
             }
             self.shadow
-                .write_u64(addr, frame | LINK)
+                .write_u64(addr, frame | link)
                 .ok_or(ShadowError::OutsideMemory { addr })?;
             sp = child;
         }
@@ -806,6 +1018,11 @@ where
         };
         let mut cfg = *self.walker.config();
         cfg.cr3 = root;
+        if self.pae_format() {
+            // PAE-format shadow tables; the hardware reads the PDPTEs from the root.
+            cfg.mode = PagingMode::Pae;
+            cfg.pdptes = None;
+        }
         cfg.set_accessed_dirty = false;
         // The host's setting: WP = 0 is emulated by the leaves' shapes.
         cfg.write_protect = true;
@@ -840,11 +1057,13 @@ where
 
 /// Refuses paging states the shadow MMU cannot shadow exactly (module docs).
 fn check_supported(cfg: &PagingConfig) -> Result<(), ShadowError> {
-    let why = if !matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5) {
-        Some("only 4- and 5-level paging guests are shadowed")
-    } else if !cfg.write_protect && cfg.smap {
+    let why = if !cfg.write_protect && cfg.smap {
         Some("CR0.WP=0 with CR4.SMAP: a kernel-writable shadow leaf would escape SMAP")
-    } else if !cfg.write_protect && (cfg.pke || cfg.pks) {
+    } else if !cfg.write_protect
+        && (cfg.pke || cfg.pks)
+        && matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5)
+    {
+        // Protection keys only act in IA-32e paging: 32-bit and PAE guests are unaffected.
         Some("CR0.WP=0 with protection keys: a kernel-writable shadow leaf changes which key register applies")
     } else {
         None
@@ -857,6 +1076,45 @@ fn check_supported(cfg: &PagingConfig) -> Result<(), ShadowError> {
         }),
         None => Ok(()),
     }
+}
+
+/// The guest's top-level table address in `cr3` (the bits the walker uses for `cfg.mode`).
+fn root_address(cfg: &PagingConfig, cr3: u64) -> u64 {
+    match cfg.mode {
+        PagingMode::Legacy32 => cr3 & 0xffff_f000,
+        PagingMode::Pae => cr3 & 0xffff_ffe0,
+        PagingMode::Level4 | PagingMode::Level5 => {
+            cr3 & bits(u32::from(cfg.max_phys_bits.clamp(32, 52)) - 1, 12)
+        }
+    }
+}
+
+/// The PDPTE registers of a PAE guest: `given`, or loaded from guest memory at `cfg.cr3`
+/// (an unreadable PDPTE loads as 0, not present). Reserved bits in a present PDPTE are
+/// the #GP the CPU raises on the load. `None` for the other modes.
+fn resolve_pdptes<G: PhysMemory + ?Sized>(
+    guest: &G,
+    cfg: &PagingConfig,
+    given: Option<[u64; 4]>,
+) -> Result<Option<[u64; 4]>, ShadowError> {
+    if cfg.mode != PagingMode::Pae {
+        return Ok(None);
+    }
+    let mut pdptes = [0u64; 4];
+    for (i, p) in pdptes.iter_mut().enumerate() {
+        *p = match given {
+            Some(regs) => regs[i],
+            None => guest.read_u64(cfg.cr3 + i as u64 * 8).unwrap_or(0),
+        };
+    }
+    // Bits 63:MAXPHYADDR, 8:5 and 2:1 are reserved in a present PDPTE.
+    let reserved = bits(63, u32::from(cfg.max_phys_bits.clamp(32, 52))) | bits(8, 5) | bits(2, 1);
+    for (index, &value) in pdptes.iter().enumerate() {
+        if value & PRESENT != 0 && value & reserved != 0 {
+            return Err(ShadowError::ReservedPdpte { index, value });
+        }
+    }
+    Ok(Some(pdptes))
 }
 
 fn rights_of(entry: u64) -> u8 {
@@ -876,7 +1134,7 @@ fn rights_of(entry: u64) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builder::{BumpAllocator, MapFlags, PageTableBuilder, PagingFormat};
+    use crate::builder::{BumpAllocator, MapFlags, PageSize, PageTableBuilder, PagingFormat};
     use crate::memory::{FlatMemory, GuestAddress};
     use crate::walk::PfErrorCode;
 
@@ -1332,7 +1590,9 @@ mod tests {
     #[test]
     fn unsupported_guests() {
         let e = env();
-        let pae = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        let mut pae_wp0_smap = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        pae_wp0_smap.write_protect = false;
+        pae_wp0_smap.smap = true;
         let mut wp0_smap = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
         wp0_smap.write_protect = false;
         wp0_smap.smap = true;
@@ -1340,7 +1600,7 @@ mod tests {
         wp0_pke.write_protect = false;
         wp0_pke.pke = true;
         for (cfg, what) in [
-            (pae, "5-level"),
+            (pae_wp0_smap, "SMAP"),
             (wp0_smap, "SMAP"),
             (wp0_pke, "protection keys"),
         ] {
@@ -1374,5 +1634,358 @@ mod tests {
             host as fn(u64) -> Option<u64>,
         );
         assert!(matches!(outside, Err(ShadowError::OutsideMemory { .. })));
+        // Protection keys do nothing outside IA-32e paging: a PAE guest with CR0.WP = 0 and
+        // CR4.PKE is shadowed.
+        let e = env_for(PagingFormat::Pae);
+        let mut pae_wp0_pke = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        pae_wp0_pke.write_protect = false;
+        pae_wp0_pke.pke = true;
+        let mut m = mmu_for(&e, PagingMode::Pae);
+        m.set_paging_config(pae_wp0_pke).unwrap();
+        assert_eq!(
+            m.access(TABLES_VA + 0xf_f000, Access::supervisor_write()),
+            Ok(Ok(0xf_f000 + HOST_OFFSET))
+        );
+    }
+
+    /// A 32-bit or PAE guest: VA 0x40_0000.. (8 pages) -> GPA 0x10_0000.. in the first
+    /// half of one guest page table, VA 0x60_0000.. (8 pages) -> GPA 0x18_0000.. in its
+    /// second half (32-bit), a large page at 0x80_0000 (4 MiB -> GPA 0 for 32-bit, 2 MiB
+    /// -> GPA 0x20_0000 for PAE), and the tables (GPA 0..1 MiB) at TABLES_VA.
+    fn env_for(format: PagingFormat) -> Env {
+        let guest = FlatMemory::new(0, 4 << 20);
+        let mut alloc = BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10_0000));
+        let mut cr3 = [0; 2];
+        for (i, c) in cr3.iter_mut().enumerate() {
+            let mut b = PageTableBuilder::new(&guest, format, &mut alloc).unwrap();
+            let rw = MapFlags::WRITABLE | MapFlags::USER;
+            let off = i as u64 * 0x1_0000;
+            b.map(0x40_0000, GuestAddress(0x10_0000 + off), 0x8000, rw)
+                .unwrap();
+            b.map(0x60_0000, GuestAddress(0x18_0000 + off), 0x8000, rw)
+                .unwrap();
+            let (gpa, size) = match format {
+                PagingFormat::Legacy32 => (0, 4 << 20),
+                _ => (0x20_0000, 2 << 20),
+            };
+            b.map(0x80_0000, GuestAddress(gpa), size, rw).unwrap();
+            b.set_max_page_size(PageSize::Size4K);
+            b.map(TABLES_VA, GuestAddress(0), 0x10_0000, MapFlags::WRITABLE)
+                .unwrap();
+            *c = b.root().0;
+            if format == PagingFormat::Pae {
+                // The builder links PAE page tables with P only (right for PDPTEs, not
+                // for PDEs): let the leaves decide the rights.
+                for q in 0..4 {
+                    let pdpte = guest.read_u64(*c + q * 8).unwrap();
+                    if pdpte & PRESENT == 0 {
+                        continue;
+                    }
+                    for j in 0..512 {
+                        let at = (pdpte & ADDR_MASK_52) + j * 8;
+                        let pde = guest.read_u64(at).unwrap();
+                        if pde & PRESENT != 0 && pde & PAGE_SIZE == 0 {
+                            guest.write_u64(at, pde | WRITABLE | USER).unwrap();
+                        }
+                    }
+                }
+            }
+        }
+        Env {
+            guest,
+            shadow: FlatMemory::new(0x4000_0000, 1 << 20),
+            cr3,
+        }
+    }
+
+    fn mmu_for(e: &Env, mode: PagingMode) -> Mmu<'_> {
+        ShadowMmu::new(
+            PagingConfig::new(mode, e.cr3[0]),
+            &e.guest,
+            &e.shadow,
+            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
+            host as fn(u64) -> Option<u64>,
+        )
+        .unwrap()
+    }
+
+    fn guest_leaf(e: &Env, mode: PagingMode, va: u64) -> u64 {
+        crate::walk::Walker::new(PagingConfig::new(mode, e.cr3[0]))
+            .translate(&e.guest, va, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr
+    }
+
+    #[test]
+    fn legacy32_lazy_fill_quadrants_and_4m_split() {
+        let e = env_for(PagingFormat::Legacy32);
+        let mut m = mmu_for(&e, PagingMode::Legacy32);
+        assert!(m.translate(0x40_1008, Access::user_read()).is_err());
+        assert_eq!(
+            m.handle_fault(0x40_1008, Access::user_read()),
+            Ok(ShadowOutcome::Fixed)
+        );
+        // The shadow is PAE-format: root PDPT (P only), PD, PT.
+        let root = m.shadow_root().unwrap();
+        let pdpte = e.shadow.read_u64(root).unwrap();
+        assert_eq!(pdpte & 0xfff, PRESENT);
+        assert_eq!(
+            m.translate(0x40_1008, Access::user_read()),
+            Ok(0x10_1008 + HOST_OFFSET)
+        );
+        // Both halves of one guest page table: two shadow page tables (quadrants 0, 1).
+        let created = m.stats().pages_created;
+        assert_eq!(
+            m.access(0x60_2010, Access::user_write()),
+            Ok(Ok(0x18_2010 + HOST_OFFSET))
+        );
+        assert_eq!(m.stats().pages_created, created + 1);
+        assert_eq!(
+            m.translate(0x40_1008, Access::user_read()),
+            Ok(0x10_1008 + HOST_OFFSET),
+            "the first quadrant is untouched"
+        );
+        // A 4 MiB page split into 4 KiB leaves in both of its 2 MiB halves.
+        for va in [0x80_0000u64, 0x83_4568, 0xa0_1000, 0xbf_f000] {
+            assert_eq!(
+                m.access(va, Access::user_read()),
+                Ok(Ok(va - 0x80_0000 + HOST_OFFSET)),
+                "{va:#x}"
+            );
+        }
+        // The guest walk set A (and D on the write) in the 4-byte entries.
+        let pte = guest_leaf(&e, PagingMode::Legacy32, 0x60_2000);
+        let v = u64::from(e.guest.read_u32(pte).unwrap());
+        assert_eq!(v & (ACCESSED | DIRTY), ACCESSED | DIRTY);
+        // The guest's faults keep the guest's error codes (no I/D bit without NX or SMEP).
+        assert_eq!(injected(m.access(0x50_0000, Access::user_fetch())), 0x4);
+        // PDPTE slot 2 (TABLES_VA) is another quadrant of the same guest directory.
+        assert_eq!(
+            m.access(TABLES_VA + 0x5000, Access::supervisor_read()),
+            Ok(Ok(0x5000 + HOST_OFFSET))
+        );
+        assert_ne!(e.shadow.read_u64(root + 16).unwrap() & PRESENT, 0);
+    }
+
+    #[test]
+    fn legacy32_table_writes_protect_unsync_and_emulated_4_byte_entries() {
+        let e = env_for(PagingFormat::Legacy32);
+        let mut m = mmu_for(&e, PagingMode::Legacy32);
+        for va in [0x60_1000u64, 0x60_2000, 0x40_1000, 0x80_0000, 0xa0_0000] {
+            m.access(va, Access::user_read()).unwrap().unwrap();
+        }
+        // The PTE of 0x60_1000 is entry 513 of the guest table: second quadrant, index 1.
+        let pte = guest_leaf(&e, PagingMode::Legacy32, 0x60_1000);
+        assert_eq!(pte & 0xfff, 513 * 4);
+        // The guest's own mapping of its table is read-only in the shadow.
+        m.access(TABLES_VA + pte, Access::supervisor_read())
+            .unwrap()
+            .unwrap();
+        assert!(m
+            .translate(TABLES_VA + pte, Access::supervisor_write())
+            .is_err());
+        // A store: both shadow pages of the table go unsync, the store lands.
+        let hpa = m
+            .access(TABLES_VA + pte, Access::supervisor_write())
+            .unwrap()
+            .unwrap();
+        assert_eq!(hpa, pte + HOST_OFFSET);
+        assert_eq!(m.stats().unsyncs, 2);
+        e.guest
+            .write_u32(pte, 0x1c_0000 | (PRESENT | WRITABLE | USER) as u32)
+            .unwrap();
+        assert_eq!(
+            m.translate(0x60_1000, Access::user_read()),
+            Ok(0x18_1000 + HOST_OFFSET),
+            "stale until the guest flushes"
+        );
+        m.flush();
+        assert_eq!(
+            m.access(0x60_1000, Access::user_read()),
+            Ok(Ok(0x1c_0000 + HOST_OFFSET))
+        );
+        // An emulated 4-byte write drops exactly the shadow entry derived from it.
+        m.access(0x60_2000, Access::user_read()).unwrap().unwrap();
+        e.guest
+            .write_u32(pte, 0x1d_0000 | (PRESENT | USER) as u32)
+            .unwrap();
+        m.guest_table_written(pte, 4);
+        assert!(m.translate(0x60_1000, Access::user_read()).is_err());
+        assert_eq!(
+            m.translate(0x60_2000, Access::user_read()),
+            Ok(0x18_2000 + HOST_OFFSET)
+        );
+        assert_eq!(
+            m.access(0x60_1000, Access::user_read()),
+            Ok(Ok(0x1d_0000 + HOST_OFFSET))
+        );
+        // A guest PDE (4 MiB) is two shadow PDEs: an emulated write to the 4 MiB page's
+        // PDE drops both halves and leaves the other directory entries alone.
+        let pde = e.cr3[0] + 2 * 4;
+        for va in [0x80_0000u64, 0xa0_0000, 0x40_1000] {
+            m.access(va, Access::user_read()).unwrap().unwrap();
+        }
+        m.guest_table_written(pde, 4);
+        assert!(m.translate(0x80_0000, Access::user_read()).is_err());
+        assert!(m.translate(0xa0_0000, Access::user_read()).is_err());
+        assert_eq!(
+            m.translate(0x40_1000, Access::user_read()),
+            Ok(0x10_1000 + HOST_OFFSET)
+        );
+        // A store to the guest directory through a mapping it translates itself: the
+        // VMM emulates it.
+        assert_eq!(
+            m.access(TABLES_VA + pde, Access::supervisor_write()),
+            Ok(Err(ShadowOutcome::EmulateWrite(pde)))
+        );
+    }
+
+    #[test]
+    fn pae_pdptes_are_loaded_at_cr3_writes_only() {
+        let e = env_for(PagingFormat::Pae);
+        let mut m = mmu_for(&e, PagingMode::Pae);
+        assert_eq!(
+            m.access(0x40_1000, Access::user_write()),
+            Ok(Ok(0x10_1000 + HOST_OFFSET))
+        );
+        assert_eq!(
+            m.access(0x80_1000, Access::user_read()),
+            Ok(Ok(0x20_1000 + HOST_OFFSET))
+        );
+        let root = m.shadow_root().unwrap();
+        assert_eq!(e.shadow.read_u64(root).unwrap() & 0xfff, PRESENT);
+        assert_eq!(
+            m.guest_walker().config().pdptes.map(|p| p[0]),
+            e.guest.read_u64(e.cr3[0])
+        );
+        // The guest clears PDPTE 0 in memory (the PDPT is not write-protected): nothing
+        // changes until the next CR3 load, not even after a flush or a zap.
+        let pdpte0 = e.guest.read_u64(e.cr3[0]).unwrap();
+        assert_eq!(
+            m.access(TABLES_VA + e.cr3[0], Access::supervisor_write()),
+            Ok(Ok(e.cr3[0] + HOST_OFFSET))
+        );
+        e.guest.write_u64(e.cr3[0], 0).unwrap();
+        m.guest_table_written(e.cr3[0], 8);
+        m.flush();
+        m.zap_all();
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x10_1000 + HOST_OFFSET))
+        );
+        m.set_cr3(e.cr3[0], 0, true).unwrap();
+        assert_eq!(injected(m.access(0x40_1000, Access::user_read())), 0x4);
+        // Another address space, and back once PDPTE 0 is restored: the cache is keyed by
+        // the PDPTEs too, so the root built from the original ones comes back.
+        m.set_cr3(e.cr3[1], 0, false).unwrap();
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x11_1000 + HOST_OFFSET))
+        );
+        e.guest.write_u64(e.cr3[0], pdpte0).unwrap();
+        let hits = m.stats().root_hits;
+        m.set_cr3(e.cr3[0], 0, false).unwrap();
+        assert_eq!(m.stats().root_hits, hits + 1);
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x10_1000 + HOST_OFFSET))
+        );
+        // Reserved PDPTE bits: #GP for the guest, the MMU keeps its state.
+        e.guest
+            .write_u64(e.cr3[1] + 8, 0x5000 | PRESENT | WRITABLE)
+            .unwrap();
+        assert_eq!(
+            m.set_cr3(e.cr3[1], 0, false),
+            Err(ShadowError::ReservedPdpte {
+                index: 1,
+                value: 0x5000 | PRESENT | WRITABLE
+            })
+        );
+        assert_eq!(m.guest_walker().config().cr3, e.cr3[0]);
+        assert_eq!(
+            m.translate(0x40_1000, Access::user_read()),
+            Ok(0x10_1000 + HOST_OFFSET)
+        );
+        // PDPTE registers supplied by the VMM (e.g. from a snapshot) are used as given,
+        // and a CR0/CR4 write without them reloads them from memory.
+        let mut cfg = *m.guest_walker().config();
+        cfg.pdptes = Some([0; 4]);
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(injected(m.access(0x40_1000, Access::user_read())), 0x4);
+        cfg.pdptes = None;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x10_1000 + HOST_OFFSET))
+        );
+        // The page directories are write-protected and shadowed one-to-one.
+        let pte = guest_leaf(&e, PagingMode::Pae, 0x40_3000);
+        m.access(0x40_3000, Access::user_read()).unwrap().unwrap();
+        e.guest.write_u64(pte, 0x1e_0000 | PRESENT | USER).unwrap();
+        m.guest_table_written(pte, 8);
+        assert_eq!(
+            m.access(0x40_3000, Access::user_read()),
+            Ok(Ok(0x1e_0000 + HOST_OFFSET))
+        );
+        assert!(e.to_string_check());
+    }
+
+    impl Env {
+        /// Keeps the error messages of the new variants covered and meaningful.
+        fn to_string_check(&self) -> bool {
+            let a = ShadowError::RootAbove4G { frame: 1 << 32 }.to_string();
+            let b = ShadowError::ReservedPdpte {
+                index: 2,
+                value: 0x7,
+            }
+            .to_string();
+            a.contains("0x100000000") && b.contains("PDPTE 2") && b.contains("0x7")
+        }
+    }
+
+    #[test]
+    fn pae_format_roots_must_be_below_4g() {
+        let e = env_for(PagingFormat::Pae);
+        let high = FlatMemory::new(1 << 32, 1 << 20);
+        let r = ShadowMmu::new(
+            PagingConfig::new(PagingMode::Pae, e.cr3[0]),
+            &e.guest,
+            &high,
+            BumpAllocator::new(GuestAddress(1 << 32), GuestAddress((1 << 32) + (1 << 20))),
+            host as fn(u64) -> Option<u64>,
+        );
+        assert!(matches!(r, Err(ShadowError::RootAbove4G { frame }) if frame == 1 << 32));
+    }
+
+    #[test]
+    fn mode_changes_rebuild_the_root_in_the_new_format() {
+        let e4 = env();
+        let e32 = env_for(PagingFormat::Legacy32);
+        // CR4.PSE is a 32-bit leaf input: changing it zaps.
+        let mut m = mmu_for(&e32, PagingMode::Legacy32);
+        m.access(0x40_1000, Access::user_read()).unwrap().unwrap();
+        let zaps = m.stats().zap_alls;
+        let mut cfg = *m.guest_walker().config();
+        cfg.pse = false;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(m.stats().zap_alls, zaps + 1);
+        // Without CR4.PSE the 4 MiB PDE is a table pointer: the guest walk decides.
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x10_1000 + HOST_OFFSET))
+        );
+        cfg.pse = true;
+        cfg.mode = PagingMode::Level4;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(m.stats().zap_alls, zaps + 2);
+        assert_eq!(m.shadow_root(), None);
+        drop(m);
+        // A 4-level guest switched to 32-bit paging gets a PAE-format root.
+        let mut m = mmu(&e4);
+        m.access(0x40_0000, Access::user_read()).unwrap().unwrap();
+        let mut cfg = *m.guest_walker().config();
+        cfg.mode = PagingMode::Legacy32;
+        m.set_paging_config(cfg).unwrap();
+        assert!(m.translate(0x40_0000, Access::user_read()).is_err());
     }
 }

@@ -8,6 +8,13 @@
 //! then invalidates, as an OS must before relying on the new entry), and as stores the VMM
 //! emulated and reports with `guest_table_written` (effective at once). Cases: 256 by
 //! default, `PROPTEST_CASES` for more.
+//!
+//! The property runs for 32-bit, PAE and 4-level guests (the first two are shadowed by
+//! PAE-format tables). The window's pages alternate between two 2 MiB regions, so a
+//! 32-bit guest's page table is shadowed in both of its halves (quadrants); the large
+//! page is 4 MiB for a 32-bit guest (split over two shadow page directory entries). PAE
+//! guests also rewrite a PDPTE in memory, which the oracle, like the CPU, sees only from
+//! the next CR3 (or CR0/CR4) load.
 
 use proptest::prelude::*;
 use vmkit_paging::builder::{BumpAllocator, MapFlags, PageSize, PageTableBuilder, PagingFormat};
@@ -20,8 +27,26 @@ const GUEST_RAM: u64 = 4 << 20;
 const MMIO_START: u64 = 3 << 20;
 const HOST_OFFSET: u64 = 0x1000_0000;
 const WINDOW: u64 = 0x40_0000;
+/// The large page (4 MiB aligned, for 32-bit guests' 4 MiB pages).
+const LARGE_VA: u64 = 0x80_0000;
 const TABLES_VA: u64 = 0x8000_0000;
 const PAGES: u64 = 16;
+/// Accesses to `PAGES..PAGES + LARGE_PIECES` land in the large page, 1 MiB apart.
+const LARGE_PIECES: u64 = 4;
+
+/// Window page `i`: even pages in the first 2 MiB of the window, odd ones in the second.
+fn window_va(i: u64) -> u64 {
+    WINDOW + (i % 2) * 0x20_0000 + (i / 2) * 0x1000
+}
+
+/// Size of the large page for `format`.
+fn large_size(format: PagingFormat) -> u64 {
+    if format == PagingFormat::Legacy32 {
+        4 << 20
+    } else {
+        2 << 20
+    }
+}
 
 fn host(gpa: u64) -> Option<u64> {
     (gpa < MMIO_START).then_some(gpa + HOST_OFFSET)
@@ -47,6 +72,8 @@ enum Op {
         bit: u64,
         store: bool,
     },
+    /// PAE: point PDPTE 0 at the other address space's page directory or back.
+    WritePdpte,
     SwitchCr3 {
         space: usize,
         pcid: u16,
@@ -65,7 +92,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        12 => (0..PAGES, 0..0x1000u64, 0..3u8, any::<bool>())
+        12 => (0..PAGES + LARGE_PIECES, 0..0x1000u64, 0..3u8, any::<bool>())
             .prop_map(|(page, offset, kind, user)| Op::Access { page, offset, kind, user }),
         5 => (0..PAGES, 0x100..0x3c0u64, any::<u8>(), any::<bool>()).prop_map(|(page, t, f, store)| {
             let mut flags = 0;
@@ -80,6 +107,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(bit, store)| Op::WritePde { bit, store }),
         2 => (0..2usize, 0..3u16, any::<bool>())
             .prop_map(|(space, pcid, no_flush)| Op::SwitchCr3 { space, pcid, no_flush }),
+        1 => Just(Op::WritePdpte),
         1 => Just(Op::Flush),
         1 => Just(Op::ZapAll),
         1 => (any::<bool>(), any::<bool>(), any::<bool>())
@@ -87,13 +115,13 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Builds two address spaces: the window mapped page by page to `targets`, a 2 MiB page
-/// after it, and the table area (GPA 0..1 MiB) at TABLES_VA for the guest's own stores.
-fn build(guest: &FlatMemory, targets: &[(u64, u8)]) -> [u64; 2] {
+/// Builds two address spaces: the window mapped page by page to `targets`, a large page
+/// at LARGE_VA, and the table area (GPA 0..1 MiB) at TABLES_VA for the guest's own stores.
+fn build(guest: &FlatMemory, format: PagingFormat, targets: &[(u64, u8)]) -> [u64; 2] {
     let mut alloc = BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10_0000));
     let mut roots = [0; 2];
     for (space, root) in roots.iter_mut().enumerate() {
-        let mut b = PageTableBuilder::new(guest, PagingFormat::Level4, &mut alloc).unwrap();
+        let mut b = PageTableBuilder::new(guest, format, &mut alloc).unwrap();
         for (i, &(target, f)) in targets.iter().enumerate() {
             let mut flags = MapFlags::empty();
             if f & 1 != 0 {
@@ -102,24 +130,25 @@ fn build(guest: &FlatMemory, targets: &[(u64, u8)]) -> [u64; 2] {
             if f & 2 != 0 || space == 1 {
                 flags |= MapFlags::USER;
             }
-            if f & 4 != 0 {
+            if f & 4 != 0 && format != PagingFormat::Legacy32 {
                 flags |= MapFlags::NO_EXECUTE;
             }
             if f & 24 == 0 {
                 continue; // leave a hole
             }
             b.map(
-                WINDOW + i as u64 * 0x1000,
+                window_va(i as u64),
                 GuestAddress(target << 12),
                 0x1000,
                 flags,
             )
             .unwrap();
         }
+        let size = large_size(format);
         b.map(
-            WINDOW + (2 << 20),
-            GuestAddress(0x20_0000),
-            2 << 20,
+            LARGE_VA,
+            GuestAddress(GUEST_RAM - size),
+            size,
             MapFlags::WRITABLE | MapFlags::USER,
         )
         .unwrap();
@@ -127,23 +156,73 @@ fn build(guest: &FlatMemory, targets: &[(u64, u8)]) -> [u64; 2] {
         b.map(TABLES_VA, GuestAddress(0), 0x10_0000, MapFlags::WRITABLE)
             .unwrap();
         *root = b.root().0;
+        if format == PagingFormat::Pae {
+            pae_permissive_links(guest, *root);
+        }
     }
     roots
 }
 
+/// PageTableBuilder (as of this writing) gives PAE page-directory entries that link to a
+/// page table only P, as it must for PDPTEs: that makes every 4 KiB page read-only and
+/// supervisor-only. Set R/W and U/S in those links so the leaves decide.
+fn pae_permissive_links(guest: &FlatMemory, pdpt: u64) {
+    for i in 0..4 {
+        let pdpte = guest.read_u64(pdpt + i * 8).unwrap();
+        if pdpte & PRESENT == 0 {
+            continue;
+        }
+        let pd = pdpte & ADDR_MASK_52;
+        for j in 0..512 {
+            let pde = guest.read_u64(pd + j * 8).unwrap();
+            if pde & PRESENT != 0 && pde & PAGE_SIZE == 0 {
+                guest.write_u64(pd + j * 8, pde | WRITABLE | USER).unwrap();
+            }
+        }
+    }
+}
+
+fn read_entry(guest: &FlatMemory, format: PagingFormat, addr: u64) -> Option<u64> {
+    if format == PagingFormat::Legacy32 {
+        guest.read_u32(addr).map(u64::from)
+    } else {
+        guest.read_u64(addr)
+    }
+}
+
+fn write_entry(guest: &FlatMemory, format: PagingFormat, addr: u64, value: u64) {
+    if format == PagingFormat::Legacy32 {
+        guest.write_u32(addr, value as u32).unwrap();
+    } else {
+        guest.write_u64(addr, value).unwrap();
+    }
+}
+
 /// GPA of the level-`level` entry for `va` (None when an upper level is missing/large).
-fn entry_gpa(guest: &FlatMemory, cr3: u64, va: u64, level: u32) -> Option<u64> {
+/// Reads the tables in memory, including a PAE guest's PDPT.
+fn entry_gpa(
+    guest: &FlatMemory,
+    format: PagingFormat,
+    cr3: u64,
+    va: u64,
+    level: u32,
+) -> Option<u64> {
     let mut table = cr3;
-    for l in (level..=4).rev() {
-        let addr = table + ((va >> (12 + 9 * (l - 1))) & 0x1ff) * 8;
+    for l in (level..=format.levels()).rev() {
+        let addr = format.entry_addr(table, l, va);
         if l == level {
             return Some(addr);
         }
-        let e = guest.read_u64(addr)?;
-        if e & PRESENT == 0 || e & PAGE_SIZE != 0 {
+        let e = read_entry(guest, format, addr)?;
+        let pdpte = format == PagingFormat::Pae && l == 3;
+        if e & PRESENT == 0 || (e & PAGE_SIZE != 0 && !pdpte) {
             return None;
         }
-        table = e & ADDR_MASK_52;
+        table = if format == PagingFormat::Legacy32 {
+            e & 0xffff_f000
+        } else {
+            e & ADDR_MASK_52
+        };
     }
     None
 }
@@ -155,94 +234,219 @@ fn cases() -> u32 {
         .unwrap_or(256)
 }
 
+type Mmu<'a> = ShadowMmu<'a, FlatMemory, FlatMemory, BumpAllocator, fn(u64) -> Option<u64>>;
+
+/// A guest store to its own table entry at `gpa` through the shadow MMU: the write goes
+/// through the MMU (a write-protection fault unsyncs or zaps), lands, and the guest
+/// flushes. A store to a table on its own translation path is emulated by the VMM.
+fn guest_store(
+    mmu: &mut Mmu<'_>,
+    guest: &FlatMemory,
+    format: PagingFormat,
+    gpa: u64,
+    value: u64,
+) -> Result<(), TestCaseError> {
+    match mmu
+        .access(TABLES_VA + gpa, Access::supervisor_write())
+        .unwrap()
+    {
+        Ok(hpa) => {
+            prop_assert_eq!(hpa, gpa + HOST_OFFSET);
+            write_entry(guest, format, gpa, value);
+        }
+        Err(ShadowOutcome::EmulateWrite(at)) => {
+            prop_assert_eq!(at, gpa);
+            write_entry(guest, format, gpa, value);
+            mmu.guest_table_written(gpa, format.entry_size());
+        }
+        other => prop_assert!(false, "store to {:#x}: {:?}", gpa, other),
+    }
+    mmu.flush();
+    Ok(())
+}
+
+/// The PDPTE registers a CR3 load gives a PAE guest.
+fn load_pdptes(guest: &FlatMemory, mode: PagingMode, cr3: u64) -> Option<[u64; 4]> {
+    (mode == PagingMode::Pae)
+        .then(|| core::array::from_fn(|i| guest.read_u64(cr3 + i as u64 * 8).unwrap()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    mode: PagingMode,
+    targets: Vec<(u64, u8)>,
+    smep: bool,
+    smap: bool,
+    wp: bool,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let format = mode.format();
+    let legacy = mode == PagingMode::Legacy32;
+    let entry_len = format.entry_size();
+    let guest = FlatMemory::new(0, GUEST_RAM as usize);
+    let roots = build(&guest, format, &targets);
+    let shadow = FlatMemory::new(0x4000_0000, 2 << 20);
+    let mut cfg = PagingConfig::new(mode, roots[0]);
+    cfg.smep = smep;
+    cfg.smap = smap && wp;
+    cfg.write_protect = wp;
+    let mut mmu: Mmu<'_> = ShadowMmu::new(
+        cfg,
+        &guest,
+        &shadow,
+        BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4020_0000)),
+        host as fn(u64) -> Option<u64>,
+    )
+    .unwrap();
+    let mut cr3 = roots[0];
+    // The oracle's PDPTE registers (PAE): loaded at CR3 and CR0/CR4 writes only.
+    let mut pdptes = load_pdptes(&guest, mode, cr3);
+    for op in ops {
+        match op {
+            Op::Access {
+                page,
+                offset,
+                kind,
+                user,
+            } => {
+                let va = if page < PAGES {
+                    window_va(page)
+                } else {
+                    LARGE_VA + ((page - PAGES) << 20) % large_size(format)
+                } + (offset & !7);
+                let kind = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch][kind as usize];
+                let privilege = if user {
+                    Privilege::User
+                } else {
+                    Privilege::Supervisor
+                };
+                let access = Access::new(kind, privilege);
+                let got = mmu.access(va, access).unwrap();
+                let mut c = cfg;
+                c.cr3 = cr3;
+                c.pdptes = pdptes;
+                let expected = match Walker::new(c).translate(&guest, va, access) {
+                    Ok(t) => match host(t.gpa) {
+                        Some(h) => Ok(h),
+                        None => Err(ShadowOutcome::Mmio(t.gpa)),
+                    },
+                    Err(f) => Err(ShadowOutcome::InjectGuestFault(f)),
+                };
+                prop_assert_eq!(got, expected, "va {:#x} {:?}", va, access);
+            }
+            Op::WritePte {
+                page,
+                target,
+                flags,
+                store,
+            } => {
+                let va = window_va(page);
+                let Some(pte) = entry_gpa(&guest, format, cr3, va, 1) else {
+                    continue;
+                };
+                let flags = if legacy { flags & !NO_EXECUTE } else { flags };
+                let value = (target << 12) | flags;
+                if store {
+                    guest_store(&mut mmu, &guest, format, pte, value)?;
+                } else {
+                    write_entry(&guest, format, pte, value);
+                    mmu.guest_table_written(pte, entry_len);
+                }
+            }
+            Op::WritePde { bit, store } => {
+                let Some(pde) = entry_gpa(&guest, format, cr3, WINDOW, 2) else {
+                    continue;
+                };
+                let value = read_entry(&guest, format, pde).unwrap() ^ bit;
+                if store {
+                    guest_store(&mut mmu, &guest, format, pde, value)?;
+                } else {
+                    write_entry(&guest, format, pde, value);
+                    mmu.guest_table_written(pde, entry_len);
+                }
+            }
+            Op::WritePdpte => {
+                if mode != PagingMode::Pae {
+                    continue;
+                }
+                // A guest store (the PDPT is not write-protected), then a flush: neither
+                // reloads the PDPTE registers.
+                let own = guest.read_u64(roots[0]).unwrap();
+                let other = guest.read_u64(roots[1]).unwrap();
+                let now = guest.read_u64(cr3).unwrap();
+                let value = if now == own { other } else { own };
+                let hpa = mmu
+                    .access(TABLES_VA + cr3, Access::supervisor_write())
+                    .unwrap();
+                prop_assert_eq!(hpa, Ok(cr3 + HOST_OFFSET));
+                guest.write_u64(cr3, value).unwrap();
+                mmu.flush();
+            }
+            Op::SwitchCr3 {
+                space,
+                pcid,
+                no_flush,
+            } => {
+                cr3 = roots[space];
+                mmu.set_cr3(cr3, pcid, no_flush).unwrap();
+                pdptes = load_pdptes(&guest, mode, cr3);
+            }
+            Op::Flush => mmu.flush(),
+            Op::ZapAll => mmu.zap_all(),
+            Op::ControlRegisters { wp, smep, ac } => {
+                cfg.write_protect = wp;
+                cfg.smep = smep;
+                cfg.smap = smap && wp;
+                cfg.alignment_check = ac;
+                mmu.set_paging_config(cfg).unwrap();
+                pdptes = load_pdptes(&guest, mode, cr3);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn targets() -> impl Strategy<Value = Vec<(u64, u8)>> {
+    prop::collection::vec((0x100..0x3c0u64, any::<u8>()), PAGES as usize)
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    prop::collection::vec(op(), 20..120)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn shadow_equals_guest_walk_then_host_map(
-        targets in prop::collection::vec((0x100..0x3c0u64, any::<u8>()), PAGES as usize),
+        targets in targets(),
         smep in any::<bool>(),
         smap in any::<bool>(),
         wp in any::<bool>(),
-        ops in prop::collection::vec(op(), 20..120),
+        ops in ops(),
     ) {
-        let guest = FlatMemory::new(0, GUEST_RAM as usize);
-        let roots = build(&guest, &targets);
-        let shadow = FlatMemory::new(0x4000_0000, 2 << 20);
-        let mut cfg = PagingConfig::new(PagingMode::Level4, roots[0]);
-        cfg.smep = smep;
-        cfg.smap = smap && wp;
-        cfg.write_protect = wp;
-        let mut mmu = ShadowMmu::new(
-            cfg,
-            &guest,
-            &shadow,
-            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4020_0000)),
-            host as fn(u64) -> Option<u64>,
-        )
-        .unwrap();
-        let mut cr3 = roots[0];
-        for op in ops {
-            match op {
-                Op::Access { page, offset, kind, user } => {
-                    let va = WINDOW + page * 0x1000 + (offset & !7);
-                    let kind = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch][kind as usize];
-                    let privilege = if user { Privilege::User } else { Privilege::Supervisor };
-                    let access = Access::new(kind, privilege);
-                    let got = mmu.access(va, access).unwrap();
-                    let mut c = cfg;
-                    c.cr3 = cr3;
-                    let expected = match Walker::new(c).translate(&guest, va, access) {
-                        Ok(t) => match host(t.gpa) {
-                            Some(h) => Ok(h),
-                            None => Err(ShadowOutcome::Mmio(t.gpa)),
-                        },
-                        Err(f) => Err(ShadowOutcome::InjectGuestFault(f)),
-                    };
-                    prop_assert_eq!(got, expected, "va {:#x} {:?}", va, access);
-                }
-                Op::WritePte { page, target, flags, store } => {
-                    let va = WINDOW + page * 0x1000;
-                    let Some(pte) = entry_gpa(&guest, cr3, va, 1) else { continue };
-                    let value = (target << 12) | flags;
-                    if store {
-                        let hpa = mmu.access(TABLES_VA + pte, Access::supervisor_write()).unwrap();
-                        prop_assert_eq!(hpa, Ok(pte + HOST_OFFSET));
-                        guest.write_u64(pte, value).unwrap();
-                        mmu.flush();
-                    } else {
-                        guest.write_u64(pte, value).unwrap();
-                        mmu.guest_table_written(pte, 8);
-                    }
-                }
-                Op::WritePde { bit, store } => {
-                    let Some(pde) = entry_gpa(&guest, cr3, WINDOW, 2) else { continue };
-                    let value = guest.read_u64(pde).unwrap() ^ bit;
-                    if store {
-                        let hpa = mmu.access(TABLES_VA + pde, Access::supervisor_write()).unwrap();
-                        prop_assert_eq!(hpa, Ok(pde + HOST_OFFSET));
-                        guest.write_u64(pde, value).unwrap();
-                        mmu.flush();
-                    } else {
-                        guest.write_u64(pde, value).unwrap();
-                        mmu.guest_table_written(pde, 8);
-                    }
-                }
-                Op::SwitchCr3 { space, pcid, no_flush } => {
-                    cr3 = roots[space];
-                    mmu.set_cr3(cr3, pcid, no_flush).unwrap();
-                }
-                Op::Flush => mmu.flush(),
-                Op::ZapAll => mmu.zap_all(),
-                Op::ControlRegisters { wp, smep, ac } => {
-                    cfg.write_protect = wp;
-                    cfg.smep = smep;
-                    cfg.smap = smap && wp;
-                    cfg.alignment_check = ac;
-                    mmu.set_paging_config(cfg).unwrap();
-                }
-            }
-        }
+        run(PagingMode::Level4, targets, smep, smap, wp, ops)?;
+    }
 
+    #[test]
+    fn shadow_equals_guest_walk_then_host_map_pae(
+        targets in targets(),
+        smep in any::<bool>(),
+        smap in any::<bool>(),
+        wp in any::<bool>(),
+        ops in ops(),
+    ) {
+        run(PagingMode::Pae, targets, smep, smap, wp, ops)?;
+    }
+
+    #[test]
+    fn shadow_equals_guest_walk_then_host_map_32bit(
+        targets in targets(),
+        smep in any::<bool>(),
+        smap in any::<bool>(),
+        wp in any::<bool>(),
+        ops in ops(),
+    ) {
+        run(PagingMode::Legacy32, targets, smep, smap, wp, ops)?;
     }
 }
