@@ -595,9 +595,12 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
         }
     }
 
-    fn table_entry(&self, table: u64) -> u64 {
+    /// The entry at `level` that links to the table at `table`: fully permissive, rights
+    /// live in the leaves. A PAE PDPTE (level 3) may only hold P (and the caching bits):
+    /// R/W, U/S and XD are reserved there.
+    fn table_entry(&self, level: u32, table: u64) -> u64 {
         match self.format {
-            PagingFormat::Pae => table | PRESENT,
+            PagingFormat::Pae if level == 3 => table | PRESENT,
             PagingFormat::Ept4 | PagingFormat::Ept5 => {
                 table | EPT_READ | EPT_WRITE | EPT_EXEC | EPT_USER_EXEC
             }
@@ -814,7 +817,7 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
                 }
                 Slot::Empty => {
                     let next = Self::new_frame(self.mem, self.format, &mut self.alloc)?;
-                    self.write_entry(addr, self.table_entry(next))?;
+                    self.write_entry(addr, self.table_entry(level, next))?;
                     next
                 }
             };
@@ -885,7 +888,7 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
                 self.leaf_entry(phys, small, flags),
             )?;
         }
-        self.write_entry(addr, self.table_entry(table))
+        self.write_entry(addr, self.table_entry(level, table))
     }
 
     /// Applies `op` (None = unmap, Some(flags) = protect) to every leaf in the range.
@@ -1177,6 +1180,28 @@ mod tests {
         // The PDPTE holds only P and the address.
         let pdpte = mem.read_u64(p.root().0 + 3 * 8).unwrap();
         assert_eq!(pdpte & 0xfff, PRESENT);
+        // Below the PDPT, links are permissive: a user-writable 4 KiB page is user-writable
+        // through the walker (the PDE linking its page table has R/W and U/S).
+        p.map(
+            0x4000_0000,
+            GuestAddress(0x30_0000),
+            0x1000,
+            MapFlags::WRITABLE | MapFlags::USER,
+        )
+        .unwrap();
+        let pde = mem
+            .read_u64(mem.read_u64(p.root().0 + 8).unwrap() & !0xfff)
+            .unwrap();
+        assert_eq!(pde & 0x7, PRESENT | WRITABLE | USER);
+        let w = crate::walk::Walker::new(crate::walk::PagingConfig::new(
+            crate::walk::PagingMode::Pae,
+            p.root().0,
+        ));
+        let t = w
+            .translate(&mem, 0x4000_0123, crate::walk::Access::user_write())
+            .unwrap();
+        assert_eq!(t.gpa, 0x30_0123);
+        assert!(t.rights().user && t.rights().writable);
     }
 
     #[test]

@@ -1673,23 +1673,6 @@ mod tests {
             b.map(TABLES_VA, GuestAddress(0), 0x10_0000, MapFlags::WRITABLE)
                 .unwrap();
             *c = b.root().0;
-            if format == PagingFormat::Pae {
-                // The builder links PAE page tables with P only (right for PDPTEs, not
-                // for PDEs): let the leaves decide the rights.
-                for q in 0..4 {
-                    let pdpte = guest.read_u64(*c + q * 8).unwrap();
-                    if pdpte & PRESENT == 0 {
-                        continue;
-                    }
-                    for j in 0..512 {
-                        let at = (pdpte & ADDR_MASK_52) + j * 8;
-                        let pde = guest.read_u64(at).unwrap();
-                        if pde & PRESENT != 0 && pde & PAGE_SIZE == 0 {
-                            guest.write_u64(at, pde | WRITABLE | USER).unwrap();
-                        }
-                    }
-                }
-            }
         }
         Env {
             guest,

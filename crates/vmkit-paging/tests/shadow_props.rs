@@ -156,30 +156,8 @@ fn build(guest: &FlatMemory, format: PagingFormat, targets: &[(u64, u8)]) -> [u6
         b.map(TABLES_VA, GuestAddress(0), 0x10_0000, MapFlags::WRITABLE)
             .unwrap();
         *root = b.root().0;
-        if format == PagingFormat::Pae {
-            pae_permissive_links(guest, *root);
-        }
     }
     roots
-}
-
-/// PageTableBuilder (as of this writing) gives PAE page-directory entries that link to a
-/// page table only P, as it must for PDPTEs: that makes every 4 KiB page read-only and
-/// supervisor-only. Set R/W and U/S in those links so the leaves decide.
-fn pae_permissive_links(guest: &FlatMemory, pdpt: u64) {
-    for i in 0..4 {
-        let pdpte = guest.read_u64(pdpt + i * 8).unwrap();
-        if pdpte & PRESENT == 0 {
-            continue;
-        }
-        let pd = pdpte & ADDR_MASK_52;
-        for j in 0..512 {
-            let pde = guest.read_u64(pd + j * 8).unwrap();
-            if pde & PRESENT != 0 && pde & PAGE_SIZE == 0 {
-                guest.write_u64(pd + j * 8, pde | WRITABLE | USER).unwrap();
-            }
-        }
-    }
 }
 
 fn read_entry(guest: &FlatMemory, format: PagingFormat, addr: u64) -> Option<u64> {
