@@ -207,7 +207,10 @@ struct Role {
     /// page directory, 0-1 (2 MiB each) of a guest page table; 0 for every other guest.
     quadrant: u8,
     /// bit 0: writable, bit 1: user, bit 2: executable (each ANDed over the entries above).
+    /// For a direct page the large leaf counts too, and W only once that leaf is dirty.
     access: u8,
+    /// A direct page's large leaf's protection key (its leaves carry it); 0 otherwise.
+    pkey: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +497,7 @@ where
             direct: self.pae_format(),
             quadrant: 0,
             access: ACC_ALL,
+            pkey: 0,
         };
         if !self.pae_format() {
             return self.get_or_create(role, None);
@@ -925,6 +929,7 @@ where
                     direct: true,
                     quadrant: 0,
                     access,
+                    pkey: t.rights().pkey,
                 }
             } else if self.pae_format() && level == 3 {
                 // The PAE-format root: a PDPTE links to a shadow page directory.
@@ -947,6 +952,7 @@ where
                     direct: false,
                     quadrant,
                     access,
+                    pkey: 0,
                 }
             } else {
                 // The guest entry this shadow entry derives from (one-to-one except that a
@@ -961,7 +967,14 @@ where
                 };
                 access &= rights_of(entry);
                 if depth + 1 == path.len() {
-                    // A guest large page: split it with direct shadow pages.
+                    // A guest large page: split it with direct shadow pages. Their leaves
+                    // are shared by every guest mapping of the same role, so the role holds
+                    // what those leaves take from the large leaf besides its rights: W only
+                    // once it is dirty (a clean mapping must fault on its first write, to
+                    // set D in its own entry - as KVM does), and its protection key.
+                    if !t.dirty() {
+                        access &= !ACC_W;
+                    }
                     let (base, size) = (t.page_base(), t.page_size().bytes());
                     direct = Some((base, size));
                     Role {
@@ -970,6 +983,7 @@ where
                         direct: true,
                         quadrant: 0,
                         access,
+                        pkey: t.rights().pkey,
                     }
                 } else if mode == PagingMode::Legacy32 {
                     // Half of a 1024-entry guest page table.
@@ -979,6 +993,7 @@ where
                         direct: false,
                         quadrant: ((gva >> 21) & 1) as u8,
                         access,
+                        pkey: 0,
                     }
                 } else {
                     Role {
@@ -987,6 +1002,7 @@ where
                         direct: false,
                         quadrant: 0,
                         access,
+                        pkey: 0,
                     }
                 }
             };
@@ -1484,6 +1500,79 @@ mod tests {
         assert!(ShadowError::OutOfFrames
             .to_string()
             .contains("out of frames"));
+    }
+
+    /// The PDE of the 2 MiB guest page at VA 0x60_0000 (GPA 0x20_0000) in `env`'s space 0.
+    fn large_pde(e: &Env) -> u64 {
+        crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, e.cr3[0]))
+            .translate(&e.guest, 0x60_0000, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr
+    }
+
+    #[test]
+    fn split_large_page_does_not_keep_write_access_past_a_cleared_dirty_bit() {
+        let e = env();
+        let mut m = mmu(&e);
+        let pde = large_pde(&e);
+        m.access(0x60_1000, Access::supervisor_write())
+            .unwrap()
+            .unwrap();
+        assert_ne!(e.guest.read_u64(pde).unwrap() & DIRTY, 0);
+        // The OS cleans the page (clears D), says so, flushes; a read relinks the split.
+        let clean = e.guest.read_u64(pde).unwrap() & !DIRTY;
+        e.guest.write_u64(pde, clean).unwrap();
+        m.guest_table_written(pde, 8);
+        m.flush();
+        m.access(0x60_2000, Access::supervisor_read())
+            .unwrap()
+            .unwrap();
+        // The next write must fault and set D again, not slip through an old leaf.
+        m.access(0x60_1000, Access::supervisor_write())
+            .unwrap()
+            .unwrap();
+        assert_ne!(e.guest.read_u64(pde).unwrap() & DIRTY, 0, "D lost");
+    }
+
+    #[test]
+    fn two_mappings_of_one_large_page_keep_their_own_dirty_bits_and_keys() {
+        let e = env();
+        let pde = large_pde(&e);
+        // A second mapping of the same 2 MiB at VA 0xa0_0000 (the next PDEs), clean.
+        let alias = pde + ((0xa0_0000 - 0x60_0000) >> 21) * 8;
+        let value = e.guest.read_u64(pde).unwrap() & !(ACCESSED | DIRTY);
+        e.guest.write_u64(alias, value).unwrap();
+        let mut m = mmu(&e);
+        // The clean alias reads the page, then a write through the dirty mapping makes the
+        // page's leaf writable.
+        m.access(0xa0_1000, Access::user_read()).unwrap().unwrap();
+        m.access(0x60_1000, Access::user_write()).unwrap().unwrap();
+        // A write through the clean alias must still set D in the alias's own entry.
+        assert_eq!(e.guest.read_u64(alias).unwrap() & DIRTY, 0);
+        m.access(0xa0_1000, Access::user_write()).unwrap().unwrap();
+        assert_ne!(e.guest.read_u64(alias).unwrap() & DIRTY, 0, "alias D lost");
+
+        // Protection keys: the alias gets key 2, which PKRU forbids user data accesses.
+        let e = env();
+        let key2 = (e.guest.read_u64(pde).unwrap() & !(ACCESSED | DIRTY)) | (2 << PKEY_SHIFT);
+        e.guest.write_u64(alias, key2).unwrap();
+        let mut cfg = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+        cfg.pke = true;
+        cfg.pkru = 0b01 << 4; // key 2: access disabled
+        let mut m = ShadowMmu::new(
+            cfg,
+            &e.guest,
+            &e.shadow,
+            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
+            host as fn(u64) -> Option<u64>,
+        )
+        .unwrap();
+        // The key-0 mapping fills the leaf of page 2; a fetch through the alias (keys do
+        // not govern fetches) links the alias to the split and fills page 1.
+        m.access(0x60_2000, Access::user_read()).unwrap().unwrap();
+        m.access(0xa0_1000, Access::user_fetch()).unwrap().unwrap();
+        // A data read of page 2 through the alias is the guest's PK fault (P, U, PK).
+        assert_eq!(injected(m.access(0xa0_2000, Access::user_read())), 0x25);
     }
 
     /// A user page the guest maps read-only, in a WP = 0 guest (with or without SMEP).

@@ -72,6 +72,11 @@ enum Op {
         bit: u64,
         store: bool,
     },
+    /// The OS cleans the large page: clears A and D in its leaf (the PDE), as a guest store
+    /// or an emulated one.
+    CleanLarge {
+        store: bool,
+    },
     /// PAE: point PDPTE 0 at the other address space's page directory or back.
     WritePdpte,
     SwitchCr3 {
@@ -107,6 +112,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(bit, store)| Op::WritePde { bit, store }),
         2 => (0..2usize, 0..3u16, any::<bool>())
             .prop_map(|(space, pcid, no_flush)| Op::SwitchCr3 { space, pcid, no_flush }),
+        1 => any::<bool>().prop_map(|store| Op::CleanLarge { store }),
         1 => Just(Op::WritePdpte),
         1 => Just(Op::Flush),
         1 => Just(Op::ZapAll),
@@ -303,6 +309,26 @@ fn run(
                 let mut c = cfg;
                 c.cr3 = cr3;
                 c.pdptes = pdptes;
+                // An access the shadow let through must have left the guest's own A (and,
+                // for a write, D) set in its leaf: checked with a walk that sets nothing,
+                // before the reference walk below (which would set them itself).
+                if got.is_ok() {
+                    let mut quiet = c;
+                    quiet.set_accessed_dirty = false;
+                    if let Ok(t) = Walker::new(quiet).translate(&guest, va, access) {
+                        prop_assert!(
+                            t.leaf_entry & ACCESSED != 0,
+                            "A missing in the leaf of {:#x} after {:?}",
+                            va,
+                            access
+                        );
+                        prop_assert!(
+                            !access.is_write() || t.dirty(),
+                            "D missing in the leaf of {:#x} after a write",
+                            va
+                        );
+                    }
+                }
                 let expected = match Walker::new(c).translate(&guest, va, access) {
                     Ok(t) => match host(t.gpa) {
                         Some(h) => Ok(h),
@@ -336,6 +362,24 @@ fn run(
                     continue;
                 };
                 let value = read_entry(&guest, format, pde).unwrap() ^ bit;
+                if store {
+                    guest_store(&mut mmu, &guest, format, pde, value)?;
+                } else {
+                    write_entry(&guest, format, pde, value);
+                    mmu.guest_table_written(pde, entry_len);
+                }
+            }
+            Op::CleanLarge { store } => {
+                let Some(pde) = entry_gpa(&guest, format, cr3, LARGE_VA, 2) else {
+                    continue;
+                };
+                let Some(old) = read_entry(&guest, format, pde) else {
+                    continue;
+                };
+                if old & PAGE_SIZE == 0 {
+                    continue;
+                }
+                let value = old & !(ACCESSED | DIRTY);
                 if store {
                     guest_store(&mut mmu, &guest, format, pde, value)?;
                 } else {
