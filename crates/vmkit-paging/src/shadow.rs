@@ -522,6 +522,11 @@ where
     /// guest memory at the current CR3 when it is `None` (a MOV to CR0/CR4 that changes
     /// paging reloads them); new PDPTEs select another root. An unsupported state or
     /// reserved PDPTE bits are refused and the MMU keeps the previous state.
+    ///
+    /// Build `cfg` from the current one ([`guest_walker`](Self::guest_walker)`().config()`)
+    /// with the changed registers: a config made from scratch (say with
+    /// [`PagingConfig::from_registers`]) also resets the CPU features it carries
+    /// (MAXPHYADDR, 1 GiB pages, AMD rules), and a difference there zaps everything.
     pub fn set_paging_config(&mut self, cfg: PagingConfig) -> Result<(), ShadowError> {
         check_supported(&cfg)?;
         let old = *self.walker.config();
@@ -1073,7 +1078,11 @@ where
 
 /// Refuses paging states the shadow MMU cannot shadow exactly (module docs).
 fn check_supported(cfg: &PagingConfig) -> Result<(), ShadowError> {
-    let why = if !cfg.write_protect && cfg.smap {
+    let why = if !cfg.set_accessed_dirty {
+        // A shadow leaf becomes writable once the guest walk has set D: without A/D
+        // updates every guest write would fault forever.
+        Some("the shadow MMU emulates Accessed/Dirty through the guest walk: set_accessed_dirty must be on")
+    } else if !cfg.write_protect && cfg.smap {
         Some("CR0.WP=0 with CR4.SMAP: a kernel-writable shadow leaf would escape SMAP")
     } else if !cfg.write_protect
         && (cfg.pke || cfg.pks)
@@ -1688,10 +1697,13 @@ mod tests {
         let mut wp0_pke = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
         wp0_pke.write_protect = false;
         wp0_pke.pke = true;
+        let mut no_ad = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+        no_ad.set_accessed_dirty = false;
         for (cfg, what) in [
             (pae_wp0_smap, "SMAP"),
             (wp0_smap, "SMAP"),
             (wp0_pke, "protection keys"),
+            (no_ad, "Accessed/Dirty"),
         ] {
             let r = ShadowMmu::new(
                 cfg,
