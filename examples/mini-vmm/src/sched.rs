@@ -63,8 +63,8 @@ use crate::vmm::{EndFlags, Outcome, VmmError};
 /// in a halt re-enters the guest at once instead of at its next re-poll (up to [`REPOLL`]
 /// later). Which vCPU the interrupt is routed to is the guest's choice (IOAPIC
 /// redirection), so every vCPU is woken; a wake of one that is running is harmless (it
-/// only delays its next park by one halt check). Empty outside [`run_vcpus`], and with a
-/// thread per vCPU, where KVM wakes the halted thread itself.
+/// only delays its next park by one halt check). Empty outside a run of the vCPUs on the
+/// scheduler, and with a thread per vCPU, where KVM wakes the halted thread itself.
 #[derive(Debug, Default)]
 pub struct IrqWake(RwLock<Vec<KernelHalts>>);
 
