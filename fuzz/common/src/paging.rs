@@ -22,6 +22,8 @@
 
 use std::path::Path;
 
+use vmkit_paging::shadow::{ShadowMmu, ShadowOutcome};
+
 use vmkit_paging::builder::{BumpAllocator, MapFlags, PageSize, PageTableBuilder, PagingFormat};
 use vmkit_paging::ept::{EptConfig, EptWalker};
 use vmkit_paging::nested::{NestedCaches, NestedWalker};
@@ -31,6 +33,9 @@ use vmkit_paging::{FlatMemory, GuestAddress, PhysMemory};
 
 /// Name of the page-walk fuzz target (and of its seed directory).
 pub const PAGING_WALK: &str = "paging_walk";
+
+/// Name of the shadow-MMU fuzz target (and of its seed directory).
+pub const PAGING_SHADOW: &str = "paging_shadow";
 
 const HEADER: usize = 36;
 const MAX_IMAGE: usize = 64 << 10;
@@ -208,12 +213,244 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
 
 /// Writes the seed corpora of the vmkit-paging fuzz targets under `dir`.
 pub fn write_seeds(dir: &Path) -> std::io::Result<()> {
-    crate::write_corpus(dir, PAGING_WALK, seeds())
+    crate::write_corpus(dir, PAGING_WALK, seeds())?;
+    crate::write_corpus(dir, PAGING_SHADOW, shadow_seeds())
+}
+
+// --- paging_shadow ---------------------------------------------------------------------
+//
+// The fuzzer's bytes are a guest paging state, a sequence of guest events and a guest
+// memory image (its page tables, hostile or not); the events drive a `ShadowMmu`. Nothing
+// may panic or hang, and whatever the tables say, every host address the shadow hands out
+// - through `access` or by walking the shadow tables - lies in guest RAM (the image) at the
+// page offset of the linear address: a hostile guest must not reach other host memory.
+//
+// Layout (little endian):
+//   0        mode (low 2 bits: 32-bit, PAE, 4-level, 5-level)
+//   1        flags: WP NXE SMEP SMAP PKE AC (bits 0..5)
+//   2        number of events (at most SHADOW_EVENTS)
+//   3..8     unused
+//   8..16    CR3
+//   16..     SHADOW_EVENTS events of 24 bytes: kind, access (kind mod 3, bit 2: user),
+//            flag, 5 unused, arg1 (u64), arg2 (u64)
+//   then     guest memory image at GPA 0 (at most 64 KiB)
+//
+// Events (kind mod 7): 0 access arg1; 1 the VMM emulated a guest store of arg2 to the
+// table entry at arg1 (within the image) and reports it; 2 CR3 := arg1 (PCID arg2 & 0xfff,
+// no-flush flag bit 0); 3 flush; 4 zap all; 5 new control registers (flag bits as in the
+// header byte 1; mode arg1 & 3); 6 a guest store at arg1 through the MMU (a page-table
+// write fault), then the store and a flush.
+
+const SHADOW_HEADER: usize = 16;
+const SHADOW_EVENT: usize = 24;
+/// Events per input.
+pub const SHADOW_EVENTS: usize = 24;
+const SHADOW_IMAGE_AT: usize = SHADOW_HEADER + SHADOW_EVENTS * SHADOW_EVENT;
+/// Where guest RAM is in "host-physical" space (the shadow's leaves point there).
+const SHADOW_HOST_OFFSET: u64 = 0x1_0000_0000;
+/// Shadow tables live in their own memory, below 4 GiB (PAE-format roots need it).
+const SHADOW_MEM: u64 = 0x4000_0000;
+const SHADOW_MEM_LEN: usize = 256 << 10;
+
+const MODES: [PagingMode; 4] = [
+    PagingMode::Legacy32,
+    PagingMode::Pae,
+    PagingMode::Level4,
+    PagingMode::Level5,
+];
+
+fn apply_flags(cfg: &mut PagingConfig, flags: u8) {
+    cfg.write_protect = flags & 1 != 0;
+    cfg.nxe = flags & 2 != 0;
+    cfg.smep = flags & 4 != 0;
+    cfg.smap = flags & 8 != 0;
+    cfg.pke = flags & 16 != 0;
+    cfg.alignment_check = flags & 32 != 0;
+}
+
+fn shadow_access(byte: u8) -> Access {
+    let kind = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch][usize::from(byte % 3)];
+    let privilege = if byte & 4 != 0 {
+        Privilege::User
+    } else {
+        Privilege::Supervisor
+    };
+    Access::new(kind, privilege)
+}
+
+/// Runs one `paging_shadow` input (layout in the comment above). Panics only on a bug.
+pub fn shadow_bytes(data: &[u8]) {
+    if data.len() < SHADOW_IMAGE_AT + 8 {
+        return;
+    }
+    let image = &data[SHADOW_IMAGE_AT..data.len().min(SHADOW_IMAGE_AT + MAX_IMAGE)];
+    let ram = (image.len() & !7) as u64;
+    let guest = FlatMemory::from_bytes(0, &image[..ram as usize]);
+    let shadow = FlatMemory::new(SHADOW_MEM, SHADOW_MEM_LEN);
+    // Guest RAM is the image's whole pages (the host map is page-granular).
+    let ram_end = ram & !0xfff;
+    let host = move |gpa: u64| (gpa < ram_end).then_some(gpa + SHADOW_HOST_OFFSET);
+    let mut cfg = PagingConfig::new(MODES[usize::from(data[0] & 3)], u64_at(data, 8));
+    apply_flags(&mut cfg, data[1]);
+    let alloc = BumpAllocator::new(
+        GuestAddress(SHADOW_MEM),
+        GuestAddress(SHADOW_MEM + SHADOW_MEM_LEN as u64),
+    );
+    let Ok(mut mmu) = ShadowMmu::new(cfg, &guest, &shadow, alloc, host) else {
+        return;
+    };
+    // Every host address handed out must be guest RAM at the linear address's page offset.
+    let in_ram = |va: u64, hpa: u64| {
+        assert!(
+            hpa >= SHADOW_HOST_OFFSET && hpa - SHADOW_HOST_OFFSET < ram_end,
+            "host address {hpa:#x} for {va:#x} is outside guest RAM"
+        );
+        assert_eq!(hpa & 0xfff, va & 0xfff, "page offset of {va:#x}");
+    };
+    let entry_len = if cfg.mode == PagingMode::Legacy32 {
+        4
+    } else {
+        8
+    };
+    let events = usize::from(data[2]).min(SHADOW_EVENTS);
+    for e in data[SHADOW_HEADER..SHADOW_HEADER + events * SHADOW_EVENT].chunks_exact(SHADOW_EVENT) {
+        let (kind, access, flag) = (e[0] % 7, shadow_access(e[1]), e[2]);
+        let (arg1, arg2) = (u64_at(e, 8), u64_at(e, 16));
+        match kind {
+            0 => {
+                if let Ok(Ok(hpa)) = mmu.access(arg1, access) {
+                    in_ram(arg1, hpa);
+                }
+                if let Ok(hpa) = mmu.translate(arg1, access) {
+                    in_ram(arg1, hpa);
+                }
+            }
+            1 | 6 if ram >= entry_len => {
+                let at = (arg1 % ram) & !(entry_len - 1);
+                if kind == 6 {
+                    // The store goes through the shadow: it may fault on a write-protected
+                    // table (unsync or zap), need emulation, or be the guest's own fault.
+                    let _ = mmu.access(arg1, Access::supervisor_write());
+                }
+                if entry_len == 4 {
+                    let _ = guest.write_u32(at, arg2 as u32);
+                } else {
+                    let _ = guest.write_u64(at, arg2);
+                }
+                mmu.guest_table_written(at, entry_len);
+                if kind == 6 {
+                    mmu.flush();
+                }
+            }
+            2 => {
+                let _ = mmu.set_cr3(arg1, (arg2 & 0xfff) as u16, flag & 1 != 0);
+            }
+            3 => mmu.flush(),
+            4 => mmu.zap_all(),
+            5 => {
+                let mut c = *mmu.guest_walker().config();
+                c.mode = MODES[(arg1 & 3) as usize];
+                apply_flags(&mut c, flag);
+                let _ = mmu.set_paging_config(c);
+            }
+            _ => {}
+        }
+        // An access after every event, through the shadow tables alone.
+        if let Ok(hpa) = mmu.translate(arg1, access) {
+            in_ram(arg1, hpa);
+        }
+    }
+    // Outcomes are well formed: an MMIO GPA is outside RAM, an emulated store inside it.
+    for va in [0x40_1234u64, 0x80_0000, 0] {
+        match mmu.access(va, Access::supervisor_read()) {
+            Ok(Err(ShadowOutcome::Mmio(gpa))) => {
+                assert!(gpa >= ram_end, "MMIO at RAM {gpa:#x}")
+            }
+            Ok(Ok(hpa)) => in_ram(va, hpa),
+            _ => {}
+        }
+    }
+}
+
+/// Seeds for `paging_shadow`: builder-made tables for each mode (the same as
+/// `paging_walk`'s) with events that fill, write, switch, flush and zap.
+pub fn shadow_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let event = |kind: u8, access: u8, flag: u8, arg1: u64, arg2: u64| {
+        let mut e = vec![kind, access, flag, 0, 0, 0, 0, 0];
+        e.extend(arg1.to_le_bytes());
+        e.extend(arg2.to_le_bytes());
+        e
+    };
+    for (name, walk) in seeds() {
+        if name.starts_with("recursive") || !name.ends_with("-0") {
+            continue;
+        }
+        let (mode, cr3) = (walk[0] & 3, u64_at(&walk, 20));
+        let pte_area = 0x1000u64; // the first table frame the builder allocated
+        let events = [
+            event(0, 0, 0, 0x40_1234, 0),       // supervisor read: fill
+            event(0, 1 | 4, 0, 0x40_1238, 0),   // user write: A/D, writable leaf
+            event(0, 2 | 4, 0, 0x80_0000, 0),   // user fetch in the large page
+            event(6, 0, 0, pte_area, 0x3_0007), // a guest store to a table page
+            event(0, 0, 0, 0x40_1234, 0),
+            event(1, 0, 0, pte_area + 8, 0xc067), // an emulated table write
+            event(2, 0, 0, cr3, 1),               // CR3 reload with PCID 1
+            event(5, 0, 0x02, u64::from(mode), 0), // CR0.WP = 0
+            event(0, 1, 0, 0x40_1234, 0),         // kernel write, WP = 0
+            event(0, 4, 0, 0x40_1234, 0),         // user read flips the leaf
+            event(3, 0, 0, 0, 0),
+            event(4, 0, 0, 0, 0),
+            event(0, 0, 0, 0x40_1234, 0),
+        ];
+        let mut input = vec![mode, 0x03, events.len() as u8, 0, 0, 0, 0, 0];
+        input.extend(cr3.to_le_bytes());
+        for i in 0..SHADOW_EVENTS {
+            match events.get(i) {
+                Some(e) => input.extend(e),
+                None => input.extend([0u8; SHADOW_EVENT]),
+            }
+        }
+        input.extend(&walk[HEADER..]);
+        out.push((format!("shadow-{name}"), input));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shadow_seeds_run_clean_and_map_the_page() {
+        let seeds = shadow_seeds();
+        assert_eq!(seeds.len(), 4);
+        for (name, bytes) in &seeds {
+            shadow_bytes(bytes);
+            // The seed's first access really goes through the shadow to the mapped page.
+            let image = &bytes[SHADOW_IMAGE_AT..];
+            let guest = FlatMemory::from_bytes(0, image);
+            let shadow = FlatMemory::new(SHADOW_MEM, SHADOW_MEM_LEN);
+            let ram = image.len() as u64;
+            let cfg = PagingConfig::new(MODES[usize::from(bytes[0] & 3)], u64_at(bytes, 8));
+            let mut mmu = ShadowMmu::new(
+                cfg,
+                &guest,
+                &shadow,
+                BumpAllocator::new(
+                    GuestAddress(SHADOW_MEM),
+                    GuestAddress(SHADOW_MEM + SHADOW_MEM_LEN as u64),
+                ),
+                move |gpa: u64| (gpa < ram).then_some(gpa + SHADOW_HOST_OFFSET),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let hpa = mmu.access(0x40_1234, Access::supervisor_read());
+            assert_eq!(hpa, Ok(Ok(SHADOW_HOST_OFFSET + 0xd234)), "{name}");
+        }
+        // Short or empty inputs are ignored.
+        shadow_bytes(&[]);
+        shadow_bytes(&[0; SHADOW_IMAGE_AT]);
+    }
 
     #[test]
     fn seeds_translate_and_run_clean() {
