@@ -211,6 +211,10 @@ struct Role {
     access: u8,
     /// A direct page's large leaf's protection key (its leaves carry it); 0 otherwise.
     pkey: u8,
+    /// A direct page's large leaf was dirty when the page was built (its leaves may then
+    /// be writable - also in the CR0.WP = 0 kernel-write shape, which `access` does not
+    /// show); false otherwise.
+    dirty: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +308,9 @@ pub struct ShadowMmu<
     alloc: A,
     host: H,
     walker: Walker,
+    /// CR3 as the guest wrote it: the walker keeps only the bits its mode uses, and a
+    /// switch to PAE paging needs bits 11:5 (the PDPT is 32-byte aligned).
+    cr3_written: u64,
     pcid: u16,
     pages: Vec<ShadowPage>,
     free_ids: Vec<usize>,
@@ -342,6 +349,7 @@ where
         host: H,
     ) -> Result<Self, ShadowError> {
         check_supported(&cfg)?;
+        let cr3_written = cfg.cr3;
         let mut cfg = cfg;
         cfg.cr3 = root_address(&cfg, cfg.cr3);
         cfg.pdptes = resolve_pdptes(guest, &cfg, cfg.pdptes)?;
@@ -351,6 +359,7 @@ where
             alloc,
             host,
             walker: Walker::new(cfg),
+            cr3_written,
             pcid: 0,
             pages: Vec::new(),
             free_ids: Vec::new(),
@@ -410,7 +419,18 @@ where
     /// [`zap_all`]: Self::zap_all
     pub fn shadow_root(&self) -> Option<u64> {
         let r = self.roots.first()?;
-        self.root_valid(r).then(|| self.pages[r.sp].frame)
+        self.root_current(r).then(|| self.pages[r.sp].frame)
+    }
+
+    /// Whether `r` is a live root of the current (CR3, PCID, PDPTE registers): a CR3 load
+    /// that failed (no frame for its root) leaves the previous root first in the cache,
+    /// and that one must not serve the new address space.
+    fn root_current(&self, r: &CachedRoot) -> bool {
+        let cfg = self.walker.config();
+        r.cr3 == cfg.cr3
+            && r.pcid == self.pcid
+            && r.pdptes == cfg.pdptes.unwrap_or_default()
+            && self.root_valid(r)
     }
 
     fn root_valid(&self, r: &CachedRoot) -> bool {
@@ -437,6 +457,7 @@ where
         } else {
             self.walker.set_cr3(cfg.cr3);
         }
+        self.cr3_written = cr3;
         self.pcid = pcid;
         if !no_flush {
             self.resync_all();
@@ -459,7 +480,16 @@ where
             return Ok(());
         }
         self.stats.root_misses += 1;
-        let sp = self.new_root()?;
+        let sp = match self.new_root() {
+            // As a fault does: start over with an empty shadow and a reclaimed pool, so a
+            // CR3 load never leaves an older root in charge of the new address space.
+            Err(ShadowError::OutOfFrames) => {
+                self.zap_all();
+                self.reclaim(usize::MAX);
+                self.new_root()?
+            }
+            other => other?,
+        };
         let serial = self.pages[sp].serial;
         self.roots.retain(|r| r.generation == self.generation);
         self.roots.insert(
@@ -498,6 +528,7 @@ where
             quadrant: 0,
             access: ACC_ALL,
             pkey: 0,
+            dirty: false,
         };
         if !self.pae_format() {
             return self.get_or_create(role, None);
@@ -531,7 +562,7 @@ where
         check_supported(&cfg)?;
         let old = *self.walker.config();
         let mut new = cfg;
-        new.cr3 = root_address(&new, old.cr3);
+        new.cr3 = root_address(&new, self.cr3_written);
         new.pdptes = resolve_pdptes(self.guest, &new, cfg.pdptes)?;
         let shape = |c: &PagingConfig| {
             let mut c = *c;
@@ -816,7 +847,7 @@ where
     }
 
     fn try_fix(&mut self, gva: u64, access: Access) -> Result<ShadowOutcome, ShadowError> {
-        if !self.roots.first().is_some_and(|r| self.root_valid(r)) {
+        if !self.roots.first().is_some_and(|r| self.root_current(r)) {
             // Same CR3 and PDPTE registers: no reload from guest memory.
             self.load_root()?;
         }
@@ -935,6 +966,7 @@ where
                     quadrant: 0,
                     access,
                     pkey: t.rights().pkey,
+                    dirty: t.dirty(),
                 }
             } else if self.pae_format() && level == 3 {
                 // The PAE-format root: a PDPTE links to a shadow page directory.
@@ -958,6 +990,7 @@ where
                     quadrant,
                     access,
                     pkey: 0,
+                    dirty: false,
                 }
             } else {
                 // The guest entry this shadow entry derives from (one-to-one except that a
@@ -989,6 +1022,7 @@ where
                         quadrant: 0,
                         access,
                         pkey: t.rights().pkey,
+                        dirty: t.dirty(),
                     }
                 } else if mode == PagingMode::Legacy32 {
                     // Half of a 1024-entry guest page table.
@@ -999,6 +1033,7 @@ where
                         quadrant: ((gva >> 21) & 1) as u8,
                         access,
                         pkey: 0,
+                        dirty: false,
                     }
                 } else {
                     Role {
@@ -1008,6 +1043,7 @@ where
                         quadrant: 0,
                         access,
                         pkey: 0,
+                        dirty: false,
                     }
                 }
             };
