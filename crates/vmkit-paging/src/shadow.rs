@@ -158,10 +158,11 @@ pub enum ShadowOutcome {
     /// The access targets a GPA without host memory: emulate it as MMIO.
     Mmio(u64),
     /// The access writes (at this GPA) a guest page table that is a non-leaf table of its
-    /// own translation - a 32-bit guest storing to its page directory through a self-map,
-    /// say. No shadow leaf can let the store through while that table stays
-    /// write-protected, so, as KVM does, the VMM emulates the store and reports it with
-    /// [`ShadowMmu::guest_table_written`].
+    /// own translation. The top-level table is on every translation's path, so every store
+    /// to a guest's PML4 (or PML5), PAE page directory or 32-bit page directory ends here,
+    /// as do stores through a self-map. No shadow leaf can let the store through while
+    /// that table stays write-protected, so, as KVM does, the VMM emulates the store and
+    /// reports it with [`ShadowMmu::guest_table_written`].
     EmulateWrite(u64),
 }
 
@@ -550,9 +551,14 @@ where
     /// context when the role changes, and the next fault builds a root in the new mode's
     /// format; RFLAGS.AC, PKRU and IA32_PKRS are applied when the shadow tables are walked
     /// and need nothing. PAE guests: the PDPTE registers are `cfg.pdptes`, or reloaded from
-    /// guest memory at the current CR3 when it is `None` (a MOV to CR0/CR4 that changes
-    /// paging reloads them); new PDPTEs select another root. An unsupported state or
-    /// reserved PDPTE bits are refused and the MMU keeps the previous state.
+    /// guest memory at the current CR3 when it is `None`. The CPU reloads them on a MOV to
+    /// CR0 or CR4 that changes CR0.CD/NW/PG or CR4.PAE/PGE/PSE/SMEP, so pass `None` for
+    /// those (a config derived from the current one carries the old registers along); new
+    /// PDPTEs select another root. With PAE-format shadow tables the root's four entries
+    /// are rewritten in place when the guest's change, and a host CPU caches PDPTEs: a VMM
+    /// running the shadow on hardware reloads CR3 (VM entry does) after this call. An
+    /// unsupported state or reserved PDPTE bits are refused and the MMU keeps the previous
+    /// state.
     ///
     /// Build `cfg` from the current one ([`guest_walker`](Self::guest_walker)`().config()`)
     /// with the changed registers: a config made from scratch (say with
