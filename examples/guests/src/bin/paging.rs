@@ -77,8 +77,9 @@
 //!
 //! # Ring 3
 //!
-//! The guest loads its own GDT (kernel code 0x08 and data 0x10 as in the VMM's GDT, user data
-//! 0x1b, user code 0x23, a 64-bit TSS at 0x28 whose RSP0 is a kernel stack) with `ltr`. A
+//! The guest loads its own GDT (kernel code 0x08, reloaded into CS with a far return, and
+//! data 0x10, user data 0x1b, user code 0x23, a 64-bit TSS at 0x28 whose RSP0 is a kernel
+//! stack) with `ltr`. A
 //! ring-3 probe is a call to `enter_user(stub, operand, user_stack)`: it saves the kernel
 //! stack pointer and `iretq`s to a stub in the user pages (`mov rax, [rsi]`, `mov [rsi], rax`
 //! or `jmp rsi`), which ends in `ud2`. A page fault from ring 3 is reported like any other and
@@ -174,6 +175,8 @@ const CR4_SMAP: u64 = 1 << 21;
 const CR4_PKE: u64 = 1 << 22;
 /// Key 1: access disable (bit 2); key 2: write disable (bit 5).
 const PKRU: u32 = (1 << 2) | (1 << 5);
+/// Kernel code in the guest's own GDT (CS is reloaded with it after `lgdt`).
+const KERNEL_CS: u16 = 0x08;
 const USER_CS: u64 = 0x23;
 const USER_SS: u64 = 0x1b;
 const TSS_SELECTOR: u16 = 0x28;
@@ -311,11 +314,13 @@ fn pseudo_descriptor(base: u64, limit: u16) -> [u16; 5] {
     [limit, base as u16, (base >> 16) as u16, (base >> 32) as u16, (base >> 48) as u16]
 }
 
-/// Loads the guest's GDT (the VMM's kernel selectors keep their descriptors, so CS need not
-/// be reloaded), the TSS with RSP0, and the data segment registers.
+/// Loads the guest's GDT, reloads CS with its kernel code selector 0x08 (whatever selector
+/// the VMM booted the guest with: the IDT gates and the return from ring 3 name 0x08), the
+/// TSS with RSP0, and the data segment registers.
 fn setup_segments() {
-    // SAFETY: single-threaded guest with interrupts off; the GDT keeps selectors 0x08 and
-    // 0x10 identical to the VMM's, so the segment registers stay valid across the `lgdt`.
+    // SAFETY: single-threaded guest with interrupts off; the far return reloads CS from
+    // the new GDT before anything depends on it, and the other segment registers are
+    // reloaded right after; the pushes and the `retfq` balance.
     unsafe {
         let tss = addr_of!(TSS) as u64;
         let tss_mut = &mut *addr_of_mut!(TSS);
@@ -332,6 +337,15 @@ fn setup_segments() {
         let gdtr = pseudo_descriptor(addr_of!(GDT) as u64, (7 * 8 - 1) as u16);
         asm!("lgdt [{}]", in(reg) gdtr.as_ptr(), options(nostack));
         asm!(
+            "push {cs}",
+            "lea {t}, [rip + 2f]",
+            "push {t}",
+            "retfq",
+            "2:",
+            cs = in(reg) u64::from(KERNEL_CS),
+            t = out(reg) _,
+        );
+        asm!(
             "mov ss, {d:x}",
             "mov ds, {d:x}",
             "mov es, {d:x}",
@@ -344,9 +358,6 @@ fn setup_segments() {
 }
 
 fn setup() {
-    let cs: u16;
-    // SAFETY: reads the code segment selector the VMM set up.
-    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack)) };
     setup_segments();
     // SAFETY: single-threaded guest, interrupts off; the tables are only touched here.
     unsafe {
@@ -401,7 +412,7 @@ fn setup() {
                 14 => pf_handler as *const () as u64,
                 _ => other_handler as *const () as u64,
             };
-            let (lo, hi) = gate(h, cs);
+            let (lo, hi) = gate(h, KERNEL_CS);
             idt[v * 2] = lo;
             idt[v * 2 + 1] = hi;
         }
