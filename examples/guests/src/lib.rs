@@ -65,14 +65,18 @@ macro_rules! entry {
 #[inline(always)]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects inside the guest; the VMM handles it.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a dword to an I/O port.
 #[inline(always)]
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a dword from an I/O port.
@@ -80,7 +84,9 @@ pub fn outl(port: u16, value: u32) {
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -89,7 +95,9 @@ pub fn inl(port: u16) -> u32 {
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -125,7 +133,11 @@ pub struct HypercallBlock {
     pub ret: u64,
 }
 
-static mut HC_BLOCK: HypercallBlock = HypercallBlock { nr: 0, args: [0; 6], ret: 0 };
+static mut HC_BLOCK: HypercallBlock = HypercallBlock {
+    nr: 0,
+    args: [0; 6],
+    ret: 0,
+};
 
 /// Makes hypercall `nr` through the port transport and returns its result.
 pub fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64 {
@@ -135,7 +147,11 @@ pub fn hypercall(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64 {
     unsafe {
         core::ptr::write_volatile(
             block,
-            HypercallBlock { nr, args: [a0, a1, a2, a3, 0, 0], ret: u64::MAX },
+            HypercallBlock {
+                nr,
+                args: [a0, a1, a2, a3, 0, 0],
+                ret: u64::MAX,
+            },
         );
         outl(HYPERCALL_PORT, block as u64 as u32);
         core::ptr::read_volatile(core::ptr::addr_of!((*block).ret))
@@ -211,7 +227,11 @@ pub fn write_hex(value: u64) {
     buf[1] = b'x';
     for i in 0..16 {
         let nibble = ((value >> ((15 - i) * 4)) & 0xf) as u8;
-        buf[2 + i] = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+        buf[2 + i] = if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'a' + nibble - 10
+        };
     }
     for b in buf {
         outb(SERIAL_PORT, b);

@@ -14,7 +14,9 @@ fn main() -> ! {
     let mut x: u64 = 0x1234_5678_9abc_def1;
     let mut i: u32 = 0;
     while i < n {
-        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         let slot = (i as usize * 7) & 15;
         // SAFETY: single-threaded guest; the index is masked into range.
         let old = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(RING[slot])) };

@@ -13,9 +13,7 @@
 
 use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
-use vmkit_guests::{
-    exit, hlt, hypercall, inl, outl, rdmsr, vmcall, wrmsr, DATA_PORT, PARAM_PORT,
-};
+use vmkit_guests::{exit, hlt, hypercall, inl, outl, rdmsr, vmcall, wrmsr, DATA_PORT, PARAM_PORT};
 
 const MMIO: usize = 0xd000_0000;
 const TEST_MSR: u32 = 0x4b56_4d99;

@@ -23,8 +23,14 @@ fn main() -> ! {
         write_volatile((BASE + 0x2) as *mut u16, 0x2233);
         write_volatile((BASE + 0x4) as *mut u32, 0x4455_6677);
         write_volatile((BASE + 0x8) as *mut u64, 0x8899_aabb_ccdd_eeff);
-        outl(DATA_PORT, u32::from(read_volatile((BASE + 0x10) as *const u8)));
-        outl(DATA_PORT, u32::from(read_volatile((BASE + 0x12) as *const u16)));
+        outl(
+            DATA_PORT,
+            u32::from(read_volatile((BASE + 0x10) as *const u8)),
+        );
+        outl(
+            DATA_PORT,
+            u32::from(read_volatile((BASE + 0x12) as *const u16)),
+        );
         outl(DATA_PORT, read_volatile((BASE + 0x14) as *const u32));
         let q = read_volatile((BASE + 0x18) as *const u64);
         outl(DATA_PORT, q as u32);

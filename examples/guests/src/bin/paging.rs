@@ -311,7 +311,13 @@ fn gate(handler: u64, cs: u16) -> (u64, u64) {
 
 /// A pointer to a descriptor table for `lgdt`/`lidt`: limit, then the 64-bit base.
 fn pseudo_descriptor(base: u64, limit: u16) -> [u16; 5] {
-    [limit, base as u16, (base >> 16) as u16, (base >> 32) as u16, (base >> 48) as u16]
+    [
+        limit,
+        base as u16,
+        (base >> 16) as u16,
+        (base >> 32) as u16,
+        (base >> 48) as u16,
+    ]
 }
 
 /// Loads the guest's GDT, reloads CS with its kernel code selector 0x08 (whatever selector
@@ -400,7 +406,10 @@ fn setup() {
         pt.0[(READ_ONLY_WP0 >> 12) as usize] = READ_ONLY_WP0 | P;
         pt.0[(PK_AD >> 12) as usize] = PK_AD | P | W | U | pkey(1);
         pt.0[(PK_WD >> 12) as usize] = PK_WD | P | W | U | pkey(2);
-        let (first, last) = (addr_of!(user_text_start) as u64, addr_of!(user_text_end) as u64);
+        let (first, last) = (
+            addr_of!(user_text_start) as u64,
+            addr_of!(user_text_end) as u64,
+        );
         for page in (first..last).step_by(4096) {
             pt.0[(page >> 12) as usize] |= U;
         }
