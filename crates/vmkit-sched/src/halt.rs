@@ -23,7 +23,10 @@
 //!    [`Outcome::Blocked`](crate::Outcome::Blocked); the worker runs someone else.
 //! 4. **Wake.** A parked vCPU becomes runnable again through its [`Waker`]:
 //!    - the VMM calls [`KernelHalts::wake`] after it signals an interrupt (an irqfd) the
-//!      vCPU may be waiting for;
+//!      vCPU may be waiting for. Only a vCPU the timer kicked out for a halt is woken
+//!      through the scheduler (a running one would only bounce off its next park); an
+//!      announcement that found the vCPU in the guest is remembered, and a park after it
+//!      is refused, since irqfd injects from a work item that may not have run yet;
 //!    - the park armed a wake at the vCPU's LAPIC timer deadline (read from `KVM_GET_LAPIC`'s
 //!      timer registers, or the TSC-deadline MSR against the guest TSC), so timer ticks are
 //!      not late;
@@ -52,7 +55,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -200,6 +203,16 @@ fn find_stat(header: &[u8], descs: &[u8], name: &str) -> Result<Option<u64>, Hal
 pub struct HaltProbe {
     file: OwnedFd,
     offset: u64,
+    /// Set by the slice timer just before it kicks the vCPU out for a halt; cleared when
+    /// the vCPU is about to enter the guest again. While it is clear the vCPU is in the
+    /// guest (where KVM delivers interrupts itself) or on its way in (where KVM finds them
+    /// at entry), so [`KernelHalts::wake`] need not go through the scheduler.
+    kicked: AtomicBool,
+    /// Interrupts the VMM announced ([`KernelHalts::wake`] calls), and their number when
+    /// the vCPU last entered the guest: a park is refused when they differ (an
+    /// announcement that found the flag above clear may not have reached the vCPU yet).
+    raised: AtomicU64,
+    raised_at_entry: AtomicU64,
 }
 
 impl HaltProbe {
@@ -239,7 +252,13 @@ impl HaltProbe {
         let mut descs = vec![0u8; num_desc * (STATS_DESC_LEN + name_size)];
         pread_exact(fd, &mut descs, u64::from(desc_offset))?;
         let offset = find_stat(&header, &descs, BLOCKING_STAT)?.ok_or(HaltError::NoBlockingStat)?;
-        let probe = HaltProbe { file, offset };
+        let probe = HaltProbe {
+            file,
+            offset,
+            kicked: AtomicBool::new(false),
+            raised: AtomicU64::new(0),
+            raised_at_entry: AtomicU64::new(0),
+        };
         probe.read()?;
         Ok(probe)
     }
@@ -253,6 +272,30 @@ impl HaltProbe {
     /// True while the vCPU sleeps in the kernel waiting for an event; false on any error.
     pub fn blocking(&self) -> bool {
         self.read().is_ok_and(|v| v != 0)
+    }
+
+    /// The slice timer is about to kick the vCPU out of the guest because it halted.
+    pub(crate) fn note_halt_kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+    }
+
+    /// The vCPU is about to enter the guest.
+    pub(crate) fn note_entry(&self) {
+        self.kicked.store(false, Ordering::SeqCst);
+        self.raised_at_entry
+            .store(self.raised.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// The VMM announces an interrupt; true if the vCPU may be out of the guest because
+    /// of a halt kick (then it must be woken through the scheduler).
+    fn note_raised(&self) -> bool {
+        self.raised.fetch_add(1, Ordering::SeqCst);
+        self.kicked.load(Ordering::SeqCst)
+    }
+
+    /// Whether the VMM announced an interrupt since the vCPU last entered the guest.
+    fn raised_since_entry(&self) -> bool {
+        self.raised.load(Ordering::SeqCst) != self.raised_at_entry.load(Ordering::SeqCst)
     }
 }
 
@@ -382,8 +425,17 @@ impl KernelHalts {
     }
 
     /// Makes the vCPU runnable if it is parked: call it after raising an interrupt it may
-    /// be waiting for (after signalling the irqfd). Harmless when it runs.
+    /// be waiting for (after signalling the irqfd). Cheap when it runs: with a probe, only
+    /// a vCPU the slice timer kicked out for a halt (parked, or on its way to parking) is
+    /// woken through the scheduler; one in the guest or entering it gets the interrupt
+    /// from KVM, and a park that an announcement may have raced is refused
+    /// ([`park`](Self::park)). Without a probe nothing parks and the waker is called as is.
     pub fn wake(&self) {
+        if let Some(p) = &self.inner.probe {
+            if !p.note_raised() {
+                return;
+            }
+        }
         if let Some(w) = self.inner.waker.get() {
             self.inner
                 .stats
@@ -418,7 +470,14 @@ impl KernelHalts {
             vcpu.mp_state(),
             Ok(MpState::Halted | MpState::Uninitialized | MpState::InitReceived)
         );
-        if !waiting {
+        // An interrupt the VMM announced while the vCPU was in the guest may be in flight
+        // (irqfd injects from a kernel work item): re-enter rather than park on it.
+        let raced = self
+            .inner
+            .probe
+            .as_ref()
+            .is_some_and(|p| p.raised_since_entry());
+        if !waiting || raced {
             self.inner
                 .stats
                 .false_alarms
@@ -513,6 +572,74 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let e = HaltProbe::from_stats_file(OwnedFd::from(file)).unwrap_err();
         assert!(e.to_string().contains("offset 0"), "{e}");
+    }
+
+    /// A probe over a stats file laid out like KVM's, whose `blocking` stat is 1.
+    fn fake_probe() -> HaltProbe {
+        let mut f = Vec::new();
+        let mut h = header(16, 1, 24 + 32);
+        h[16..20].copy_from_slice(&24u32.to_le_bytes());
+        f.extend(h);
+        f.extend(desc("blocking", 16, 1, 0));
+        f.extend(1u64.to_ne_bytes());
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &f).unwrap();
+        HaltProbe::from_stats_file(OwnedFd::from(file)).unwrap()
+    }
+
+    #[test]
+    fn a_wake_goes_through_the_scheduler_only_after_a_halt_kick() {
+        use crate::{CreditConfig, CreditScheduler, Executor, Outcome, Slice, Task, VmConfig};
+        use std::sync::atomic::AtomicU32;
+
+        /// Blocks once (a parked vCPU), exits when run again.
+        struct Sleeper(Arc<AtomicU32>);
+        impl Task for Sleeper {
+            fn run(&mut self, _slice: &Slice) -> Outcome {
+                if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Outcome::Blocked
+                } else {
+                    Outcome::Exited
+                }
+            }
+        }
+        let wait = |what: &str, cond: &dyn Fn() -> bool| {
+            let end = Instant::now() + Duration::from_secs(10);
+            while !cond() {
+                assert!(Instant::now() < end, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let ex = Executor::new(CreditScheduler::new(CreditConfig::with_cpus(1)).unwrap()).unwrap();
+        let vm = ex.add_vm(VmConfig::default()).unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let (_, waker) = ex.spawn(vm, Sleeper(Arc::clone(&runs))).unwrap();
+        let probe = Arc::new(fake_probe());
+        let h = KernelHalts::build(Some(Arc::clone(&probe)), DEFAULT_REPOLL, None);
+        assert!(h.set_waker(waker));
+        wait("the task to block", &|| runs.load(Ordering::SeqCst) == 1);
+
+        // In the guest (or entering it): KVM delivers the interrupt, nothing is woken, but
+        // the announcement is remembered so that a park right after it is refused.
+        probe.note_entry();
+        assert!(!probe.raised_since_entry());
+        h.wake();
+        assert!(probe.raised_since_entry());
+        assert_eq!(h.stats().external_wakes.load(Ordering::SeqCst), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "not woken through the scheduler"
+        );
+
+        // Kicked out for a halt (parked, or on its way): woken through the scheduler.
+        probe.note_halt_kick();
+        h.wake();
+        wait("the wake", &|| runs.load(Ordering::SeqCst) == 2);
+        assert_eq!(h.stats().external_wakes.load(Ordering::SeqCst), 1);
+        ex.wait_exited(1);
+        assert_eq!(ex.shutdown().exited, 1);
     }
 
     #[test]

@@ -154,6 +154,7 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
                         a.blocking_ticks += 1;
                         if a.blocking_ticks >= HALT_TICKS {
                             // Kicked once; the probe is not read again until re-armed.
+                            p.note_halt_kick();
                             a.kick.kick();
                             a.probe = None;
                             halted.push(*slot);
@@ -221,7 +222,10 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
 
     /// Like [`SliceTimer::arm`], and while armed, reads `probe` every [`HALT_TICK`]: a vCPU
     /// found asleep in the kernel for [`HALT_TICKS`] ticks in a row is kicked and the slot
-    /// marked for [`SliceTimer::take_halt_kick`]. The slice deadline stays armed.
+    /// marked for [`SliceTimer::take_halt_kick`]. The slice deadline stays armed. Call it
+    /// right before the vCPU enters the guest: it also tells `probe` that the vCPU is back
+    /// in the guest, where [`KernelHalts::wake`](crate::halt::KernelHalts::wake) need not
+    /// reach it through the scheduler.
     pub fn arm_watching(
         &self,
         slot: &TimerSlot,
@@ -229,6 +233,9 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         kick: K,
         probe: Option<Arc<HaltProbe>>,
     ) {
+        if let Some(p) = &probe {
+            p.note_entry();
+        }
         let mut st = self.lock();
         let deadline = match st.pending.remove(&slot.0) {
             Some(earlier) => deadline.min(earlier),
