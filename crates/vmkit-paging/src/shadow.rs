@@ -534,12 +534,45 @@ where
         if !self.pae_format() {
             return self.get_or_create(role, None);
         }
-        let frame = self.new_frame()?;
-        if frame >> 32 != 0 {
-            self.free_frames.push(frame);
-            return Err(ShadowError::RootAbove4G { frame });
-        }
+        let frame = self.new_low_frame()?;
         Ok(self.insert_page(role, frame))
+    }
+
+    /// A zeroed frame below 4 GiB for a PAE-format root (CR3 holds 32 bits in PAE paging):
+    /// a recycled one if the pool has one, else fresh ones from the allocator until one is
+    /// low (high ones join the pool, for pages that may live anywhere). `RootAbove4G` when
+    /// the allocator has only high frames left, as KVM allocates its PAE roots from DMA32.
+    fn new_low_frame(&mut self) -> Result<u64, ShadowError> {
+        let low = |f: &u64| *f >> 32 == 0;
+        let mut high = None;
+        let frame = loop {
+            if let Some(i) = self.free_frames.iter().rposition(low) {
+                break self.free_frames.swap_remove(i);
+            }
+            match self.alloc.allocate() {
+                Some(f) if low(&f.0) => break f.0,
+                Some(f) => {
+                    high.get_or_insert(f.0);
+                    self.free_frames.push(f.0);
+                }
+                None => {
+                    // Last resort: frames of older generations, then give up.
+                    let before = self.free_frames.len();
+                    self.reclaim(usize::MAX);
+                    if let Some(i) = self.free_frames[before..].iter().rposition(low) {
+                        break self.free_frames.swap_remove(before + i);
+                    }
+                    return Err(match high {
+                        Some(frame) => ShadowError::RootAbove4G { frame },
+                        None => ShadowError::OutOfFrames,
+                    });
+                }
+            }
+        };
+        self.shadow
+            .zero_frame(frame)
+            .ok_or(ShadowError::OutsideMemory { addr: frame })?;
+        Ok(frame)
     }
 
     /// The guest changed its paging state (CR0, CR4, EFER, RFLAGS.AC, PKRU, IA32_PKRS).
@@ -814,11 +847,6 @@ where
         let (first, last) = (offset / entry_size, end / entry_size);
         for sp in sps {
             let page = &mut self.pages[sp];
-            page.writes = page.writes.saturating_add(1);
-            if page.writes >= WRITE_FLOOD_LIMIT {
-                self.zap(sp);
-                continue;
-            }
             let (frame, role) = (page.frame, page.role);
             // The guest entries this shadow page covers (`span` of them from the quadrant's
             // first) and the shadow entries each one became: a 32-bit guest PDE (4 MiB) is
@@ -829,6 +857,16 @@ where
                 (512, 1)
             };
             let base = u64::from(role.quadrant) * span;
+            if last < base || first > base + span - 1 {
+                // Another quadrant of the guest table: nothing here derives from it, and
+                // it does not count towards this page's write flooding.
+                continue;
+            }
+            page.writes = page.writes.saturating_add(1);
+            if page.writes >= WRITE_FLOOD_LIMIT {
+                self.zap(sp);
+                continue;
+            }
             for g in first.max(base)..=last.min(base + span - 1) {
                 for k in 0..per {
                     let _ = self.shadow.write_u64(frame + ((g - base) * per + k) * 8, 0);
@@ -1891,6 +1929,24 @@ mod tests {
             Ok(Ok(0x5000 + HOST_OFFSET))
         );
         assert_ne!(e.shadow.read_u64(root + 16).unwrap() & PRESENT, 0);
+    }
+
+    #[test]
+    fn legacy32_writes_to_one_quadrant_do_not_flood_another() {
+        let e = env_for(PagingFormat::Legacy32);
+        let mut m = mmu_for(&e, PagingMode::Legacy32);
+        // VA 0x40_0000 lies in the first quarter of the page directory (shadow quadrant 0).
+        m.access(0x40_0000, Access::user_read()).unwrap().unwrap();
+        let zapped = m.stats().pages_zapped;
+        // PDE 300 (VA 0x4b00_0000) is in the second quarter: three reported writes there
+        // must neither zap nor touch the quadrant-0 shadow page.
+        let pde = e.cr3[0] + 300 * 4;
+        for v in [0u32, 0x2000 | 1, 0] {
+            e.guest.write_u32(pde, v).unwrap();
+            m.guest_table_written(pde, 4);
+        }
+        assert_eq!(m.stats().pages_zapped, zapped);
+        assert!(m.translate(0x40_0000, Access::user_read()).is_ok());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Shadow MMU scenarios found by review, each on hand-written guest tables: every one
 //! failed before its fix (named in the test's doc comment).
 
-use vmkit_paging::builder::BumpAllocator;
+use vm_memory::GuestMemoryMmap;
+use vmkit_paging::builder::{BumpAllocator, FrameAllocator};
 use vmkit_paging::entry::*;
 use vmkit_paging::shadow::{ShadowMmu, ShadowOutcome};
 use vmkit_paging::walk::{Access, PagingConfig, PagingMode};
@@ -184,4 +185,57 @@ fn legacy32_pse36_pse_off_and_a_second_quadrant_pde_write() {
         matches!(r, Err(ShadowOutcome::InjectGuestFault(_))),
         "{r:x?}"
     );
+}
+
+/// A PAE-format root needs a frame below 4 GiB: the MMU takes the allocator's next low
+/// frame and keeps the high ones for other shadow pages. (It used to fail the CR3 load on
+/// the first high frame, and to find that same frame first in its pool every time after.)
+#[test]
+fn a_pae_root_skips_frames_above_4g_and_leaves_them_to_other_pages() {
+    /// Hands out 4 high frames, then low ones.
+    struct Mixed {
+        high: u64,
+        low: u64,
+    }
+    impl FrameAllocator for Mixed {
+        fn allocate(&mut self) -> Option<GuestAddress> {
+            let at = if self.high < (1 << 32) + 4 * 0x1000 {
+                &mut self.high
+            } else {
+                &mut self.low
+            };
+            let f = *at;
+            *at += 0x1000;
+            Some(GuestAddress(f))
+        }
+    }
+    let g = FlatMemory::new(0, 4 << 20);
+    // PAE: PDPTE 0 -> PD 0x2000 -> PT 0x3000 -> page 0x10_0000 (VA 0x1000).
+    g.write_u64(0x1000, 0x2000 | PRESENT).unwrap();
+    g.write_u64(0x2000, 0x3000 | PA).unwrap();
+    g.write_u64(0x3008, 0x10_0000 | PA).unwrap();
+    let shadow = GuestMemoryMmap::<()>::from_ranges(&[
+        (vm_memory::GuestAddress(0x4000_0000), 1 << 20),
+        (vm_memory::GuestAddress(1 << 32), 1 << 20),
+    ])
+    .unwrap();
+    let alloc = Mixed {
+        high: 1 << 32,
+        low: 0x4000_0000,
+    };
+    let mut m = ShadowMmu::new(
+        PagingConfig::new(PagingMode::Pae, 0x1000),
+        &g,
+        &shadow,
+        alloc,
+        host as fn(u64) -> Option<u64>,
+    )
+    .unwrap();
+    assert!(m.shadow_root().is_some_and(|r| r < (1 << 32)));
+    assert_eq!(
+        m.access(0x1000, Access::user_read()),
+        Ok(Ok(0x10_0000 + HOST_OFFSET))
+    );
+    // The page directory and table of the shadow came from the high frames.
+    assert!(m.live_pages() >= 3);
 }
