@@ -544,28 +544,26 @@ mod tests {
         assert!(find_stat(&huge, &descs, "blocking").is_err());
     }
 
-    #[test]
-    fn a_probe_reads_a_stats_file() {
-        // A file laid out like KVM's: header, descriptors, data.
+    /// A stats file laid out like KVM's (header, descriptors, data) with one 8-byte stat.
+    fn stats_file(name: &str, value: u64) -> OwnedFd {
         let mut f = Vec::new();
         let mut h = header(16, 1, 24 + 32);
         h[16..20].copy_from_slice(&24u32.to_le_bytes());
         f.extend(h);
-        f.extend(desc("blocking", 16, 1, 0));
-        f.extend(1u64.to_ne_bytes());
+        f.extend(desc(name, 16, 1, 0));
+        f.extend(value.to_ne_bytes());
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &f).unwrap();
-        let probe = HaltProbe::from_stats_file(OwnedFd::from(file)).unwrap();
+        OwnedFd::from(file)
+    }
+
+    #[test]
+    fn a_probe_reads_a_stats_file() {
+        let probe = HaltProbe::from_stats_file(stats_file("blocking", 1)).unwrap();
         assert!(probe.blocking());
         // Without the stat: refused.
-        let mut g = Vec::new();
-        g.extend(h);
-        g.extend(desc("other", 16, 1, 0));
-        g.extend(0u64.to_ne_bytes());
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, &g).unwrap();
         assert!(matches!(
-            HaltProbe::from_stats_file(OwnedFd::from(file)),
+            HaltProbe::from_stats_file(stats_file("other", 0)),
             Err(HaltError::NoBlockingStat)
         ));
         // An empty file: a short read.
@@ -576,15 +574,7 @@ mod tests {
 
     /// A probe over a stats file laid out like KVM's, whose `blocking` stat is 1.
     fn fake_probe() -> HaltProbe {
-        let mut f = Vec::new();
-        let mut h = header(16, 1, 24 + 32);
-        h[16..20].copy_from_slice(&24u32.to_le_bytes());
-        f.extend(h);
-        f.extend(desc("blocking", 16, 1, 0));
-        f.extend(1u64.to_ne_bytes());
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, &f).unwrap();
-        HaltProbe::from_stats_file(OwnedFd::from(file)).unwrap()
+        HaltProbe::from_stats_file(stats_file("blocking", 1)).unwrap()
     }
 
     #[test]

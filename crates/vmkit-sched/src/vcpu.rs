@@ -255,6 +255,17 @@ impl<K: VcpuKick + 'static> SliceTimer<K> {
         self.changed.notify_one();
     }
 
+    /// The executor's kick hook for the task that owns `slot` (its
+    /// [`Task::kick_handle`]): `kick` now, or this timer for a deferred cut at the slice
+    /// end the scheduler asks for.
+    pub fn kick_hook(self: &Arc<Self>, slot: &Arc<TimerSlot>, kick: K) -> Arc<dyn Kick> {
+        Arc::new(VcpuKickHook {
+            kick,
+            timer: Arc::clone(self),
+            slot: Arc::clone(slot),
+        })
+    }
+
     /// Whether the slot's vCPU was kicked because it was halted in the kernel (clears the
     /// mark).
     pub fn take_halt_kick(&self, slot: &TimerSlot) -> bool {
@@ -498,10 +509,6 @@ where
     }
 
     fn kick_handle(&self) -> Option<Arc<dyn Kick>> {
-        Some(Arc::new(VcpuKickHook {
-            kick: self.vcpu.kick_handle(),
-            timer: Arc::clone(&self.timer),
-            slot: Arc::clone(&self.slot),
-        }))
+        Some(self.timer.kick_hook(&self.slot, self.vcpu.kick_handle()))
     }
 }

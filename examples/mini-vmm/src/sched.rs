@@ -41,7 +41,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmkit_sched::halt::KernelHalts;
 use vmkit_sched::vcpu::{HaltCheck, SliceTimer, TimerSlot};
@@ -170,23 +170,6 @@ impl Peers {
     }
 }
 
-/// The executor's kick hook: the vCPU's own kick now, the slice timer for a deferred cut.
-struct TaskKick {
-    kick: KvmKick,
-    timer: Arc<SliceTimer<KvmKick>>,
-    slot: Arc<TimerSlot>,
-}
-
-impl Kick for TaskKick {
-    fn kick(&self) {
-        self.kick.kick();
-    }
-
-    fn kick_at(&self, at: Instant) {
-        self.timer.arm_earlier(&self.slot, at);
-    }
-}
-
 /// One vCPU of the VM as a scheduler task.
 struct VcpuRun {
     vcpu: NonNull<KvmVcpu>,
@@ -296,11 +279,7 @@ impl Task for VcpuRun {
     }
 
     fn kick_handle(&self) -> Option<Arc<dyn Kick>> {
-        Some(Arc::new(TaskKick {
-            kick: self.kick.clone(),
-            timer: Arc::clone(&self.timer),
-            slot: Arc::clone(&self.slot),
-        }))
+        Some(self.timer.kick_hook(&self.slot, self.kick.clone()))
     }
 }
 
@@ -430,6 +409,7 @@ pub(crate) fn run_vcpus(
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
+    use std::time::Instant;
     use vmkit_sched::{Outcome as TaskOutcome, Slice, Task};
 
     /// Halts once (as a vCPU parked in `HLT`), then exits when run again.
