@@ -588,6 +588,25 @@ fn icount(workload: &str) {
     }
 }
 
+/// Interleaved rounds of the timed modes; each workload keeps its fastest round.
+const ROUNDS: usize = 300;
+/// Passes over the addresses per timed round.
+const REPS: usize = 20;
+
+/// One workload's measured loop in the timed modes: the same code shape as `icount_loop`
+/// (one monomorphised, never-inlined loop per workload), so times and instruction counts
+/// describe the same machine code. Returns nanoseconds per translation.
+#[inline(never)]
+fn timed_loop(addrs: &[u64], mut f: impl FnMut(u64)) -> f64 {
+    let t = Instant::now();
+    for _ in 0..REPS {
+        for &a in addrs {
+            f(black_box(a));
+        }
+    }
+    t.elapsed().as_nanos() as f64 / (REPS * addrs.len()) as f64
+}
+
 /// `PAGING_ICOUNT=ratios`: the walk and TLB workloads timed in interleaved rounds, keeping
 /// each one's fastest round. On a shared machine the minimum filters out the time other
 /// processes steal, and interleaving exposes every workload to the same conditions; the
@@ -600,21 +619,6 @@ fn min_time_ratios(
     mem: &GuestMemoryMmap,
     tlb: &mut Tlb,
 ) {
-    const ROUNDS: usize = 300;
-    const REPS: usize = 20;
-    /// One workload's measured loop: the same code shape as `icount_loop` (one
-    /// monomorphised, never-inlined loop per workload), so times and instruction counts
-    /// describe the same machine code.
-    #[inline(never)]
-    fn timed_loop(addrs: &[u64], mut f: impl FnMut(u64)) -> f64 {
-        let t = Instant::now();
-        for _ in 0..REPS {
-            for &a in addrs {
-                f(black_box(a));
-            }
-        }
-        t.elapsed().as_nanos() as f64 / (REPS * addrs.len()) as f64
-    }
     let mut best = [f64::MAX; 8];
     let names = [
         "x86_64 OffsetPageTable::translate",
@@ -725,26 +729,16 @@ fn sparse_ratios() {
             .unwrap();
     }
     let filled = tlb.stats().misses;
-    #[inline(never)]
-    fn timed(addrs: &[u64], mut f: impl FnMut(u64)) -> f64 {
-        let t = Instant::now();
-        for _ in 0..20 {
-            for &a in addrs {
-                f(black_box(a));
-            }
-        }
-        t.elapsed().as_nanos() as f64 / (20 * addrs.len()) as f64
-    }
     let mut best = [f64::MAX; 3];
-    for _ in 0..300 {
+    for _ in 0..ROUNDS {
         let times = [
-            timed(&addrs, |a| {
+            timed_loop(&addrs, |a| {
                 consume(walker.translate(&flat, a, Access::user_read()));
             }),
-            timed(&addrs, |a| {
+            timed_loop(&addrs, |a| {
                 consume(tlb.translate(&walker, &flat, 1, a, Access::user_read()));
             }),
-            timed(&addrs, |a| {
+            timed_loop(&addrs, |a| {
                 consume(tlb.fast_translate(&walker, 1, a, Access::user_read()));
             }),
         ];

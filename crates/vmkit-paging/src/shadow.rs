@@ -1301,16 +1301,23 @@ mod tests {
 
     type Mmu<'a> = ShadowMmu<'a, FlatMemory, FlatMemory, BumpAllocator, fn(u64) -> Option<u64>>;
 
-    fn mmu(e: &Env) -> Mmu<'_> {
-        let cfg = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
+    /// A shadow MMU over `e` for `cfg`, with `frames` shadow frames from 0x4000_0000.
+    fn try_mmu(e: &Env, cfg: PagingConfig, frames: u64) -> Result<Mmu<'_>, ShadowError> {
+        let alloc = BumpAllocator::new(
+            GuestAddress(0x4000_0000),
+            GuestAddress(0x4000_0000 + frames * 0x1000),
+        );
         ShadowMmu::new(
             cfg,
             &e.guest,
             &e.shadow,
-            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
+            alloc,
             host as fn(u64) -> Option<u64>,
         )
-        .unwrap()
+    }
+
+    fn mmu(e: &Env) -> Mmu<'_> {
+        try_mmu(e, PagingConfig::new(PagingMode::Level4, e.cr3[0]), 256).unwrap()
     }
 
     #[test]
@@ -1558,14 +1565,7 @@ mod tests {
         let e = env();
         let cfg = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
         // Root + 3 levels for one path + a little.
-        let mut m = ShadowMmu::new(
-            cfg,
-            &e.guest,
-            &e.shadow,
-            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4000_5000)),
-            host as fn(u64) -> Option<u64>,
-        )
-        .unwrap();
+        let mut m = try_mmu(&e, cfg, 5).unwrap();
         m.access(0x40_0000, Access::user_read()).unwrap().unwrap();
         // A distant VA needs new tables: the pool is exhausted, zap_all makes room.
         assert_eq!(
@@ -1574,13 +1574,7 @@ mod tests {
         );
         assert!(m.stats().zap_alls >= 1);
         // Not even one path fits: a typed error.
-        let tiny = ShadowMmu::new(
-            cfg,
-            &e.guest,
-            &e.shadow,
-            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4000_1000)),
-            host as fn(u64) -> Option<u64>,
-        );
+        let tiny = try_mmu(&e, cfg, 1);
         let mut tiny = tiny.unwrap();
         assert_eq!(
             tiny.access(0x40_0000, Access::user_read()),
@@ -1648,14 +1642,7 @@ mod tests {
         let mut cfg = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
         cfg.pke = true;
         cfg.pkru = 0b01 << 4; // key 2: access disabled
-        let mut m = ShadowMmu::new(
-            cfg,
-            &e.guest,
-            &e.shadow,
-            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
-            host as fn(u64) -> Option<u64>,
-        )
-        .unwrap();
+        let mut m = try_mmu(&e, cfg, 256).unwrap();
         // The key-0 mapping fills the leaf of page 2; a fetch through the alias (keys do
         // not govern fetches) links the alias to the split and fills page 1.
         m.access(0x60_2000, Access::user_read()).unwrap().unwrap();
@@ -1785,13 +1772,7 @@ mod tests {
             (wp0_pke, "protection keys"),
             (no_ad, "Accessed/Dirty"),
         ] {
-            let r = ShadowMmu::new(
-                cfg,
-                &e.guest,
-                &e.shadow,
-                BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
-                host as fn(u64) -> Option<u64>,
-            );
+            let r = try_mmu(&e, cfg, 256);
             let err = r.unwrap_err();
             assert!(
                 matches!(err, ShadowError::Unsupported { mode, wp, .. }
@@ -1863,14 +1844,7 @@ mod tests {
     }
 
     fn mmu_for(e: &Env, mode: PagingMode) -> Mmu<'_> {
-        ShadowMmu::new(
-            PagingConfig::new(mode, e.cr3[0]),
-            &e.guest,
-            &e.shadow,
-            BumpAllocator::new(GuestAddress(0x4000_0000), GuestAddress(0x4010_0000)),
-            host as fn(u64) -> Option<u64>,
-        )
-        .unwrap()
+        try_mmu(e, PagingConfig::new(mode, e.cr3[0]), 256).unwrap()
     }
 
     fn guest_leaf(e: &Env, mode: PagingMode, va: u64) -> u64 {
