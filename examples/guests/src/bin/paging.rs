@@ -170,6 +170,7 @@ const PK_WD: u64 = 0x1f2000;
 /// A 2 MiB page whose PDE has bit 13 set: reserved in a 2 MiB PDE whatever MAXPHYADDR is.
 const RESERVED_2M: u64 = 0x40a0_0000;
 const CR0_WP: u64 = 1 << 16;
+const RFLAGS_AC: u64 = 1 << 18;
 const CR4_SMEP: u64 = 1 << 20;
 const CR4_SMAP: u64 = 1 << 21;
 const CR4_PKE: u64 = 1 << 22;
@@ -474,52 +475,35 @@ fn set_wp(on: bool) {
     }
 }
 
-/// A read with RFLAGS.AC set, which SMAP exempts; AC is cleared again after. (`popfq`
+/// Sets or clears RFLAGS.AC, which exempts supervisor data accesses from SMAP. (`popfq`
 /// rather than `stac`/`clac`: this host's software KVM cannot emulate those.)
-fn probe_read_with_ac(addr: u64) {
-    // SAFETY: as for probe_read; AC is cleared on both the normal and the fault path, and
-    // the pushes and pops balance.
+fn set_ac(on: bool) {
+    // SAFETY: only RFLAGS.AC changes; the push and the pop balance.
     unsafe {
         asm!(
             "pushfq",
+            "and qword ptr [rsp], {not_ac}",
             "or qword ptr [rsp], {ac}",
             "popfq",
-            "lea {t}, [rip + 2f]",
-            "mov [rip + PF_RECOVER], {t}",
-            "mov {t}, [{a}]",
-            "2:",
-            "pushfq",
-            "and qword ptr [rsp], {not_ac}",
-            "popfq",
-            a = in(reg) addr,
-            t = out(reg) _,
-            ac = in(reg) 1u64 << 18,
-            not_ac = in(reg) !(1u64 << 18),
+            not_ac = in(reg) !RFLAGS_AC,
+            ac = in(reg) if on { RFLAGS_AC } else { 0 },
         )
     }
 }
 
+/// A read with RFLAGS.AC set; AC is cleared again after, on the fault path too (the page
+/// fault handler resumes inside `probe_read`, which then returns here).
+fn probe_read_with_ac(addr: u64) {
+    set_ac(true);
+    probe_read(addr);
+    set_ac(false);
+}
+
 /// A write with RFLAGS.AC set (see [`probe_read_with_ac`]).
 fn probe_write_with_ac(addr: u64) {
-    // SAFETY: as for probe_read_with_ac; the written page belongs to no Rust object.
-    unsafe {
-        asm!(
-            "pushfq",
-            "or qword ptr [rsp], {ac}",
-            "popfq",
-            "lea {t}, [rip + 2f]",
-            "mov [rip + PF_RECOVER], {t}",
-            "mov qword ptr [{a}], {t}",
-            "2:",
-            "pushfq",
-            "and qword ptr [rsp], {not_ac}",
-            "popfq",
-            a = in(reg) addr,
-            t = out(reg) _,
-            ac = in(reg) 1u64 << 18,
-            not_ac = in(reg) !(1u64 << 18),
-        )
-    }
+    set_ac(true);
+    probe_write(addr);
+    set_ac(false);
 }
 
 fn probe_read(addr: u64) {
