@@ -87,6 +87,15 @@ LG_MODULE_ORDER=(
     drivers/net/tun.ko
 )
 
+# lg_lib_specs EXE...: lg_initramfs specs for the shared libraries and the loader the
+# executables are linked against (`ldd`), each at its own path, one per line.
+lg_lib_specs() {
+    local exe lib
+    for lib in $(for exe in "$@"; do ldd "$exe"; done | grep -o '/[^ ]*' | sort -u); do
+        echo "$lib:${lib#/}"
+    done
+}
+
 lg_initramfs() {
     local out="$1" init="$2"; shift 2
     local root

@@ -53,9 +53,7 @@ for blob in bios-microvm.bin linuxboot_dma.bin; do
     [ -n "$path" ] || { lg_log "QEMU firmware $blob not found"; exit 1; }
     specs+=("$path:${path#/}")
 done
-for lib in $( (ldd "$VMM"; ldd "$QEMU") | grep -o '/[^ ]*' | sort -u); do
-    specs+=("$lib:${lib#/}")
-done
+mapfile -t -O "${#specs[@]}" specs < <(lg_lib_specs "$VMM" "$QEMU")
 lg_initramfs "$WORK/l1.cpio.gz" "$HERE/mini-vmm-bench/l1-init" "${specs[@]}"
 
 LOG="$WORK/console.log"

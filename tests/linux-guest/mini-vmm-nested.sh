@@ -109,17 +109,13 @@ lg_initramfs "$WORK/l2.cpio.gz" "$HERE/mini-vmm/l2-init" "$WORK/token:token"
 # mini-vmm is linked against glibc: ship the libraries and the loader at their own paths.
 specs=("$VMM:bin/mini-vmm" "${L2_KERNEL:-$LG_KERNEL}:vmlinuz" "$WORK/l2.cpio.gz:l2.cpio.gz"
        "$WORK/l2-cmdline:l2-cmdline" "$WORK/l2-vmm-args:l2-vmm-args" "${SNAP_SPEC[@]}")
-for lib in $(ldd "$VMM" | grep -o '/[^ ]*'); do
-    specs+=("$lib:${lib#/}")
-done
+mapfile -t -O "${#specs[@]}" specs < <(lg_lib_specs "$VMM")
 echo "$L2_VHOST_USER" > "$WORK/l2-vhost-user"
 specs+=("$WORK/l2-vhost-user:l2-vhost-user")
 if [ -n "$L2_VHOST_USER" ]; then
     # The backend binary and its libraries (the same glibc as mini-vmm's, copied again).
     specs+=("$VU:bin/vmkit-vhost-user")
-    for lib in $(ldd "$VU" | grep -o '/[^ ]*'); do
-        specs+=("$lib:${lib#/}")
-    done
+    mapfile -t -O "${#specs[@]}" specs < <(lg_lib_specs "$VU")
 fi
 lg_initramfs "$WORK/l1.cpio.gz" "$HERE/mini-vmm/l1-init" "${specs[@]}"
 

@@ -37,9 +37,7 @@ ORACLE=$(test_exe vmkit-vcpu paging_oracle)
 [ -x "$TRANSLATE" ] && [ -x "$ORACLE" ] || { lg_log "test executables not found"; exit 1; }
 echo "${CASES:-50000}" > "$WORK/cases"
 specs=("$TRANSLATE:bin/kvm_translate" "$ORACLE:bin/paging_oracle" "$WORK/cases:cases")
-for lib in $( (ldd "$TRANSLATE"; ldd "$ORACLE") | grep -o '/[^ ]*' | sort -u); do
-    specs+=("$lib:${lib#/}")
-done
+mapfile -t -O "${#specs[@]}" specs < <(lg_lib_specs "$TRANSLATE" "$ORACLE")
 lg_initramfs "$WORK/l1.cpio.gz" "$HERE/paging-nested/l1-init" "${specs[@]}"
 
 LOG="$WORK/console.log"
