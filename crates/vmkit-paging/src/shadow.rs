@@ -65,7 +65,14 @@
 //!   takes one of two shapes depending on the fault that built it: a kernel write makes it
 //!   writable and supervisor-only (and no-execute when the guest has SMEP, since the page
 //!   is a user page the kernel must not execute), any other access makes it user-readable
-//!   and read-only. An access the current shape refuses faults and flips it.
+//!   and read-only. An access the current shape refuses faults and flips it. Where a
+//!   supervisor-only shape would be inexact - a user page while the guest has SMAP or, in
+//!   4/5-level paging, protection keys (SMAP and PKRU guard user pages from the kernel,
+//!   IA32_PKRS supervisor pages) - the leaf keeps the guest's shape and the kernel's store
+//!   is answered with [`ShadowOutcome::EmulateWrite`]: exact, at the cost of an exit per
+//!   such store, for a state (WP = 0 with SMAP or keys) real kernels hardly use. The same
+//!   answer serves a kernel store a key's write-disable bit refuses on the shadow tables
+//!   (WD binds supervisor writes only when WP = 1, and PKRU changes without an exit).
 //! * **Control registers.** [`ShadowMmu::set_paging_config`] takes the guest's new
 //!   CR0/CR4/EFER/RFLAGS state. What shadow leaves were derived from (CR0.WP, SMEP, SMAP,
 //!   EFER.NXE, CR4.PSE, the paging mode, protection-key enables, MAXPHYADDR) zaps
@@ -79,15 +86,20 @@
 //!   roots of older generations are dead from that instant and their frames are reclaimed
 //!   incrementally on later faults.
 //!
-//! Scope: guests in 32-bit, PAE, 4- and 5-level paging (the shadow leaf carries the
-//! guest's effective U/W/NX and, in 4/5-level paging, protection key, and the guest's
-//! SMEP/SMAP/PKRU apply when the shadow tables are walked). Refused with
-//! [`ShadowError::Unsupported`]: CR0.WP = 0 together with SMAP, or in 4/5-level paging
-//! with protection keys - a kernel-writable leaf is a supervisor page, so SMAP and PKRU
-//! would no longer see the user page the guest's rules protect (KVM leaves the SMAP case
-//! inexact and offers PKU only with two-dimensional paging; here the combination is
-//! refused rather than shadowed wrongly). A PAE guest's PDPTE with reserved bits is
-//! [`ShadowError::ReservedPdpte`] (the CPU's #GP on the load), and a PAE-format root
+//! * **Memory types.** A shadow leaf carries the guest leaf's PAT, PCD and PWT bits (a
+//!   guest large page's PAT bit moves to bit 7 of the 4 KiB shadow leaves), so a VMM that
+//!   runs the guest with the guest's IA32_PAT value (VMX's load-IA32_PAT entry control)
+//!   gets the memory types the guest asked for.
+//!
+//! Scope: guests in 32-bit, PAE, 4- and 5-level paging with any CR0.WP, SMEP, SMAP and
+//! protection-key state (the shadow leaf carries the guest's effective U/W/NX and, in
+//! 4/5-level paging, protection key, and the guest's SMEP/SMAP/PKRU/PKRS apply when the
+//! shadow tables are walked). KVM leaves CR0.WP = 0 with SMAP inexact and offers PKU only
+//! with two-dimensional paging; here both are exact (above). Refused with
+//! [`ShadowError::Unsupported`]: a walker config without Accessed/Dirty updates (the MMU
+//! emulates them through the guest walk). A PAE guest's PDPTE with reserved bits is
+//! [`ShadowError::ReservedPdpte`] and a PDPT outside guest memory
+//! [`ShadowError::PdptOutsideMemory`] (the CPU's #GP on the load), and a PAE-format root
 //! frame above 4 GiB is [`ShadowError::RootAbove4G`]: give 32-bit and PAE guests a frame
 //! allocator below 4 GiB.
 
@@ -146,6 +158,14 @@ pub enum ShadowError {
         /// Its value.
         value: u64,
     },
+    /// A PAE guest's PDPT is not in guest memory: the CPU's load of the PDPTE registers
+    /// fails (KVM injects #GP, as reads of absent memory return all ones, which are
+    /// reserved bits); the MMU keeps its previous state.
+    #[error("PAE guest PDPT at {addr:#x} is outside guest memory: the load faults with #GP")]
+    PdptOutsideMemory {
+        /// The PDPT's guest-physical address (CR3 bits 31:5).
+        addr: u64,
+    },
 }
 
 /// What a shadow fault turned out to be.
@@ -157,12 +177,18 @@ pub enum ShadowOutcome {
     InjectGuestFault(Fault),
     /// The access targets a GPA without host memory: emulate it as MMIO.
     Mmio(u64),
-    /// The access writes (at this GPA) a guest page table that is a non-leaf table of its
-    /// own translation. The top-level table is on every translation's path, so every store
-    /// to a guest's PML4 (or PML5), PAE page directory or 32-bit page directory ends here,
-    /// as do stores through a self-map. No shadow leaf can let the store through while
-    /// that table stays write-protected, so, as KVM does, the VMM emulates the store and
-    /// reports it with [`ShadowMmu::guest_table_written`].
+    /// The guest may write at this GPA (its walk allowed the store and set the A/D bits)
+    /// but no shadow leaf can let the store through exactly: the VMM emulates the store
+    /// and reports it with [`ShadowMmu::guest_table_written`] (which does nothing unless
+    /// the page holds shadowed guest tables). Two causes:
+    /// - the store writes a guest page table that is a non-leaf table of its own
+    ///   translation, which must stay write-protected. The top-level table is on every
+    ///   translation's path, so every store to a guest's PML4 (or PML5), PAE page
+    ///   directory or 32-bit page directory ends here, as do stores through a self-map (KVM
+    ///   emulates these too);
+    /// - under CR0.WP = 0, a kernel store to a read-only user page while SMAP or protection
+    ///   keys apply, or a kernel store a key's write-disable bit would refuse under WP = 1
+    ///   (module docs).
     EmulateWrite(u64),
 }
 
@@ -216,6 +242,9 @@ struct Role {
     /// be writable - also in the CR0.WP = 0 kernel-write shape, which `access` does not
     /// show); false otherwise.
     dirty: bool,
+    /// A direct page's large leaf's memory-type selector (its leaves carry it); 0
+    /// otherwise.
+    pat: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -447,8 +476,9 @@ where
     /// A PAE guest's PDPTEs are loaded from guest memory here, as the CPU loads its PDPTE
     /// registers on a MOV to CR3; later guest writes to its PDPT take effect only at the
     /// next CR3 load, so the PDPT is not write-protected. PDPTEs with reserved bits are
-    /// refused with [`ShadowError::ReservedPdpte`] (the VMM injects #GP) and nothing
-    /// changes; a PDPT outside guest memory loads as not present.
+    /// refused with [`ShadowError::ReservedPdpte`], a PDPT outside guest memory with
+    /// [`ShadowError::PdptOutsideMemory`] (the VMM injects #GP for both), and nothing
+    /// changes.
     pub fn set_cr3(&mut self, cr3: u64, pcid: u16, no_flush: bool) -> Result<(), ShadowError> {
         let mut cfg = *self.walker.config();
         cfg.cr3 = root_address(&cfg, cr3);
@@ -530,6 +560,7 @@ where
             access: ACC_ALL,
             pkey: 0,
             dirty: false,
+            pat: 0,
         };
         if !self.pae_format() {
             return self.get_or_create(role, None);
@@ -918,6 +949,12 @@ where
         let gfn = gpa_page >> 12;
         // CR0.WP = 0: the guest walk allowed a kernel write to a read-only page.
         let kernel_write = access.is_write() && !access.is_user() && !t.rights().writable;
+        if kernel_write && t.rights().user && self.user_page_rules_apply_to_kernel() {
+            // The kernel-write shape would make a user page supervisor-only, out of reach
+            // of SMAP or the user-page key register (and into that of IA32_PKRS): emulate
+            // the store, and let the leaf keep the guest's user-readable shape.
+            return Ok(ShadowOutcome::EmulateWrite(t.gpa));
+        }
         let writable = (t.rights().writable || kernel_write) && t.dirty();
         if let Some(sps) = self.by_gfn.get(&gfn).cloned() {
             if access.is_write() && self.is_protected(gfn) {
@@ -943,8 +980,27 @@ where
             }
         }
         self.install(gva, &path, &t, hpa_page, writable, kernel_write)?;
+        if access.is_write()
+            && !access.is_user()
+            && !self.walker.config().write_protect
+            && self.translate(gva, access).is_err()
+        {
+            // A kernel write the guest's CR0.WP = 0 allows but the shadow tables, walked
+            // with WP = 1, still refuse: a protection key's write-disable bit, which binds
+            // supervisor writes only under WP = 1 and changes without an exit (WRPKRU).
+            return Ok(ShadowOutcome::EmulateWrite(t.gpa));
+        }
         self.stats.fixed += 1;
         Ok(ShadowOutcome::Fixed)
+    }
+
+    /// Whether the guest has rules that bind its kernel's accesses to user pages only
+    /// (SMAP; protection keys in 4/5-level paging, where PKRU covers user pages and
+    /// IA32_PKRS supervisor pages): then no user page may be shadowed as a supervisor one.
+    fn user_page_rules_apply_to_kernel(&self) -> bool {
+        let cfg = self.walker.config();
+        cfg.smap
+            || ((cfg.pke || cfg.pks) && matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5))
     }
 
     fn install(
@@ -989,6 +1045,14 @@ where
                 if !self.pae_format() {
                     leaf |= u64::from(rights.pkey) << PKEY_SHIFT;
                 }
+                // The guest's memory type, in a 4 KiB leaf's bits (a guest large page's PAT
+                // bit moves from bit 12 to bit 7).
+                let pat = t.pat_index();
+                for (bit, flag) in [(1, WRITE_THROUGH), (2, CACHE_DISABLE), (4, PAGE_SIZE)] {
+                    if pat & bit != 0 {
+                        leaf |= flag;
+                    }
+                }
                 self.shadow
                     .write_u64(addr, leaf)
                     .ok_or(ShadowError::OutsideMemory { addr })?;
@@ -1011,6 +1075,7 @@ where
                     access,
                     pkey: t.rights().pkey,
                     dirty: t.dirty(),
+                    pat: t.pat_index(),
                 }
             } else if self.pae_format() && level == 3 {
                 // The PAE-format root: a PDPTE links to a shadow page directory.
@@ -1035,6 +1100,7 @@ where
                     access,
                     pkey: 0,
                     dirty: false,
+                    pat: 0,
                 }
             } else {
                 // The guest entry this shadow entry derives from (one-to-one except that a
@@ -1067,6 +1133,7 @@ where
                         access,
                         pkey: t.rights().pkey,
                         dirty: t.dirty(),
+                        pat: t.pat_index(),
                     }
                 } else if mode == PagingMode::Legacy32 {
                     // Half of a 1024-entry guest page table.
@@ -1078,6 +1145,7 @@ where
                         access,
                         pkey: 0,
                         dirty: false,
+                        pat: 0,
                     }
                 } else {
                     Role {
@@ -1088,6 +1156,7 @@ where
                         access,
                         pkey: 0,
                         dirty: false,
+                        pat: 0,
                     }
                 }
             };
@@ -1105,8 +1174,20 @@ where
         Ok(())
     }
 
-    /// Translates `gva` through the shadow tables as the hardware MMU would (no fix-up).
+    /// Translates `gva` through the shadow tables as the hardware MMU would (no fix-up):
+    /// the host-physical address.
     pub fn translate(&self, gva: u64, access: Access) -> Result<u64, Fault> {
+        self.shadow_translation(gva, access).map(|t| t.gpa)
+    }
+
+    /// [`translate`](Self::translate) with the whole result of the walk through the
+    /// shadow tables: the shadow leaf, its rights and memory type (its `gpa` is the
+    /// host-physical address).
+    pub fn shadow_translation(
+        &self,
+        gva: u64,
+        access: Access,
+    ) -> Result<crate::walk::Translation, Fault> {
         let Some(root) = self.shadow_root() else {
             // No valid root: behaves like an empty top-level table.
             return Err(Fault::PageFault(crate::walk::PageFault {
@@ -1130,9 +1211,7 @@ where
         cfg.max_phys_bits = 52;
         cfg.amd = false;
         cfg.nxe = true;
-        Walker::new(cfg)
-            .translate(self.shadow, gva, access)
-            .map(|t| t.gpa)
+        Walker::new(cfg).translate(self.shadow, gva, access)
     }
 
     /// Performs an access as a vCPU would: shadow translation, fixing shadow faults.
@@ -1162,14 +1241,6 @@ fn check_supported(cfg: &PagingConfig) -> Result<(), ShadowError> {
         // A shadow leaf becomes writable once the guest walk has set D: without A/D
         // updates every guest write would fault forever.
         Some("the shadow MMU emulates Accessed/Dirty through the guest walk: set_accessed_dirty must be on")
-    } else if !cfg.write_protect && cfg.smap {
-        Some("CR0.WP=0 with CR4.SMAP: a kernel-writable shadow leaf would escape SMAP")
-    } else if !cfg.write_protect
-        && (cfg.pke || cfg.pks)
-        && matches!(cfg.mode, PagingMode::Level4 | PagingMode::Level5)
-    {
-        // Protection keys only act in IA-32e paging: 32-bit and PAE guests are unaffected.
-        Some("CR0.WP=0 with protection keys: a kernel-writable shadow leaf changes which key register applies")
     } else {
         None
     };
@@ -1194,9 +1265,9 @@ fn root_address(cfg: &PagingConfig, cr3: u64) -> u64 {
     }
 }
 
-/// The PDPTE registers of a PAE guest: `given`, or loaded from guest memory at `cfg.cr3`
-/// (an unreadable PDPTE loads as 0, not present). Reserved bits in a present PDPTE are
-/// the #GP the CPU raises on the load. `None` for the other modes.
+/// The PDPTE registers of a PAE guest: `given`, or loaded from guest memory at `cfg.cr3`.
+/// A PDPT outside guest memory and reserved bits in a present PDPTE are the #GP the CPU
+/// raises on the load. `None` for the other modes.
 fn resolve_pdptes<G: PhysMemory + ?Sized>(
     guest: &G,
     cfg: &PagingConfig,
@@ -1209,7 +1280,9 @@ fn resolve_pdptes<G: PhysMemory + ?Sized>(
     for (i, p) in pdptes.iter_mut().enumerate() {
         *p = match given {
             Some(regs) => regs[i],
-            None => guest.read_u64(cfg.cr3 + i as u64 * 8).unwrap_or(0),
+            None => guest
+                .read_u64(cfg.cr3 + i as u64 * 8)
+                .ok_or(ShadowError::PdptOutsideMemory { addr: cfg.cr3 })?,
         };
     }
     // Bits 63:MAXPHYADDR, 8:5 and 2:1 are reserved in a present PDPTE.
@@ -1755,39 +1828,37 @@ mod tests {
     #[test]
     fn unsupported_guests() {
         let e = env();
-        let mut pae_wp0_smap = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
-        pae_wp0_smap.write_protect = false;
-        pae_wp0_smap.smap = true;
-        let mut wp0_smap = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
-        wp0_smap.write_protect = false;
-        wp0_smap.smap = true;
-        let mut wp0_pke = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
-        wp0_pke.write_protect = false;
-        wp0_pke.pke = true;
         let mut no_ad = PagingConfig::new(PagingMode::Level4, e.cr3[0]);
         no_ad.set_accessed_dirty = false;
-        for (cfg, what) in [
-            (pae_wp0_smap, "SMAP"),
-            (wp0_smap, "SMAP"),
-            (wp0_pke, "protection keys"),
-            (no_ad, "Accessed/Dirty"),
-        ] {
-            let r = try_mmu(&e, cfg, 256);
-            let err = r.unwrap_err();
-            assert!(
-                matches!(err, ShadowError::Unsupported { mode, wp, .. }
-                    if mode == cfg.mode && wp == cfg.write_protect),
-                "{err:?}"
-            );
-            assert!(err.to_string().contains("not supported"), "{err}");
-            assert!(err.to_string().contains(what), "{err}");
-            // The same state refused when the guest switches to it later; the MMU keeps
-            // working with the state it had.
-            let mut m = mmu(&e);
-            assert_eq!(m.set_paging_config(cfg), Err(err));
-            assert_eq!(m.guest_walker().config().mode, PagingMode::Level4);
-            assert!(m.guest_walker().config().write_protect);
-        }
+        let err = try_mmu(&e, no_ad, 256).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ShadowError::Unsupported {
+                    mode: PagingMode::Level4,
+                    wp: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("not supported"), "{err}");
+        assert!(err.to_string().contains("Accessed/Dirty"), "{err}");
+        // The same state refused when the guest switches to it later; the MMU keeps
+        // working with the state it had.
+        let mut m = mmu(&e);
+        let mut cfg = *m.guest_walker().config();
+        cfg.write_protect = false;
+        cfg.set_accessed_dirty = false;
+        assert!(matches!(
+            m.set_paging_config(cfg),
+            Err(ShadowError::Unsupported { wp: false, .. })
+        ));
+        assert!(m.guest_walker().config().write_protect);
+        assert_eq!(
+            m.access(0x40_0000, Access::user_write()),
+            Ok(Ok(0x10_0000 + HOST_OFFSET))
+        );
         let outside = ShadowMmu::new(
             PagingConfig::new(PagingMode::Level4, e.cr3[0]),
             &e.guest,
@@ -1796,17 +1867,198 @@ mod tests {
             host as fn(u64) -> Option<u64>,
         );
         assert!(matches!(outside, Err(ShadowError::OutsideMemory { .. })));
-        // Protection keys do nothing outside IA-32e paging: a PAE guest with CR0.WP = 0 and
-        // CR4.PKE is shadowed.
-        let e = env_for(PagingFormat::Pae);
-        let mut pae_wp0_pke = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
-        pae_wp0_pke.write_protect = false;
-        pae_wp0_pke.pke = true;
-        let mut m = mmu_for(&e, PagingMode::Pae);
-        m.set_paging_config(pae_wp0_pke).unwrap();
+    }
+
+    fn emulated(r: Result<Result<u64, ShadowOutcome>, ShadowError>) -> u64 {
+        match r {
+            Ok(Err(ShadowOutcome::EmulateWrite(gpa))) => gpa,
+            other => panic!("expected an emulated store, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cr0_wp_clear_with_smap_emulates_kernel_stores_to_read_only_user_pages() {
+        let e = env();
+        let (mut m, hpa) = wp0(&e, false);
+        let mut cfg = *m.guest_walker().config();
+        cfg.smap = true;
+        m.set_paging_config(cfg).unwrap();
+        // RFLAGS.AC clear: SMAP refuses the kernel's store (P, W) and its read (P).
+        assert_eq!(
+            injected(m.access(0x40_3008, Access::supervisor_write())),
+            0x3
+        );
+        assert_eq!(
+            injected(m.access(0x40_3008, Access::supervisor_read())),
+            0x1
+        );
+        // AC set: the guest allows the store to the read-only user page. A supervisor-only
+        // writable leaf would let later AC-clear reads through, so the VMM emulates it.
+        cfg.alignment_check = true;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(
+            emulated(m.access(0x40_3008, Access::supervisor_write())),
+            0x10_3008
+        );
+        let pte = guest_leaf(&e, PagingMode::Level4, 0x40_3000);
+        assert_ne!(
+            e.guest.read_u64(pte).unwrap() & DIRTY,
+            0,
+            "the guest walk set D"
+        );
+        // The leaf keeps the guest's shape: user-readable, read-only.
+        assert_eq!(m.access(0x40_3000, Access::supervisor_read()), Ok(Ok(hpa)));
+        assert_eq!(m.translate(0x40_3000, Access::user_read()), Ok(hpa));
+        assert!(m.translate(0x40_3000, Access::supervisor_write()).is_err());
+        // ... so SMAP still sees a user page once AC is clear again.
+        cfg.alignment_check = false;
+        m.set_paging_config(cfg).unwrap();
+        assert!(m.translate(0x40_3000, Access::supervisor_read()).is_err());
+        assert_eq!(
+            injected(m.access(0x40_3000, Access::supervisor_read())),
+            0x1
+        );
+        // A read-only supervisor page is exact in the kernel-write shape: no exit per store.
+        let table = guest_leaf(&e, PagingMode::Level4, TABLES_VA + 0xf_f000);
+        let old = e.guest.read_u64(table).unwrap();
+        e.guest.write_u64(table, old & !WRITABLE).unwrap();
+        m.flush();
         assert_eq!(
             m.access(TABLES_VA + 0xf_f000, Access::supervisor_write()),
             Ok(Ok(0xf_f000 + HOST_OFFSET))
+        );
+        // A PAE guest has SMAP too.
+        let e = env_for(PagingFormat::Pae);
+        let pte = guest_leaf(&e, PagingMode::Pae, 0x40_1000);
+        let old = e.guest.read_u64(pte).unwrap();
+        e.guest.write_u64(pte, old & !WRITABLE).unwrap();
+        let mut cfg = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        cfg.write_protect = false;
+        cfg.smap = true;
+        cfg.alignment_check = true;
+        let mut m = try_mmu(&e, cfg, 256).unwrap();
+        assert_eq!(
+            emulated(m.access(0x40_1000, Access::supervisor_write())),
+            0x10_1000
+        );
+    }
+
+    #[test]
+    fn cr0_wp_clear_with_protection_keys_emulates_what_the_keys_would_refuse() {
+        let e = env();
+        let (mut m, hpa) = wp0(&e, false);
+        // Key 1 on the writable user page 0x40_4000, key 2 on a supervisor page.
+        let key = |va: u64, k: u64| {
+            let leaf = guest_leaf(&e, PagingMode::Level4, va);
+            let old = e.guest.read_u64(leaf).unwrap();
+            e.guest.write_u64(leaf, old | (k << PKEY_SHIFT)).unwrap();
+        };
+        key(0x40_4000, 1);
+        key(TABLES_VA + 0xf_e000, 2);
+        let mut cfg = *m.guest_walker().config();
+        cfg.pke = true;
+        cfg.pks = true;
+        cfg.pkru = 0b1000; // key 1: write-disable
+        cfg.pkrs = 0b10_0000; // key 2: write-disable
+        m.set_paging_config(cfg).unwrap();
+        // WD binds supervisor writes only under CR0.WP = 1: the guest allows these
+        // stores, the shadow tables (walked with WP = 1) refuse them.
+        assert_eq!(
+            emulated(m.access(0x40_4010, Access::supervisor_write())),
+            0x10_4010
+        );
+        assert_eq!(
+            emulated(m.access(TABLES_VA + 0xf_e000, Access::supervisor_write())),
+            0xf_e000
+        );
+        // Reads are not emulated, and a user store is the guest's key fault (P, W, U, PK).
+        assert_eq!(
+            m.access(0x40_4010, Access::supervisor_read()),
+            Ok(Ok(0x10_4010 + HOST_OFFSET))
+        );
+        assert_eq!(injected(m.access(0x40_4010, Access::user_write())), 0x27);
+        // Once PKRU allows it (WRPKRU: no exit, no zap), the same leaf lets the store through.
+        cfg.pkru = 0;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(
+            m.access(0x40_4010, Access::supervisor_write()),
+            Ok(Ok(0x10_4010 + HOST_OFFSET))
+        );
+        // A read-only user page (key 0): the supervisor-only shape would take it from PKRU
+        // to IA32_PKRS, so its kernel stores are emulated too.
+        assert_eq!(
+            emulated(m.access(0x40_3000, Access::supervisor_write())),
+            0x10_3000
+        );
+        assert_eq!(m.access(0x40_3000, Access::user_read()), Ok(Ok(hpa)));
+        // Protection keys do nothing outside IA-32e paging: a PAE guest with CR0.WP = 0 and
+        // CR4.PKE gets the kernel-write shape.
+        let e = env_for(PagingFormat::Pae);
+        let pte = guest_leaf(&e, PagingMode::Pae, 0x40_1000);
+        let old = e.guest.read_u64(pte).unwrap();
+        e.guest.write_u64(pte, old & !WRITABLE).unwrap();
+        let mut cfg = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        cfg.write_protect = false;
+        cfg.pke = true;
+        let mut m = try_mmu(&e, cfg, 256).unwrap();
+        assert_eq!(
+            m.access(0x40_1000, Access::supervisor_write()),
+            Ok(Ok(0x10_1000 + HOST_OFFSET))
+        );
+    }
+
+    #[test]
+    fn shadow_leaves_carry_the_guest_memory_type() {
+        let e = env();
+        let set = |cr3: u64, va: u64, bits: u64| {
+            let leaf = crate::walk::Walker::new(PagingConfig::new(PagingMode::Level4, cr3))
+                .translate(&e.guest, va, Access::supervisor_read())
+                .unwrap()
+                .leaf_addr;
+            let old = e.guest.read_u64(leaf).unwrap();
+            e.guest.write_u64(leaf, old | bits).unwrap();
+        };
+        set(e.cr3[0], 0x40_1000, CACHE_DISABLE | WRITE_THROUGH);
+        set(e.cr3[0], 0x40_2000, PAGE_SIZE); // PAT, in a 4 KiB leaf
+                                             // Both address spaces map the same 2 MiB page, with different memory types.
+        set(e.cr3[0], 0x60_0000, LARGE_PAT | WRITE_THROUGH);
+        set(e.cr3[1], 0x60_0000, CACHE_DISABLE);
+        let mut m = mmu(&e);
+        let pat = |m: &mut Mmu<'_>, va: u64| {
+            m.access(va, Access::user_read()).unwrap().unwrap();
+            let t = m.shadow_translation(va, Access::user_read()).unwrap();
+            assert_eq!(t.page_size(), PageSize::Size4K);
+            t.pat_index()
+        };
+        assert_eq!(pat(&mut m, 0x40_0000), 0);
+        assert_eq!(pat(&mut m, 0x40_1000), 3);
+        assert_eq!(pat(&mut m, 0x40_2000), 4);
+        assert_eq!(pat(&mut m, 0x61_2000), 5);
+        // The other space's mapping of the large page gets shadow leaves of its own.
+        m.set_cr3(e.cr3[1], 0, false).unwrap();
+        assert_eq!(pat(&mut m, 0x61_2000), 2);
+        m.set_cr3(e.cr3[0], 0, false).unwrap();
+        assert_eq!(pat(&mut m, 0x61_2000), 5);
+    }
+
+    #[test]
+    fn pae_pdpt_outside_guest_memory_is_refused() {
+        let e = env_for(PagingFormat::Pae);
+        let mut m = mmu_for(&e, PagingMode::Pae);
+        let err = m.set_cr3(0x50_0020, 0, false).unwrap_err();
+        assert_eq!(err, ShadowError::PdptOutsideMemory { addr: 0x50_0020 });
+        assert!(err.to_string().contains("0x500020"), "{err}");
+        // Nothing changed: the old address space still works.
+        assert_eq!(m.guest_walker().config().cr3, e.cr3[0]);
+        assert_eq!(
+            m.access(0x40_0000, Access::user_read()),
+            Ok(Ok(0x10_0000 + HOST_OFFSET))
+        );
+        let mut cfg = PagingConfig::new(PagingMode::Pae, 0x50_0000);
+        cfg.pdptes = None;
+        assert_eq!(
+            try_mmu(&e, cfg, 256).unwrap_err(),
+            ShadowError::PdptOutsideMemory { addr: 0x50_0000 }
         );
     }
 

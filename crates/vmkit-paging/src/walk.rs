@@ -451,6 +451,20 @@ impl Translation {
     pub const fn memory_refs(&self) -> u8 {
         ((self.info >> Self::REFS_SHIFT) & 15) as u8
     }
+
+    /// The leaf's memory-type selector: the index (0-7) into the IA32_PAT MSR formed by its
+    /// PAT (bit 2 of the index), PCD (bit 1) and PWT (bit 0) bits (SDM vol. 3A, 11.12.3).
+    /// The PAT bit is bit 7 of a 4 KiB leaf and bit 12 of a large one.
+    #[inline]
+    pub const fn pat_index(&self) -> u8 {
+        let pat = match self.page_size() {
+            PageSize::Size4K => PAGE_SIZE,
+            _ => LARGE_PAT,
+        };
+        (self.leaf_entry & WRITE_THROUGH != 0) as u8
+            | ((self.leaf_entry & CACHE_DISABLE != 0) as u8) << 1
+            | ((self.leaf_entry & pat != 0) as u8) << 2
+    }
 }
 
 impl core::fmt::Debug for Translation {
@@ -1706,6 +1720,12 @@ mod tests {
             (t.leaf_addr, t.leaf_entry),
             (0x4028, 0x7000 | PWU | ACCESSED | DIRTY)
         );
+        assert_eq!(t.pat_index(), 0);
+        // A 4 KiB leaf's PAT bit is bit 7: the index is PAT:PCD:PWT.
+        mem.write_u64(0x4028, 0x7000 | PWU | PAGE_SIZE | WRITE_THROUGH)
+            .unwrap();
+        let t = w.translate(&mem, VA, Access::user_read()).unwrap();
+        assert_eq!((t.pat_index(), t.page_size()), (5, PageSize::Size4K));
 
         // A faulting walk touches nothing.
         let mem = l4([PWU, PWU, PWU, P | U]);
@@ -1752,6 +1772,12 @@ mod tests {
             (0x67_89ab, PageSize::Size2M, 3)
         );
         assert!(t.dirty() && mem.read_u64(0x3018).unwrap() & DIRTY != 0);
+        // A large leaf's PAT bit is bit 12 (bit 7 is PS there).
+        assert_eq!(t.pat_index(), 4);
+        mem.write_u64(0x3018, 0x60_0000 | PWU | PAGE_SIZE | CACHE_DISABLE)
+            .unwrap();
+        let t = w.translate(&mem, 0x60_0000, Access::supervisor_read());
+        assert_eq!(t.unwrap().pat_index(), 2);
 
         // Without 1 GiB pages PS in a PDPTE is reserved.
         let mut cfg = cfg4();

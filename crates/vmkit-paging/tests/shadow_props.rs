@@ -9,6 +9,11 @@
 //! emulated and reports with `guest_table_written` (effective at once). Cases: 256 by
 //! default, `PROPTEST_CASES` for more.
 //!
+//! Guests run with any CR0.WP, SMEP, SMAP, RFLAGS.AC, CR4.PKE and PKRU (a kernel store that
+//! CR0.WP = 0 allows may come back as one the VMM emulates), with protection keys and
+//! memory types (PAT/PCD/PWT) in their leaves; the shadow's leaves must carry the guest's
+//! memory type.
+//!
 //! The property runs for 32-bit, PAE and 4-level guests (the first two are shadowed by
 //! PAE-format tables). The window's pages alternate between two 2 MiB regions, so a
 //! 32-bit guest's page table is shadowed in both of its halves (quadrants); the large
@@ -61,10 +66,18 @@ enum Op {
         user: bool,
     },
     /// Rewrite the PTE of a window page: as a guest store (`store`) or an emulated one.
+    /// `flags` may hold a protection key and PAT/PCD/PWT (a key is dropped outside
+    /// 4-level paging, where those bits are reserved).
     WritePte {
         page: u64,
         target: u64,
         flags: u64,
+        store: bool,
+    },
+    /// Rewrite the memory type (PAT bit 12, PCD, PWT) of the large page's leaf in the
+    /// current address space (both spaces map the same large frame).
+    LargeMemoryType {
+        pat: u8,
         store: bool,
     },
     /// Toggle R/W or U/S in the PDE of the window (a non-leaf table write).
@@ -86,12 +99,12 @@ enum Op {
     },
     Flush,
     ZapAll,
-    /// The guest changes CR0.WP, CR4.SMEP and RFLAGS.AC (SMAP is dropped while WP is 0:
-    /// the shadow MMU refuses that combination).
+    /// The guest changes CR0.WP, CR4.SMEP, RFLAGS.AC and PKRU.
     ControlRegisters {
         wp: bool,
         smep: bool,
         ac: bool,
+        pkru: u32,
     },
 }
 
@@ -99,15 +112,19 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         12 => (0..PAGES + LARGE_PIECES, 0..0x1000u64, 0..3u8, any::<bool>())
             .prop_map(|(page, offset, kind, user)| Op::Access { page, offset, kind, user }),
-        5 => (0..PAGES, 0x100..0x3c0u64, any::<u8>(), any::<bool>()).prop_map(|(page, t, f, store)| {
+        5 => (0..PAGES, 0x100..0x3c0u64, any::<u8>(), any::<bool>(), 0..4u64, 0..8u64)
+            .prop_map(|(page, t, f, store, key, pat)| {
             let mut flags = 0;
             if f & 0b111 != 0 { flags |= PRESENT; }
             if f & 8 != 0 { flags |= WRITABLE; }
             if f & 16 != 0 { flags |= USER; }
             if f & 32 != 0 { flags |= NO_EXECUTE; }
             if f & 64 != 0 { flags |= ACCESSED | DIRTY; }
+            flags |= key << PKEY_SHIFT;
+            flags |= (pat & 3) << 3 | (pat & 4) << 5;
             Op::WritePte { page, target: t, flags, store }
         }),
+        1 => (0..8u8, any::<bool>()).prop_map(|(pat, store)| Op::LargeMemoryType { pat, store }),
         1 => (prop_oneof![Just(WRITABLE), Just(USER)], any::<bool>())
             .prop_map(|(bit, store)| Op::WritePde { bit, store }),
         2 => (0..2usize, 0..3u16, any::<bool>())
@@ -116,8 +133,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::WritePdpte),
         1 => Just(Op::Flush),
         1 => Just(Op::ZapAll),
-        1 => (any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(wp, smep, ac)| Op::ControlRegisters { wp, smep, ac }),
+        1 => (any::<bool>(), any::<bool>(), any::<bool>(), prop_oneof![Just(0u32), Just(0b1000), Just(0b0100), Just(0b1100_1000)])
+            .prop_map(|(wp, smep, ac, pkru)| Op::ControlRegisters { wp, smep, ac, pkru }),
     ]
 }
 
@@ -261,18 +278,19 @@ fn run(
     targets: Vec<(u64, u8)>,
     smep: bool,
     smap: bool,
+    pke: bool,
     wp: bool,
     ops: Vec<Op>,
 ) -> Result<(), TestCaseError> {
     let format = mode.format();
-    let legacy = mode == PagingMode::Legacy32;
     let entry_len = format.entry_size();
     let guest = FlatMemory::new(0, GUEST_RAM as usize);
     let roots = build(&guest, format, &targets);
     let shadow = FlatMemory::new(0x4000_0000, 2 << 20);
     let mut cfg = PagingConfig::new(mode, roots[0]);
     cfg.smep = smep;
-    cfg.smap = smap && wp;
+    cfg.smap = smap;
+    cfg.pke = pke;
     cfg.write_protect = wp;
     let mut mmu: Mmu<'_> = ShadowMmu::new(
         cfg,
@@ -338,6 +356,15 @@ fn run(
                 }
                 let expected = match Walker::new(c).translate(&guest, va, access) {
                     Ok(t) => match host(t.gpa) {
+                        // Under CR0.WP = 0 a kernel store the guest allows may have to be
+                        // emulated (SMAP, protection keys): the same GPA, through the VMM.
+                        Some(_)
+                            if got == Err(ShadowOutcome::EmulateWrite(t.gpa))
+                                && !c.write_protect
+                                && access == Access::supervisor_write() =>
+                        {
+                            got
+                        }
                         Some(h) => Ok(h),
                         None => Err(ShadowOutcome::Mmio(t.gpa)),
                     },
@@ -355,7 +382,12 @@ fn run(
                 let Some(pte) = entry_gpa(&guest, format, cr3, va, 1) else {
                     continue;
                 };
-                let flags = if legacy { flags & !NO_EXECUTE } else { flags };
+                let flags = match format {
+                    PagingFormat::Level4 => flags,
+                    // No keys outside IA-32e paging; no NX in 32-bit entries.
+                    PagingFormat::Pae => flags & !(15 << PKEY_SHIFT),
+                    _ => flags & !(15 << PKEY_SHIFT) & !NO_EXECUTE,
+                };
                 let value = (target << 12) | flags;
                 if store {
                     guest_store(&mut mmu, &guest, format, pte, value)?;
@@ -394,6 +426,26 @@ fn run(
                     mmu.guest_table_written(pde, entry_len);
                 }
             }
+            Op::LargeMemoryType { pat, store } => {
+                let Some(pde) = entry_gpa(&guest, format, cr3, LARGE_VA, 2) else {
+                    continue;
+                };
+                let Some(old) = read_entry(&guest, format, pde) else {
+                    continue;
+                };
+                if old & PAGE_SIZE == 0 {
+                    continue;
+                }
+                let bits = WRITE_THROUGH | CACHE_DISABLE | LARGE_PAT;
+                let pat = u64::from(pat);
+                let value = old & !bits | (pat & 3) << 3 | (pat & 4) << 10;
+                if store {
+                    guest_store(&mut mmu, &guest, format, pde, value)?;
+                } else {
+                    write_entry(&guest, format, pde, value);
+                    mmu.guest_table_written(pde, entry_len);
+                }
+            }
             Op::WritePdpte => {
                 if mode != PagingMode::Pae {
                     continue;
@@ -422,11 +474,11 @@ fn run(
             }
             Op::Flush => mmu.flush(),
             Op::ZapAll => mmu.zap_all(),
-            Op::ControlRegisters { wp, smep, ac } => {
+            Op::ControlRegisters { wp, smep, ac, pkru } => {
                 cfg.write_protect = wp;
                 cfg.smep = smep;
-                cfg.smap = smap && wp;
                 cfg.alignment_check = ac;
+                cfg.pkru = pkru;
                 mmu.set_paging_config(cfg).unwrap();
                 pdptes = load_pdptes(&guest, mode, cr3);
             }
@@ -460,11 +512,14 @@ fn no_stale_entries(
     let walker = Walker::new(quiet);
     let large = (0..LARGE_PIECES).map(|i| LARGE_VA + (i << 20) % large_size(format));
     for va in (0..PAGES).map(window_va).chain(large) {
-        let Ok(hpa) = mmu.translate(va, access) else {
+        let Ok(shadow) = mmu.shadow_translation(va, access) else {
             continue;
         };
+        let hpa = shadow.gpa;
         let t = walker.translate(guest, va, access);
-        let ok = t.as_ref().is_ok_and(|t| host(t.gpa) == Some(hpa));
+        let ok = t
+            .as_ref()
+            .is_ok_and(|t| host(t.gpa) == Some(hpa) && t.pat_index() == shadow.pat_index());
         prop_assert!(
             ok,
             "shadow gives {:#x} for {:#x} {:?}; the guest: {:?}",
@@ -497,10 +552,11 @@ proptest! {
         targets in targets(),
         smep in any::<bool>(),
         smap in any::<bool>(),
+        pke in any::<bool>(),
         wp in any::<bool>(),
         ops in ops(),
     ) {
-        run(PagingMode::Level4, targets, smep, smap, wp, ops)?;
+        run(PagingMode::Level4, targets, smep, smap, pke, wp, ops)?;
     }
 
     #[test]
@@ -508,10 +564,11 @@ proptest! {
         targets in targets(),
         smep in any::<bool>(),
         smap in any::<bool>(),
+        pke in any::<bool>(),
         wp in any::<bool>(),
         ops in ops(),
     ) {
-        run(PagingMode::Pae, targets, smep, smap, wp, ops)?;
+        run(PagingMode::Pae, targets, smep, smap, pke, wp, ops)?;
     }
 
     #[test]
@@ -519,9 +576,10 @@ proptest! {
         targets in targets(),
         smep in any::<bool>(),
         smap in any::<bool>(),
+        pke in any::<bool>(),
         wp in any::<bool>(),
         ops in ops(),
     ) {
-        run(PagingMode::Legacy32, targets, smep, smap, wp, ops)?;
+        run(PagingMode::Legacy32, targets, smep, smap, pke, wp, ops)?;
     }
 }
