@@ -266,6 +266,11 @@ fn apply_flags(cfg: &mut PagingConfig, flags: u8) {
     cfg.smap = flags & 8 != 0;
     cfg.pke = flags & 16 != 0;
     cfg.alignment_check = flags & 32 != 0;
+    cfg.pks = flags & 64 != 0;
+    // Write-disable (and, for odd keys, access-disable) for keys 1-15 in both registers.
+    let keys = if flags & 128 != 0 { 0xbbbb_bbb8 } else { 0 };
+    cfg.pkru = keys;
+    cfg.pkrs = keys;
 }
 
 fn shadow_access(byte: u8) -> Access {
@@ -368,6 +373,11 @@ pub fn shadow_bytes(data: &[u8]) {
             }
             Ok(Ok(hpa)) => in_ram(va, hpa),
             _ => {}
+        }
+        if let Ok(Err(ShadowOutcome::EmulateWrite(gpa))) =
+            mmu.access(va, Access::supervisor_write())
+        {
+            assert!(gpa < ram_end, "emulated store outside RAM {gpa:#x}");
         }
     }
 }
