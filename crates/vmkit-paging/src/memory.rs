@@ -153,6 +153,10 @@ impl<'a> WordSpan<'a> {
     }
 }
 
+/// How often the default [`PhysMemory::compare_exchange_u32`] retries when only the other
+/// half of its 8-byte word changes before it reports a lost race.
+pub const CAS_U32_RETRIES: u32 = 64;
+
 /// Aligned word access to a physical address space (guest-physical or host-physical).
 pub trait PhysMemory {
     /// Direct access to the run of ordinary RAM that contains `addr`, for fast reads.
@@ -200,21 +204,27 @@ pub trait PhysMemory {
     }
 
     /// Atomically replaces the 32-bit word at `addr` if it still equals `current`.
+    ///
+    /// The default builds it from [`compare_exchange_u64`](Self::compare_exchange_u64) on
+    /// the enclosing 8-byte word, retrying while only the other half changes - at most
+    /// [`CAS_U32_RETRIES`] times: a vCPU that keeps rewriting the neighbouring 32-bit entry
+    /// then gets a lost race reported (`Err` with this half's value), so a walk restarts
+    /// and stays bounded instead of spinning here.
     fn compare_exchange_u32(&self, addr: u64, current: u32, new: u32) -> Option<Result<u32, u32>> {
         let shift = (addr & 4) * 8;
-        loop {
+        for _ in 0..CAS_U32_RETRIES {
             let old = self.read_u64(addr & !7)?;
             let actual = (old >> shift) as u32;
             if actual != current {
                 return Some(Err(actual));
             }
             let replaced = (old & !(0xffff_ffffu64 << shift)) | (u64::from(new) << shift);
-            match self.compare_exchange_u64(addr & !7, old, replaced)? {
-                Ok(_) => return Some(Ok(current)),
-                // The other half of the word changed under us: retry; our half is re-checked.
-                Err(_) => continue,
+            if self.compare_exchange_u64(addr & !7, old, replaced)?.is_ok() {
+                return Some(Ok(current));
             }
+            // The other half of the word changed under us: retry; our half is re-checked.
         }
+        Some(Err(current))
     }
 
     /// Fills the 4 KiB frame at `addr` with zeroes (used for freshly allocated tables).
@@ -230,7 +240,7 @@ pub trait PhysMemory {
 #[cfg(feature = "std")]
 mod vm_memory_impl {
     use super::{PhysMemory, WordSpan};
-    use core::sync::atomic::{AtomicU64, Ordering};
+    use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
     use vm_memory::bitmap::Bitmap;
     use vm_memory::guest_memory::GuestMemorySliceIterator;
     use vm_memory::{
@@ -346,6 +356,31 @@ mod vm_memory_impl {
             let result = word.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
             if result.is_ok() {
                 slice.bitmap().mark_dirty(0, 8);
+            }
+            Some(result)
+        }
+
+        /// A native 32-bit compare-exchange: a 32-bit guest's entry is not disturbed by
+        /// writes to its neighbour.
+        fn compare_exchange_u32(
+            &self,
+            addr: u64,
+            current: u32,
+            new: u32,
+        ) -> Option<Result<u32, u32>> {
+            if addr & 3 != 0 {
+                return None;
+            }
+            let slice = self
+                .get_slices(GuestAddress(addr), 4, Permissions::ReadWrite)
+                .ok()?
+                .stop_on_error()
+                .ok()?
+                .next()?;
+            let word = slice.get_atomic_ref::<AtomicU32>(0).ok()?;
+            let result = word.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
+            if result.is_ok() {
+                slice.bitmap().mark_dirty(0, 4);
             }
             Some(result)
         }
@@ -544,6 +579,33 @@ mod tests {
         assert_eq!(from.read_u64(0), Some(0x030201));
     }
 
+    /// A neighbour that never stops changing: the other half of the word differs on every
+    /// read, so every 8-byte compare-exchange fails.
+    struct Hammered(core::sync::atomic::AtomicU64);
+
+    impl PhysMemory for Hammered {
+        fn read_u64(&self, _addr: u64) -> Option<u64> {
+            Some(self.0.fetch_add(1 << 32, Ordering::Relaxed))
+        }
+        fn write_u64(&self, _addr: u64, _value: u64) -> Option<()> {
+            Some(())
+        }
+        fn compare_exchange_u64(&self, _: u64, _: u64, _: u64) -> Option<Result<u64, u64>> {
+            Some(Err(self.0.load(Ordering::Relaxed)))
+        }
+    }
+
+    #[test]
+    fn default_32_bit_compare_exchange_gives_up_against_a_hammered_neighbour() {
+        let mem = Hammered(AtomicU64::new(5));
+        // Our half stays 5; the other half changes forever: a lost race, not a hang.
+        assert_eq!(mem.compare_exchange_u32(0, 5, 6), Some(Err(5)));
+        assert_eq!(
+            mem.0.load(Ordering::Relaxed) >> 32,
+            u64::from(CAS_U32_RETRIES)
+        );
+    }
+
     #[test]
     fn guest_memory_impl() {
         use vm_memory::GuestMemoryMmap;
@@ -561,6 +623,12 @@ mod tests {
         assert_eq!(PhysMemory::read_u64(mem, 0x1ff8), Some(6));
         PhysMemory::write_u32(mem, 0x1ffc, 7).unwrap();
         assert_eq!(PhysMemory::read_u32(mem, 0x1ffc), Some(7));
+        // A native 32-bit compare-exchange: only its half is compared and replaced.
+        assert_eq!(mem.compare_exchange_u32(0x1ffe, 7, 8), None);
+        assert_eq!(mem.compare_exchange_u32(0x1ffc, 6, 8), Some(Err(7)));
+        assert_eq!(mem.compare_exchange_u32(0x1ffc, 7, 8), Some(Ok(7)));
+        assert_eq!(PhysMemory::read_u64(mem, 0x1ff8), Some(8 << 32 | 6));
+        assert_eq!(mem.compare_exchange_u32(0x2000, 0, 0), None);
         assert_eq!(mem.compare_exchange_u64(0x2000, 0, 0), None);
         mem.zero_frame(0x1000).unwrap();
         assert_eq!(PhysMemory::read_u64(mem, 0x1ff8), Some(0));
