@@ -22,14 +22,19 @@
 //! 24 for 4x4, 35 for 5x5 ([`NestedTranslation::memory_refs`]). [`NestedCaches`] holds the
 //! two caches real CPUs use to cut that:
 //! * a **guest paging-structure cache**: non-leaf guest entries (whose Accessed bit is
-//!   already set) keyed by their guest-physical address, so a warm walk reads only the
-//!   guest leaf;
+//!   already set) keyed by their guest-physical address and paging level - physically
+//!   tagged, like AMD's page-walk cache - so a warm walk reads only the guest leaf. An entry
+//!   is served only at the level it was cached at: through a self-map the same entry is
+//!   also a leaf, and leaves always come from memory;
 //! * a **nested TLB**: guest-physical page -> host-physical page with the EPT rights, so the
 //!   table pages and the final page need no EPT walk.
 //!
 //! A warm 4x4 walk then costs one memory reference instead of 24. Like hardware caches they
-//! can go stale: flush the guest cache when the guest writes CR3 or executes INVLPG/INVPCID
-//! ([`NestedCaches::flush_guest`]) and the nested TLB on INVEPT ([`NestedCaches::flush_ept`]).
+//! can go stale: flush the guest cache when the guest writes CR3, executes INVLPG/INVPCID or
+//! changes its paging mode ([`NestedCaches::flush_guest`]), and both on INVEPT
+//! ([`NestedCaches::flush_ept`]: cached guest entries were reached through EPT, and INVEPT
+//! drops such combined mappings too). The walker keeps the guest cache coherent with its
+//! own A/D updates: an entry it compare-exchanges is dropped from the cache.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -89,6 +94,9 @@ pub struct NestedTranslation {
 struct GuestSlot {
     gpa: u64,
     value: u64,
+    /// The paging level the entry was read at, and whether it is an 8-byte entry.
+    level: u32,
+    wide: bool,
     generation: u64,
 }
 
@@ -112,9 +120,10 @@ pub struct NestedCaches {
 }
 
 impl NestedCaches {
-    /// Caches with `slots` entries each (rounded up to a power of two).
+    /// Caches with `slots` entries each (rounded up to a power of two, at least 4 and at
+    /// most 2^20).
     pub fn new(slots: usize) -> Self {
-        let n = slots.max(4).next_power_of_two();
+        let n = slots.clamp(4, 1 << 20).next_power_of_two();
         NestedCaches {
             guest: vec![GuestSlot::default(); n],
             ntlb: vec![NtlbSlot::default(); n],
@@ -123,14 +132,18 @@ impl NestedCaches {
         }
     }
 
-    /// Drops cached guest paging-structure entries (guest CR3 write, INVLPG, INVPCID).
+    /// Drops cached guest paging-structure entries (guest CR3 write, INVLPG, INVPCID, a
+    /// change of paging mode).
     pub fn flush_guest(&mut self) {
         self.guest_generation += 1;
     }
 
-    /// Drops cached GPA -> HPA translations (INVEPT).
+    /// INVEPT: drops cached GPA -> HPA translations and the guest paging-structure entries
+    /// read through them (the combined mappings INVEPT invalidates, SDM vol. 3C 29.4.3), so
+    /// the next walk reaches EPT for every guest table again.
     pub fn flush_ept(&mut self) {
         self.ept_generation += 1;
+        self.guest_generation += 1;
     }
 
     /// Fibonacci hashing: multiplicative mix, top bits select the slot.
@@ -222,10 +235,17 @@ impl<M: PhysMemory + ?Sized> EptTables<'_, M> {
 }
 
 impl<M: PhysMemory + ?Sized> TableAccess for EptTables<'_, M> {
-    fn read_entry(&mut self, gpa: u64, wide: bool) -> Option<u64> {
+    fn read_entry(&mut self, gpa: u64, level: u32, wide: bool) -> Option<u64> {
+        if self.fault.is_some() {
+            return None;
+        }
         if let Some(c) = self.caches.as_deref() {
             let s = &c.guest[c.guest_index(gpa)];
-            if s.generation == c.guest_generation && s.gpa == gpa {
+            if s.generation == c.guest_generation
+                && s.gpa == gpa
+                && s.level == level
+                && s.wide == wide
+            {
                 return Some(s.value);
             }
         }
@@ -240,6 +260,17 @@ impl<M: PhysMemory + ?Sized> TableAccess for EptTables<'_, M> {
     }
 
     fn update_entry(&mut self, gpa: u64, wide: bool, old: u64, new: u64) -> Option<Result<(), ()>> {
+        // After an EPT fault the CPU stops: no A/D bit below the faulting access is set.
+        if self.fault.is_some() {
+            return None;
+        }
+        // Whatever happens to the entry, a cached copy of it is no longer trusted.
+        if let Some(c) = self.caches.as_deref_mut() {
+            let i = c.guest_index(gpa);
+            if c.guest[i].gpa == gpa {
+                c.guest[i].generation = 0;
+            }
+        }
         let reuse = self.seen[..self.seen_len.min(self.seen.len())]
             .iter()
             .find(|(gfn, _, rights)| *gfn == gpa >> 12 && rights & EPT_WRITE != 0)
@@ -402,6 +433,8 @@ impl NestedWalker {
             caches.guest[i] = GuestSlot {
                 gpa,
                 value,
+                level,
+                wide,
                 generation: caches.guest_generation,
             };
             table = if wide {
@@ -537,9 +570,8 @@ mod tests {
             .translate(&host, va, Access::user_read(), Some(&mut c))
             .unwrap();
         assert_eq!(
-            t.memory_refs,
-            4 + 1 + 4,
-            "cached guest PML4E/PDPTE/PDE; EPT walks for the PT page and the final page"
+            t.memory_refs, 24,
+            "INVEPT drops the guest entries read through EPT as well: a cold walk"
         );
         // Writes through cached data still set guest dirty bits (the leaf is always read).
         w.translate(&host, va, Access::user_write(), Some(&mut c))

@@ -78,7 +78,8 @@
 //!   EFER.NXE, CR4.PSE, the paging mode, protection-key enables, MAXPHYADDR) zaps
 //!   everything when it changes, in O(1), and the next fault builds a root in the new
 //!   mode's format; RFLAGS.AC, PKRU and IA32_PKRS only act when the tables are walked, so
-//!   they take effect without a zap.
+//!   they take effect without a zap, and CR4.PGE changes nothing (shadow leaves are never
+//!   global).
 //! * **Roots.** [`ShadowMmu::set_cr3`] keeps a cache of the [`ROOT_CACHE`] most recent
 //!   (CR3, PCID) roots, so switching back to a recent address space costs no rebuild.
 //!   Without the no-flush bit a CR3 write also resynchronises unsync pages.
@@ -280,7 +281,7 @@ struct Recorder<'a, M: PhysMemory + ?Sized> {
 }
 
 impl<M: PhysMemory + ?Sized> TableAccess for Recorder<'_, M> {
-    fn read_entry(&mut self, addr: u64, wide: bool) -> Option<u64> {
+    fn read_entry(&mut self, addr: u64, _level: u32, wide: bool) -> Option<u64> {
         let v = if wide {
             self.mem.read_u64(addr)?
         } else {
@@ -614,7 +615,7 @@ where
     /// features of the config), every shadow page is zapped in O(1), as KVM resets its MMU
     /// context when the role changes, and the next fault builds a root in the new mode's
     /// format; RFLAGS.AC, PKRU and IA32_PKRS are applied when the shadow tables are walked
-    /// and need nothing. PAE guests: the PDPTE registers are `cfg.pdptes`, or reloaded from
+    /// and, like CR4.PGE (shadow leaves are never global), need nothing. PAE guests: the PDPTE registers are `cfg.pdptes`, or reloaded from
     /// guest memory at the current CR3 when it is `None`. The CPU reloads them on a MOV to
     /// CR0 or CR4 that changes CR0.CD/NW/PG or CR4.PAE/PGE/PSE/SMEP, so pass `None` for
     /// those (a config derived from the current one carries the old registers along); new
@@ -637,6 +638,7 @@ where
         let shape = |c: &PagingConfig| {
             let mut c = *c;
             c.alignment_check = false;
+            c.pge = false;
             c.pkru = 0;
             c.pkrs = 0;
             c.pdptes = None;

@@ -195,6 +195,9 @@ pub struct TlbStats {
     pub misses: u64,
 }
 
+/// The largest number of 4 KiB entries [`Tlb::new`] allocates (2^24: 256 MiB of slots).
+pub const MAX_ENTRIES: usize = 1 << 24;
+
 /// A software TLB.
 #[derive(Debug, Clone)]
 pub struct Tlb {
@@ -211,10 +214,10 @@ pub struct Tlb {
 }
 
 impl Tlb {
-    /// A TLB with `entries_4k` 4 KiB entries (rounded up to a power of two, at least 32) and
-    /// a quarter as many for each large size.
+    /// A TLB with `entries_4k` 4 KiB entries (rounded up to a power of two, at least 32 and
+    /// at most [`MAX_ENTRIES`]) and a quarter as many for each large size.
     pub fn new(entries_4k: usize) -> Self {
-        let small = entries_4k.max(32).next_power_of_two();
+        let small = entries_4k.clamp(32, MAX_ENTRIES).next_power_of_two();
         let large = (small / 4).max(4);
         Tlb {
             ways: [
@@ -315,15 +318,16 @@ impl Tlb {
         ))
     }
 
-    /// Caches a successful walk of `addr` in `pcid`.
+    /// Caches a successful walk of `addr` in `pcid` by `walker`; the entry is global when
+    /// the leaf's G bit is set and `walker`'s configuration has CR4.PGE.
     ///
     /// Page bases are 4 KiB aligned and below 2^52 on x86; other bits of `t.page_base()`
     /// are not stored.
-    pub fn insert(&mut self, pcid: u16, addr: u64, t: &Translation) {
+    pub fn insert(&mut self, walker: &Walker, pcid: u16, addr: u64, t: &Translation) {
         let class = SIZES.iter().position(|s| *s == t.page_size()).unwrap_or(0);
         let mut val = (t.page_base() & V_FRAME) | u64::from(t.rights().pkey & 15) << V_PKEY_SHIFT;
         for (on, bit) in [
-            (t.global(), V_GLOBAL),
+            (t.global() && walker.config().pge, V_GLOBAL),
             (t.dirty(), V_DIRTY),
             (t.rights().writable, V_WRITABLE),
             (t.rights().user, V_USER),
@@ -441,7 +445,7 @@ impl Tlb {
         }
         self.stats.misses += 1;
         let t = walk(walker, addr, access)?;
-        self.insert(pcid, addr, &t);
+        self.insert(walker, pcid, addr, &t);
         Ok(TlbTranslation {
             gpa: t.gpa,
             page_size: t.page_size(),

@@ -493,6 +493,9 @@ pub struct PagingConfig {
     pub write_protect: bool,
     /// CR4.PSE (32-bit paging only: enables 4 MiB pages).
     pub pse: bool,
+    /// CR4.PGE: the G bit of a leaf makes a global translation only when set (a TLB keeps
+    /// global translations across CR3 writes; the walk itself does not depend on it).
+    pub pge: bool,
     /// EFER.NXE.
     pub nxe: bool,
     /// CR4.SMEP.
@@ -525,7 +528,7 @@ pub struct PagingConfig {
 }
 
 impl PagingConfig {
-    /// A configuration for `mode` with the usual OS settings: CR0.WP, CR4.PSE, EFER.NXE,
+    /// A configuration for `mode` with the usual OS settings: CR0.WP, CR4.PSE, CR4.PGE, EFER.NXE,
     /// MAXPHYADDR 52, 1 GiB pages and PSE-36 supported, A/D updates on; SMEP, SMAP,
     /// protection keys and EFLAGS.AC off.
     pub const fn new(mode: PagingMode, cr3: u64) -> Self {
@@ -534,6 +537,7 @@ impl PagingConfig {
             cr3,
             write_protect: true,
             pse: true,
+            pge: true,
             nxe: true,
             smep: false,
             smap: false,
@@ -570,6 +574,7 @@ impl PagingConfig {
         let mut cfg = PagingConfig::new(mode, cr3);
         cfg.write_protect = cr0 & (1 << 16) != 0;
         cfg.pse = cr4 & (1 << 4) != 0;
+        cfg.pge = cr4 & (1 << 7) != 0;
         cfg.nxe = efer & (1 << 11) != 0;
         cfg.smep = cr4 & (1 << 20) != 0;
         cfg.smap = cr4 & (1 << 21) != 0;
@@ -585,8 +590,10 @@ impl PagingConfig {
 /// [`Walker::translate`] uses guest memory directly; the nested walker supplies an
 /// implementation that first translates each table address through EPT.
 pub trait TableAccess {
-    /// Reads the 4- or 8-byte entry at `addr` (`wide`: 8 bytes). `None` stops the walk.
-    fn read_entry(&mut self, addr: u64, wide: bool) -> Option<u64>;
+    /// Reads the 4- or 8-byte entry at `addr` (`wide`: 8 bytes), which the walk uses as an
+    /// entry of paging level `level` (1 for a page table ... 5 for a PML5 table; the same
+    /// address may be read at several levels through a self-map). `None` stops the walk.
+    fn read_entry(&mut self, addr: u64, level: u32, wide: bool) -> Option<u64>;
     /// Compare-exchanges the entry at `addr`; `None` if it cannot be written.
     fn update_entry(&mut self, addr: u64, wide: bool, old: u64, new: u64)
         -> Option<Result<(), ()>>;
@@ -598,7 +605,7 @@ pub struct DirectTables<'a, M: PhysMemory + ?Sized>(pub &'a M);
 
 impl<M: PhysMemory + ?Sized> TableAccess for DirectTables<'_, M> {
     #[inline(always)]
-    fn read_entry(&mut self, addr: u64, wide: bool) -> Option<u64> {
+    fn read_entry(&mut self, addr: u64, _level: u32, wide: bool) -> Option<u64> {
         if wide {
             self.0.read_u64(addr)
         } else {
@@ -937,9 +944,24 @@ impl Walker {
 
     /// A guest write to CR3: only the root changes, so nothing else is recomputed (a
     /// [`Walker::new`] per CR3 switch would rebuild every mask).
+    ///
+    /// PAE paging: the CPU loads its PDPTE registers from the new CR3, and this walker has
+    /// no memory to load them from, so PDPTE registers held in the config are dropped and
+    /// later walks read the PDPTEs from memory at the new CR3; call
+    /// [`set_pdptes`](Self::set_pdptes) afterwards to model the registers loaded at the
+    /// write (later guest writes to the PDPT then take effect only at the next CR3 load).
     pub fn set_cr3(&mut self, cr3: u64) {
         self.cfg.cr3 = cr3;
+        self.cfg.pdptes = None;
         self.root = Self::root_of(&self.cfg);
+    }
+
+    /// PAE paging: the PDPTE registers (`None`: read the PDPTEs from memory at each walk).
+    /// Ignored in the other modes.
+    pub fn set_pdptes(&mut self, pdptes: Option<[u64; 4]>) {
+        if self.cfg.mode == PagingMode::Pae {
+            self.cfg.pdptes = pdptes;
+        }
     }
 
     /// The top-level table's address in CR3: bits 31:12 (32-bit paging), 31:5 (PAE) or
@@ -1345,7 +1367,7 @@ impl Walker {
         access: Access,
     ) -> Result<u64, Fault> {
         let entry_addr = table + ((addr >> (9 * LEVEL)) & 0xff8);
-        let Some(entry) = tables.read_entry(entry_addr, true) else {
+        let Some(entry) = tables.read_entry(entry_addr, LEVEL, true) else {
             return Err(self.step_fault(
                 addr,
                 access,
@@ -1522,7 +1544,7 @@ impl Walker {
                     Some(regs) => (entry_addr, regs[index as usize]),
                     None => {
                         refs += 1;
-                        match tables.read_entry(entry_addr, true) {
+                        match tables.read_entry(entry_addr, level, true) {
                             Some(e) => (entry_addr, e),
                             None => {
                                 return pf(
@@ -1540,7 +1562,7 @@ impl Walker {
                 let index_mask = if wide { 0x1ff } else { 0x3ff };
                 let entry_addr = table + ((addr >> shift) & index_mask) * if wide { 8 } else { 4 };
                 refs += 1;
-                match tables.read_entry(entry_addr, wide) {
+                match tables.read_entry(entry_addr, level, wide) {
                     Some(e) => (entry_addr, e),
                     None => {
                         return pf(
@@ -2253,8 +2275,8 @@ mod tests {
     }
 
     impl TableAccess for Racy<'_> {
-        fn read_entry(&mut self, addr: u64, wide: bool) -> Option<u64> {
-            DirectTables(self.mem).read_entry(addr, wide)
+        fn read_entry(&mut self, addr: u64, level: u32, wide: bool) -> Option<u64> {
+            DirectTables(self.mem).read_entry(addr, level, wide)
         }
         fn update_entry(
             &mut self,
