@@ -69,6 +69,17 @@ pub enum EptError {
         /// Bits 2:0.
         memtype: u64,
     },
+    /// EPTP bits 11:7 and 63:MAXPHYADDR must be 0. Bit 7 enables supervisor shadow-stack
+    /// control on newer CPUs, which [`EptConfig`] does not model, so it counts as reserved.
+    #[error("EPTP {eptp:#x} sets reserved bits {reserved:#x} (bits 11:7 and 63:{max_phys_bits} must be 0)")]
+    ReservedBits {
+        /// The EPTP.
+        eptp: u64,
+        /// The reserved bits that are set.
+        reserved: u64,
+        /// The MAXPHYADDR the check used.
+        max_phys_bits: u32,
+    },
 }
 
 /// The processor's EPT configuration: EPTP plus the VMX capabilities that change the rules.
@@ -275,7 +286,15 @@ pub struct EptWalker {
 }
 
 impl EptWalker {
-    /// Validates the EPTP and precomputes the reserved-bit masks.
+    /// Validates the EPTP as VM entry does (SDM vol. 3C, 27.2.1.1, checks on VM-execution
+    /// control fields) and precomputes the reserved-bit masks.
+    ///
+    /// Refused: a paging-structure memory type other than UC or WB (bits 2:0), a walk
+    /// length other than 4 or 5 (bits 5:3), and any of bits 11:7 or 63:MAXPHYADDR
+    /// ([`EptConfig::max_phys_bits`], clamped to 32..=52). A root above MAXPHYADDR or a
+    /// stray value ORed into the low bits is a VMM bug that must not silently walk some
+    /// other table. Bit 6 (EPT A/D) is accepted: [`EptConfig`] does not model the A/D
+    /// capability (IA32_VMX_EPT_VPID_CAP bit 21), so the walker assumes it is present.
     pub fn new(cfg: EptConfig) -> Result<Self, EptError> {
         let eptp = cfg.eptp;
         let length = ((eptp >> 3) & 7) + 1;
@@ -287,6 +306,14 @@ impl EptWalker {
             return Err(EptError::BadMemoryType { eptp, memtype });
         }
         let m = u32::from(cfg.max_phys_bits.clamp(32, 52));
+        let reserved = eptp & (bits(11, 7) | bits(63, m));
+        if reserved != 0 {
+            return Err(EptError::ReservedBits {
+                eptp,
+                reserved,
+                max_phys_bits: m,
+            });
+        }
         let hi = if m < 52 { bits(51, m) } else { 0 };
         let mut t = [hi; 5];
         let mut l = [hi; 5];
@@ -736,6 +763,37 @@ mod tests {
         );
         let e = EptWalker::new(EptConfig::new(0x1000 | 1 | 3 << 3)).unwrap_err();
         assert!(e.to_string().contains("memory type 1"));
+        // Reserved bits 11:7 (bit 7, supervisor shadow-stack control, is not modelled) and
+        // 63:MAXPHYADDR are refused, as VM entry refuses them; bit 6 (A/D) is accepted.
+        for bit in 7..=11 {
+            let eptp = eptp(false) | 1 << bit;
+            assert_eq!(
+                EptWalker::new(EptConfig::new(eptp)).unwrap_err(),
+                EptError::ReservedBits {
+                    eptp,
+                    reserved: 1 << bit,
+                    max_phys_bits: 52
+                }
+            );
+        }
+        assert!(EptWalker::new(EptConfig::new(eptp(false) | 1 << 52)).is_err());
+        assert!(EptWalker::new(EptConfig::new(eptp(false) | 1 << 63)).is_err());
+        let mut cfg = EptConfig::new(eptp(false) | 1 << 40 | 1 << 38);
+        cfg.max_phys_bits = 39;
+        let e = EptWalker::new(cfg).unwrap_err();
+        assert_eq!(
+            e,
+            EptError::ReservedBits {
+                eptp: cfg.eptp,
+                reserved: 1 << 40,
+                max_phys_bits: 39
+            }
+        );
+        assert!(e.to_string().contains("reserved bits 0x10000000000"), "{e}");
+        cfg.eptp &= !(1 << 40);
+        assert_eq!(EptWalker::new(cfg).unwrap().root, 1 << 38 | 0x1000);
+        assert!(EptWalker::new(EptConfig::new(eptp(true))).is_ok());
+        assert!(EptWalker::new(EptConfig::new(((1 << 52) - 0x1000) | 6 | 3 << 3)).is_ok());
         let mem = FlatMemory::new(0, 0x10000);
         mem.write_u64(0x1000 + 8, 0x2000 | RWX).unwrap();
         mem.write_u64(0x2000, 0x3000 | RWX).unwrap();
