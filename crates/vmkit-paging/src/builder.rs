@@ -894,22 +894,26 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
     /// Applies `op` (None = unmap, Some(flags) = protect) to every leaf in the range.
     fn edit(&mut self, virt: u64, len: u64, op: Option<MapFlags>) -> Result<(), BuilderError> {
         self.check_args(virt, len, None, op.unwrap_or_default())?;
-        let end = virt + len;
+        // The range as an inclusive end: `virt + len` is 2^64 for the top page of a 4/5-level
+        // address space, which `check_args` accepts.
+        let Some(last) = len.checked_sub(1).map(|l| virt + l) else {
+            return Ok(());
+        };
         let mut v = virt;
-        while v < end {
+        loop {
             let (addr, level, slot) = self.find(v)?;
             let span = 1u64 << self.format.level_shift(level);
-            match slot {
+            let next = match slot {
                 Slot::Empty | Slot::Table(_) => {
                     if op.is_some() {
                         return Err(BuilderError::NotMapped { virt: v });
                     }
                     // Nothing mapped up to the end of this entry's span.
-                    v = (v & !(span - 1)).saturating_add(span);
+                    (v & !(span - 1)).checked_add(span)
                 }
                 Slot::Leaf(size, base) => {
                     let s = size.bytes();
-                    if v % s != 0 || end - v < s {
+                    if v % s != 0 || last - v < s - 1 {
                         // Partly covered: split, then revisit the same address.
                         self.split(addr, level, base)?;
                         continue;
@@ -920,11 +924,15 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
                             self.write_entry(addr, self.leaf_entry(base, size, flags))?
                         }
                     }
-                    v += s;
+                    v.checked_add(s)
                 }
+            };
+            // `None`: the step wrapped past 2^64, so the range is done.
+            match next {
+                Some(n) if n <= last => v = n,
+                _ => return Ok(()),
             }
         }
-        Ok(())
     }
 
     /// Removes every translation in `[virt, virt + len)`, splitting large pages that are only
@@ -1299,6 +1307,65 @@ mod tests {
             b.unmap(1, 0x1000),
             Err(BuilderError::Misaligned { .. })
         ));
+    }
+
+    /// Edits of ranges that end at the top of the address space: `virt + len` is 2^64 for
+    /// 4/5-level paging (review5 B6: it overflowed), 2^32 for 32-bit/PAE, 2^48/2^57 for EPT.
+    #[test]
+    fn edits_at_the_top_of_the_address_space() {
+        let mem = flat();
+        let mut alloc = BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000));
+        let cases = [
+            (
+                PagingFormat::Level4,
+                0xffff_ffff_ffff_f000u64,
+                0xffff_8000_0000_0000u64,
+            ),
+            (
+                PagingFormat::Level5,
+                0xffff_ffff_ffff_f000,
+                0xff00_0000_0000_0000,
+            ),
+            (PagingFormat::Legacy32, 0xffff_f000, 0),
+            (PagingFormat::Pae, 0xffff_f000, 0),
+            (PagingFormat::Ept4, (1 << 48) - 0x1000, 0),
+            (PagingFormat::Ept5, (1 << 57) - 0x1000, 0),
+        ];
+        for (format, top, half) in cases {
+            let mut b = PageTableBuilder::new(&mem, format, &mut alloc).unwrap();
+            // The top large page, edited in part (a split at the top) and then in full.
+            let large = b.format().leaf_size(2).unwrap().bytes();
+            let large_top = top - (large - 0x1000);
+            b.set_max_page_size(PageSize::Size4M);
+            b.map(large_top, GuestAddress(0), large, MapFlags::WRITABLE)
+                .unwrap();
+            assert_eq!(b.lookup(large_top).unwrap().size.bytes(), large);
+            b.protect(top, 0x1000, MapFlags::empty()).unwrap();
+            assert_eq!(b.lookup(top).unwrap().flags, MapFlags::empty());
+            assert_eq!(b.lookup(top - 0x1000).unwrap().flags, MapFlags::WRITABLE);
+            b.protect(large_top, large, MapFlags::WRITABLE).unwrap();
+            assert_eq!(b.lookup(top).unwrap().flags, MapFlags::WRITABLE);
+            b.unmap(top - 0x1000, 0x2000).unwrap();
+            assert_eq!(b.lookup(top), None);
+            assert_eq!(b.lookup(top - 0x1000), None);
+            assert!(b.lookup(top - 0x2000).is_some());
+            // A protect that runs into a hole at the very top fails there.
+            assert_eq!(
+                b.protect(top - 0x2000, 0x3000, MapFlags::empty()),
+                Err(BuilderError::NotMapped { virt: top - 0x1000 })
+            );
+            // The top 4 KiB page on its own.
+            b.map(top, GuestAddress(0x8000), 0x1000, MapFlags::WRITABLE)
+                .unwrap();
+            b.protect(top, 0x1000, MapFlags::empty()).unwrap();
+            let m = b.lookup(top).unwrap();
+            assert_eq!((m.phys, m.flags), (GuestAddress(0x8000), MapFlags::empty()));
+            b.unmap(top, 0x1000).unwrap();
+            assert_eq!(b.lookup(top), None, "{format:?}");
+            // Unmapping everything up to the top, mostly holes, terminates.
+            b.unmap(half, top - half + 0x1000).unwrap();
+            assert_eq!(b.lookup(large_top), None, "{format:?}");
+        }
     }
 
     #[test]
