@@ -18,7 +18,9 @@
 //!   is refused with [`BuilderError::Overlap`] rather than silently splitting or dropping a
 //!   table: silent changes of an existing layout are how boot tables get subtly wrong.
 //!   [`unmap`](PageTableBuilder::unmap) and [`protect`](PageTableBuilder::protect) do split
-//!   a large page they cover only partly, because that is what they are asked to do.
+//!   a large page they cover only partly, because that is what they are asked to do. They
+//!   check the whole range first and change nothing when it has a hole (`protect`) or a
+//!   large page that smaller pages cannot express (a 32-bit PSE-36 page above 4 GiB).
 //! * Tables are never freed (a bump allocator cannot take frames back); an unmapped range
 //!   leaves empty tables behind that a later `map` reuses.
 //!
@@ -871,14 +873,38 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
         }
     }
 
-    /// Replaces the large leaf at `addr` (level `level`) by a table of smaller leaves with
-    /// the same flags.
-    fn split(&mut self, addr: u64, level: u32, base: u64) -> Result<(), BuilderError> {
+    /// The page size a large leaf of `size` at `level`, mapping physical `base`, splits
+    /// into, or why it cannot be split: with 32-bit paging a PSE-36 4 MiB page above 4 GiB
+    /// has no 4 KiB equivalent (a PTE holds physical-address bits 31:12 only, SDM vol. 3A
+    /// table 4-6), the same limit `map` enforces for 4 KiB pages.
+    fn split_size(&self, level: u32, size: PageSize, base: u64) -> Result<PageSize, BuilderError> {
+        // A large leaf is at level 2 or 3, so there always is a smaller leaf size below it.
+        let small = self.format.leaf_size(level - 1).unwrap_or(PageSize::Size4K);
+        let fits = base
+            .checked_add(size.bytes())
+            .is_some_and(|end| end <= self.format.phys_limit(small));
+        if !fits {
+            return Err(BuilderError::PhysicalOutOfRange {
+                start: base,
+                len: size.bytes(),
+                format: self.format,
+            });
+        }
+        Ok(small)
+    }
+
+    /// Replaces the large leaf at `addr` (level `level`, `size`, mapping `base`) by a table
+    /// of smaller leaves with the same flags. Checks that it can before writing anything.
+    fn split(
+        &mut self,
+        addr: u64,
+        level: u32,
+        size: PageSize,
+        base: u64,
+    ) -> Result<(), BuilderError> {
+        let small = self.split_size(level, size, base)?;
         let entry = self.read_entry(addr)?;
         let flags = self.leaf_flags(entry);
-        let Some(small) = self.format.leaf_size(level - 1) else {
-            return Err(BuilderError::NotMapped { virt: base });
-        };
         let table = Self::new_frame(self.mem, self.format, &mut self.alloc)?;
         let count = 1u64 << self.format.index_bits(level - 1);
         for i in 0..count {
@@ -891,6 +917,42 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
         self.write_entry(addr, self.table_entry(level, table))
     }
 
+    /// The read-only first pass of [`edit`](Self::edit) over `[virt, last]`: finds the
+    /// errors that depend on the tables (a hole for `protect`, a large page that cannot be
+    /// split) before anything is written, so such a call leaves the tables unchanged.
+    fn check_edit(&self, virt: u64, last: u64, protect: bool) -> Result<(), BuilderError> {
+        let mut v = virt;
+        loop {
+            let (_, level, slot) = self.find(v)?;
+            let next = match slot {
+                Slot::Empty | Slot::Table(_) => {
+                    if protect {
+                        return Err(BuilderError::NotMapped { virt: v });
+                    }
+                    let span = 1u64 << self.format.level_shift(level);
+                    (v & !(span - 1)).checked_add(span)
+                }
+                Slot::Leaf(mut size, mut base) => {
+                    // Follow the splits `edit` would make down to the piece holding `v`
+                    // that the range covers in full (at worst a 4 KiB page, as `v` and
+                    // `last + 1` are 4 KiB aligned).
+                    let mut level = level;
+                    while v % size.bytes() != 0 || last - v < size.bytes() - 1 {
+                        let small = self.split_size(level, size, base)?;
+                        base += (v & (size.bytes() - 1)) & !(small.bytes() - 1);
+                        size = small;
+                        level -= 1;
+                    }
+                    v.checked_add(size.bytes())
+                }
+            };
+            match next {
+                Some(n) if n <= last => v = n,
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Applies `op` (None = unmap, Some(flags) = protect) to every leaf in the range.
     fn edit(&mut self, virt: u64, len: u64, op: Option<MapFlags>) -> Result<(), BuilderError> {
         self.check_args(virt, len, None, op.unwrap_or_default())?;
@@ -899,6 +961,7 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
         let Some(last) = len.checked_sub(1).map(|l| virt + l) else {
             return Ok(());
         };
+        self.check_edit(virt, last, op.is_some())?;
         let mut v = virt;
         loop {
             let (addr, level, slot) = self.find(v)?;
@@ -915,7 +978,7 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
                     let s = size.bytes();
                     if v % s != 0 || last - v < s - 1 {
                         // Partly covered: split, then revisit the same address.
-                        self.split(addr, level, base)?;
+                        self.split(addr, level, size, base)?;
                         continue;
                     }
                     match op {
@@ -937,12 +1000,20 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
 
     /// Removes every translation in `[virt, virt + len)`, splitting large pages that are only
     /// partly covered. Holes are fine.
+    ///
+    /// Fails with [`BuilderError::PhysicalOutOfRange`], changing nothing, when a large page
+    /// that must be split cannot be expressed with smaller pages (a 32-bit-paging PSE-36
+    /// page above 4 GiB). Running out of frames or memory part-way can leave the edit
+    /// half done.
     pub fn unmap(&mut self, virt: u64, len: u64) -> Result<(), BuilderError> {
         self.edit(virt, len, None)
     }
 
     /// Rewrites the flags of every translation in `[virt, virt + len)`, splitting large
-    /// pages that are only partly covered. Fails at the first hole.
+    /// pages that are only partly covered.
+    ///
+    /// Fails, changing nothing, on a hole ([`BuilderError::NotMapped`] at the first one)
+    /// or on a large page that cannot be split (as for [`unmap`](Self::unmap)).
     pub fn protect(&mut self, virt: u64, len: u64, flags: MapFlags) -> Result<(), BuilderError> {
         self.edit(virt, len, Some(flags))
     }
@@ -1366,6 +1437,89 @@ mod tests {
             b.unmap(half, top - half + 0x1000).unwrap();
             assert_eq!(b.lookup(large_top), None, "{format:?}");
         }
+    }
+
+    /// review5 B5: a PSE-36 4 MiB page above 4 GiB cannot be split into 32-bit PTEs (they
+    /// hold frames below 4 GiB only); `protect`/`unmap` of part of it used to truncate the
+    /// frames (0x40_1000 then mapped GPA 0x1000). They now fail and change nothing, also
+    /// when an earlier part of the range could have been edited.
+    #[test]
+    fn legacy32_split_above_4g_is_refused_and_changes_nothing() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Legacy32,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10000)),
+        )
+        .unwrap();
+        b.map(0, GuestAddress(0xffc0_0000), 4 << 20, MapFlags::WRITABLE)
+            .unwrap();
+        b.map(
+            0x40_0000,
+            GuestAddress(1 << 32),
+            4 << 20,
+            MapFlags::WRITABLE,
+        )
+        .unwrap();
+        let pdes = |b: &PageTableBuilder<'_, FlatMemory, BumpAllocator>| {
+            [0, 4].map(|i| mem.read_u32(b.root().0 + i).unwrap())
+        };
+        let before = pdes(&b);
+        let frames = b.alloc.remaining();
+        let refused = Err(BuilderError::PhysicalOutOfRange {
+            start: 1 << 32,
+            len: 4 << 20,
+            format: PagingFormat::Legacy32,
+        });
+        assert_eq!(b.protect(0x40_0000, 0x1000, MapFlags::empty()), refused);
+        assert_eq!(b.unmap(0x40_1000, 0x1000), refused);
+        // The first 4 MiB page would split fine, but the range also splits the second one.
+        assert_eq!(b.protect(0x1000, 4 << 20, MapFlags::empty()), refused);
+        assert_eq!(b.unmap(0x1000, 4 << 20), refused);
+        assert_eq!(pdes(&b), before);
+        assert_eq!(b.alloc.remaining(), frames);
+        let m = b.lookup(0x40_1000).unwrap();
+        assert_eq!(
+            (m.phys, m.size),
+            (GuestAddress((1 << 32) + 0x1000), PageSize::Size4M)
+        );
+        // Whole pages need no split.
+        b.protect(0x40_0000, 4 << 20, MapFlags::empty()).unwrap();
+        assert_eq!(b.lookup(0x40_1000).unwrap().flags, MapFlags::empty());
+        // A page ending exactly at 4 GiB splits into 4 KiB pages.
+        b.protect(0x3f_f000, 0x1000, MapFlags::empty()).unwrap();
+        let m = b.lookup(0x3f_f000).unwrap();
+        assert_eq!(
+            (m.phys, m.size),
+            (GuestAddress(0xffff_f000), PageSize::Size4K)
+        );
+        assert_eq!(b.lookup(0).unwrap().phys, GuestAddress(0xffc0_0000));
+        b.unmap(0x40_0000, 4 << 20).unwrap();
+        assert_eq!(b.lookup(0x40_1000), None);
+    }
+
+    /// A hole in the range of `protect` is found before anything is rewritten.
+    #[test]
+    fn protect_with_a_hole_changes_nothing() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap();
+        b.map(0, GuestAddress(0), 1 << 21, MapFlags::WRITABLE)
+            .unwrap();
+        b.map(3 << 21, GuestAddress(0), 0x1000, MapFlags::WRITABLE)
+            .unwrap();
+        let frames = b.alloc.remaining();
+        assert_eq!(
+            b.protect(0x1000, 4 << 21, MapFlags::empty()),
+            Err(BuilderError::NotMapped { virt: 1 << 21 })
+        );
+        let m = b.lookup(0x1000).unwrap();
+        assert_eq!((m.size, m.flags), (PageSize::Size2M, MapFlags::WRITABLE));
+        assert_eq!(b.alloc.remaining(), frames);
     }
 
     #[test]
