@@ -21,6 +21,11 @@
 //!   a large page they cover only partly, because that is what they are asked to do. They
 //!   check the whole range first and change nothing when it has a hole (`protect`) or a
 //!   large page that smaller pages cannot express (a 32-bit PSE-36 page above 4 GiB).
+//! * Edits keep what [`MapFlags`] cannot say. A split page's pieces keep every attribute of
+//!   the large leaf (PAT moves from bit 12 to bit 7 in 4 KiB pieces; A and D are copied to
+//!   each piece, as any piece may have been accessed or written), and `protect` changes
+//!   only the bits `MapFlags` describes. `map` writes fresh leaves: remapping a page with
+//!   `map` resets such attributes.
 //! * Tables are never freed (a bump allocator cannot take frames back); an unmapped range
 //!   leaves empty tables behind that a later `map` reuses.
 //!
@@ -430,6 +435,26 @@ pub struct Mapping {
     pub flags: MapFlags,
 }
 
+/// The guest-format entry bit of each [`MapFlags`] flag.
+const GUEST_FLAGS: [(MapFlags, u64); 8] = [
+    (MapFlags::WRITABLE, WRITABLE),
+    (MapFlags::USER, USER),
+    (MapFlags::WRITE_THROUGH, WRITE_THROUGH),
+    (MapFlags::CACHE_DISABLE, CACHE_DISABLE),
+    (MapFlags::ACCESSED, ACCESSED),
+    (MapFlags::DIRTY, DIRTY),
+    (MapFlags::GLOBAL, GLOBAL),
+    (MapFlags::NO_EXECUTE, NO_EXECUTE),
+];
+
+/// P plus the guest-format entry bits of `flags`.
+fn guest_flag_bits(flags: MapFlags) -> u64 {
+    GUEST_FLAGS
+        .iter()
+        .filter(|(flag, _)| flags.contains(*flag))
+        .fold(PRESENT, |acc, (_, bit)| acc | bit)
+}
+
 /// EPT memory type written into leaves: write-back.
 pub const EPT_MEMTYPE_WB: u64 = 6;
 /// EPT memory type: uncacheable.
@@ -639,21 +664,7 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
             }
             return e;
         }
-        let mut e = PRESENT;
-        for (flag, bit) in [
-            (MapFlags::WRITABLE, WRITABLE),
-            (MapFlags::USER, USER),
-            (MapFlags::WRITE_THROUGH, WRITE_THROUGH),
-            (MapFlags::CACHE_DISABLE, CACHE_DISABLE),
-            (MapFlags::ACCESSED, ACCESSED),
-            (MapFlags::DIRTY, DIRTY),
-            (MapFlags::GLOBAL, GLOBAL),
-            (MapFlags::NO_EXECUTE, NO_EXECUTE),
-        ] {
-            if flags.contains(flag) {
-                e |= bit;
-            }
-        }
+        let mut e = guest_flag_bits(flags);
         if size != PageSize::Size4K {
             e |= PAGE_SIZE;
         }
@@ -685,21 +696,96 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
             }
             return flags;
         }
-        for (flag, bit) in [
-            (MapFlags::WRITABLE, WRITABLE),
-            (MapFlags::USER, USER),
-            (MapFlags::WRITE_THROUGH, WRITE_THROUGH),
-            (MapFlags::CACHE_DISABLE, CACHE_DISABLE),
-            (MapFlags::ACCESSED, ACCESSED),
-            (MapFlags::DIRTY, DIRTY),
-            (MapFlags::GLOBAL, GLOBAL),
-            (MapFlags::NO_EXECUTE, NO_EXECUTE),
-        ] {
+        for (flag, bit) in GUEST_FLAGS {
             if entry & bit != 0 {
                 flags |= flag;
             }
         }
         flags
+    }
+
+    /// The leaf `old` with its rights and attributes changed to `flags`, for
+    /// [`protect`](Self::protect): only what [`MapFlags`] describes changes; the address,
+    /// the page-size bit and everything `MapFlags` cannot say stay as they are.
+    ///
+    /// Guest formats: P, R/W, U/S, PWT, PCD, A, D, G and XD are set from `flags`; PAT,
+    /// the protection key (bits 62:59), the software-available bits (11:9, 58:52) and
+    /// anything else are kept.
+    ///
+    /// EPT: each right or attribute changes only where `flags` differs from what
+    /// [`lookup`](Self::lookup) reports for `old`, so `protect` with the flags `lookup`
+    /// returned rewrites nothing. W follows WRITABLE; X (bit 2) and user-execute (bit 10)
+    /// are rewritten as `map` would write them when NO_EXECUTE or USER change; the memory
+    /// type becomes UC or WB only when CACHE_DISABLE changes (a WT or WC type survives
+    /// otherwise); A and D follow ACCESSED and DIRTY; ignore-PAT, suppress-#VE and the
+    /// other bits are kept. R, which `MapFlags` cannot clear, is kept, so an execute-only
+    /// page stays execute-only, except that it is set when the result would otherwise be
+    /// writable without R (an EPT misconfiguration) or have no right at all (no longer
+    /// present: `protect` never unmaps).
+    fn rewrite_leaf(&self, old: u64, flags: MapFlags) -> u64 {
+        if !self.format.is_ept() {
+            let described = GUEST_FLAGS.iter().fold(PRESENT, |acc, (_, bit)| acc | bit);
+            return (old & !described) | guest_flag_bits(flags);
+        }
+        let changed = MapFlags::from_bits_truncate(self.leaf_flags(old).bits() ^ flags.bits());
+        let mut e = old;
+        let mut set = |bits: u64, on: bool| e = if on { e | bits } else { e & !bits };
+        if changed.contains(MapFlags::WRITABLE) {
+            set(EPT_WRITE, flags.contains(MapFlags::WRITABLE));
+        }
+        if changed.contains(MapFlags::NO_EXECUTE) || changed.contains(MapFlags::USER) {
+            let exec = !flags.contains(MapFlags::NO_EXECUTE);
+            set(EPT_EXEC, exec);
+            set(EPT_USER_EXEC, exec && flags.contains(MapFlags::USER));
+        }
+        if changed.contains(MapFlags::ACCESSED) {
+            set(EPT_ACCESSED, flags.contains(MapFlags::ACCESSED));
+        }
+        if changed.contains(MapFlags::DIRTY) {
+            set(EPT_DIRTY, flags.contains(MapFlags::DIRTY));
+        }
+        if changed.contains(MapFlags::CACHE_DISABLE) {
+            let memtype = if flags.contains(MapFlags::CACHE_DISABLE) {
+                EPT_MEMTYPE_UC
+            } else {
+                EPT_MEMTYPE_WB
+            };
+            e = (e & !(7 << EPT_MEMTYPE_SHIFT)) | memtype << EPT_MEMTYPE_SHIFT;
+        }
+        if e & EPT_WRITE != 0 || e & (EPT_READ | EPT_EXEC | EPT_USER_EXEC) == 0 {
+            e |= EPT_READ;
+        }
+        e
+    }
+
+    /// Piece `phys` (of size `small`) of the large leaf `large`, for a split: the piece
+    /// keeps every bit of the large leaf except its address, so rights, caching (PAT,
+    /// PCD/PWT; EPT memory type and ignore-PAT), G, the protection key, software-available
+    /// bits and EPT suppress-#VE survive. A 4 KiB piece has no page-size bit and takes PAT
+    /// in bit 7 instead of bit 12 (in EPT, bit 7 is the large bit and there is no PAT
+    /// bit). A and D are copied to every piece: the CPU set them for the large page as a
+    /// whole, so any piece may have been accessed or written, and a dirty-page scan must
+    /// not miss one (a spurious D costs a copy, a lost one loses data).
+    fn split_piece(&self, large: u64, small: PageSize, phys: u64) -> u64 {
+        let attrs = if self.format == PagingFormat::Legacy32 {
+            large & 0xfff
+        } else {
+            large & !ADDR_MASK_52
+        };
+        if self.format.is_ept() {
+            let size_bit = if small == PageSize::Size4K {
+                0
+            } else {
+                EPT_LARGE
+            };
+            return (attrs & !EPT_LARGE) | size_bit | phys;
+        }
+        let pat = large & LARGE_PAT != 0;
+        if small == PageSize::Size4K {
+            (attrs & !PAGE_SIZE) | if pat { PAGE_SIZE } else { 0 } | phys
+        } else {
+            attrs | if pat { LARGE_PAT } else { 0 } | phys
+        }
     }
 
     fn check_args(
@@ -894,7 +980,8 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
     }
 
     /// Replaces the large leaf at `addr` (level `level`, `size`, mapping `base`) by a table
-    /// of smaller leaves with the same flags. Checks that it can before writing anything.
+    /// of smaller leaves that keep all its attributes (see
+    /// [`split_piece`](Self::split_piece)). Checks that it can before writing anything.
     fn split(
         &mut self,
         addr: u64,
@@ -904,14 +991,13 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
     ) -> Result<(), BuilderError> {
         let small = self.split_size(level, size, base)?;
         let entry = self.read_entry(addr)?;
-        let flags = self.leaf_flags(entry);
         let table = Self::new_frame(self.mem, self.format, &mut self.alloc)?;
         let count = 1u64 << self.format.index_bits(level - 1);
         for i in 0..count {
             let phys = base + i * small.bytes();
             self.write_entry(
                 table + i * self.format.entry_size(),
-                self.leaf_entry(phys, small, flags),
+                self.split_piece(entry, small, phys),
             )?;
         }
         self.write_entry(addr, self.table_entry(level, table))
@@ -981,12 +1067,11 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
                         self.split(addr, level, size, base)?;
                         continue;
                     }
-                    match op {
-                        None => self.write_entry(addr, 0)?,
-                        Some(flags) => {
-                            self.write_entry(addr, self.leaf_entry(base, size, flags))?
-                        }
-                    }
+                    let new = match op {
+                        None => 0,
+                        Some(flags) => self.rewrite_leaf(self.read_entry(addr)?, flags),
+                    };
+                    self.write_entry(addr, new)?;
                     v.checked_add(s)
                 }
             };
@@ -1011,6 +1096,15 @@ impl<'m, M: PhysMemory + ?Sized, A: FrameAllocator> PageTableBuilder<'m, M, A> {
 
     /// Rewrites the flags of every translation in `[virt, virt + len)`, splitting large
     /// pages that are only partly covered.
+    ///
+    /// Only what [`MapFlags`] describes changes: attributes it cannot express (PAT,
+    /// protection keys, software-available bits; in EPT a WT/WC/WP memory type,
+    /// ignore-PAT, suppress-#VE, an execute-only page's missing R) are kept, both in the
+    /// rewritten leaves and in the pieces of a split page. `protect` with the flags
+    /// [`lookup`](Self::lookup) reports leaves a leaf as it was. In EPT, R is set only
+    /// where the result would otherwise be writable without R or have no right at all.
+    /// ACCESSED and DIRTY are flags like the others: leaving them out clears the A and D
+    /// bits the CPU may have set, so include what `lookup` reports to keep them.
     ///
     /// Fails, changing nothing, on a hole ([`BuilderError::NotMapped`] at the first one)
     /// or on a large page that cannot be split (as for [`unmap`](Self::unmap)).
@@ -1520,6 +1614,200 @@ mod tests {
         let m = b.lookup(0x1000).unwrap();
         assert_eq!((m.size, m.flags), (PageSize::Size2M, MapFlags::WRITABLE));
         assert_eq!(b.alloc.remaining(), frames);
+    }
+
+    /// The raw leaf entry for `virt` and its level.
+    fn leaf<A: FrameAllocator>(b: &PageTableBuilder<'_, FlatMemory, A>, virt: u64) -> (u64, u32) {
+        let (addr, level, slot) = b.find(virt).unwrap();
+        assert!(matches!(slot, Slot::Leaf(..)), "{virt:#x} is not mapped");
+        (b.read_entry(addr).unwrap(), level)
+    }
+
+    /// review5 D3, guest formats: a split keeps PAT (moved from bit 12 to bit 7 in 4 KiB
+    /// pieces), the protection key, software-available bits, G, PWT/PCD, XD and A/D of the
+    /// large leaf in every piece; `protect` rewrites only the bits MapFlags describes.
+    #[test]
+    fn guest_edits_keep_attributes_mapflags_cannot_express() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap();
+        b.map(0x20_0000, GuestAddress(0x40_0000), 1 << 21, MapFlags::USER)
+            .unwrap();
+        let flag_bits = PRESENT
+            | WRITABLE
+            | USER
+            | WRITE_THROUGH
+            | CACHE_DISABLE
+            | ACCESSED
+            | DIRTY
+            | GLOBAL
+            | NO_EXECUTE;
+        let soft = 1 << 9 | 1 << 11 | 1 << 52 | 5 << PKEY_SHIFT;
+        let (addr, _, _) = b.find(0x20_0000).unwrap();
+        mem.write_u64(addr, 0x40_0000 | PAGE_SIZE | LARGE_PAT | flag_bits | soft)
+            .unwrap();
+        b.protect(0x20_1000, 0x1000, MapFlags::USER).unwrap();
+        // PAT of a 4 KiB page is bit 7 (the large leaf's PS position).
+        let kept = PAGE_SIZE | soft;
+        assert_eq!(leaf(&b, 0x20_0000), (0x40_0000 | flag_bits | kept, 1));
+        assert_eq!(leaf(&b, 0x3f_f000), (0x5f_f000 | flag_bits | kept, 1));
+        assert_eq!(leaf(&b, 0x20_1000), (0x40_1000 | PRESENT | USER | kept, 1));
+        // `protect` with what `lookup` reports changes nothing.
+        let before = leaf(&b, 0x20_0000);
+        let flags = b.lookup(0x20_0000).unwrap().flags;
+        b.protect(0x20_0000, 0x1000, flags).unwrap();
+        assert_eq!(leaf(&b, 0x20_0000), before);
+        // The CPU reads the PTE as mapping the same frame with the same rights.
+        let w = crate::walk::Walker::new(crate::walk::PagingConfig::new(
+            crate::walk::PagingMode::Level4,
+            b.root().0,
+        ));
+        let t = w
+            .translate(&mem, 0x20_0010, crate::walk::Access::user_write())
+            .unwrap();
+        assert_eq!(t.gpa, 0x40_0010);
+
+        // A whole large page: PAT stays in bit 12.
+        b.map(
+            0x60_0000,
+            GuestAddress(0x60_0000),
+            1 << 21,
+            MapFlags::empty(),
+        )
+        .unwrap();
+        let (addr, _, _) = b.find(0x60_0000).unwrap();
+        mem.write_u64(addr, 0x60_0000 | PAGE_SIZE | LARGE_PAT | PRESENT | soft)
+            .unwrap();
+        b.protect(0x60_0000, 1 << 21, MapFlags::WRITABLE).unwrap();
+        let e = 0x60_0000 | PAGE_SIZE | LARGE_PAT | PRESENT | WRITABLE | soft;
+        assert_eq!(leaf(&b, 0x60_0000), (e, 2));
+
+        // 1 GiB -> 2 MiB -> 4 KiB.
+        b.set_max_page_size(PageSize::Size1G);
+        b.map(1 << 30, GuestAddress(1 << 30), 1 << 30, MapFlags::empty())
+            .unwrap();
+        let (addr, _, _) = b.find(1 << 30).unwrap();
+        let big = (1 << 30) | PAGE_SIZE | LARGE_PAT | PRESENT | GLOBAL | ACCESSED | soft;
+        mem.write_u64(addr, big).unwrap();
+        b.unmap(1 << 30, 0x1000).unwrap();
+        let attrs = big & !ADDR_MASK_52 | LARGE_PAT;
+        let mb2 = (1 << 30) + (1 << 21);
+        assert_eq!(leaf(&b, mb2), (mb2 | attrs, 2));
+        let piece = (1 << 30) + 0x1000;
+        assert_eq!(leaf(&b, piece), (piece | (attrs & !LARGE_PAT), 1));
+        assert_eq!(b.lookup(1 << 30), None);
+    }
+
+    /// review5 D3, 32-bit paging: the PAT bit of a 4 MiB page (bit 12) becomes bit 7 of
+    /// its 4 KiB pieces; PCD and the software-available bits survive.
+    #[test]
+    fn legacy32_split_moves_pat() {
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Legacy32,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10000)),
+        )
+        .unwrap();
+        b.map(
+            0x40_0000,
+            GuestAddress(0x80_0000),
+            4 << 20,
+            MapFlags::WRITABLE,
+        )
+        .unwrap();
+        let (addr, _, _) = b.find(0x40_0000).unwrap();
+        let pde = 0x80_0000 | PAGE_SIZE | LARGE_PAT | PRESENT | WRITABLE | CACHE_DISABLE | 1 << 10;
+        mem.write_u32(addr, pde as u32).unwrap();
+        b.protect(0x40_1000, 0x1000, MapFlags::empty()).unwrap();
+        let attrs = PRESENT | WRITABLE | CACHE_DISABLE | 1 << 10 | PAGE_SIZE;
+        assert_eq!(leaf(&b, 0x40_0000), (0x80_0000 | attrs, 1));
+        assert_eq!(leaf(&b, 0x7f_f000), (0xbf_f000 | attrs, 1));
+        let protected = PRESENT | 1 << 10 | PAGE_SIZE;
+        assert_eq!(leaf(&b, 0x40_1000), (0x80_1000 | protected, 1));
+    }
+
+    /// review5 D3, EPT: a split keeps the memory type (WT here), ignore-PAT, suppress-#VE,
+    /// A/D and execute-only rights; `protect` changes only what differs from `lookup`'s
+    /// flags, and sets R only when W needs it or the page would lose every right.
+    #[test]
+    fn ept_edits_keep_memory_type_and_execute_only() {
+        use crate::ept::{EptAccess, EptConfig, EptWalker};
+        let mem = flat();
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Ept4,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap();
+        b.map(
+            0x20_0000,
+            GuestAddress(0x40_0000),
+            1 << 21,
+            MapFlags::WRITABLE,
+        )
+        .unwrap();
+        let wt = 4 << EPT_MEMTYPE_SHIFT;
+        let attrs =
+            EPT_EXEC | wt | EPT_IGNORE_PAT | EPT_ACCESSED | EPT_DIRTY | 1 << 11 | EPT_SUPPRESS_VE;
+        let (addr, _, _) = b.find(0x20_0000).unwrap();
+        mem.write_u64(addr, 0x40_0000 | EPT_LARGE | attrs).unwrap();
+        let f = b.lookup(0x20_0000).unwrap().flags;
+        assert_eq!(f, MapFlags::ACCESSED | MapFlags::DIRTY);
+        b.protect(0x20_1000, 0x1000, f).unwrap();
+        assert_eq!(leaf(&b, 0x20_0000), (0x40_0000 | attrs, 1));
+        assert_eq!(leaf(&b, 0x20_1000), (0x40_1000 | attrs, 1));
+        assert_eq!(leaf(&b, 0x3f_f000), (0x5f_f000 | attrs, 1));
+        // Writable needs R (W without R is a misconfiguration).
+        b.protect(0x20_2000, 0x1000, f | MapFlags::WRITABLE)
+            .unwrap();
+        let rw = attrs | EPT_READ | EPT_WRITE;
+        assert_eq!(leaf(&b, 0x20_2000), (0x40_2000 | rw, 1));
+        // Taking X from an execute-only page leaves R, not a non-present entry.
+        b.protect(0x20_3000, 0x1000, f | MapFlags::NO_EXECUTE)
+            .unwrap();
+        let r = (attrs & !EPT_EXEC) | EPT_READ;
+        assert_eq!(leaf(&b, 0x20_3000), (0x40_3000 | r, 1));
+        // CACHE_DISABLE switches the type to UC and back to WB; ignore-PAT stays.
+        b.protect(0x20_4000, 0x1000, f | MapFlags::CACHE_DISABLE)
+            .unwrap();
+        assert_eq!(leaf(&b, 0x20_4000), (0x40_4000 | (attrs & !wt), 1));
+        b.protect(0x20_4000, 0x1000, f).unwrap();
+        let wb = (attrs & !wt) | EPT_MEMTYPE_WB << EPT_MEMTYPE_SHIFT;
+        assert_eq!(leaf(&b, 0x20_4000), (0x40_4000 | wb, 1));
+        b.protect(0x20_5000, 0x1000, MapFlags::empty()).unwrap();
+        let clean = attrs & !(EPT_ACCESSED | EPT_DIRTY);
+        assert_eq!(leaf(&b, 0x20_5000), (0x40_5000 | clean, 1));
+        // What the CPU sees: execute-only WT pages with ignore-PAT.
+        let w = EptWalker::new(EptConfig::new(b.eptp(false))).unwrap();
+        let t = w.translate(&mem, 0x3f_f010, EptAccess::fetch()).unwrap();
+        assert_eq!((t.hpa, t.memory_type, t.ignore_pat), (0x5f_f010, 4, true));
+        assert!(w.translate(&mem, 0x3f_f010, EptAccess::read()).is_err());
+
+        // MBEC user-execute only (bit 10 without bit 2) survives a change of W.
+        b.map(
+            0x60_0000,
+            GuestAddress(0x60_0000),
+            0x1000,
+            MapFlags::empty(),
+        )
+        .unwrap();
+        let (addr, _, _) = b.find(0x60_0000).unwrap();
+        let ux = EPT_READ | EPT_USER_EXEC | EPT_MEMTYPE_WB << EPT_MEMTYPE_SHIFT;
+        mem.write_u64(addr, 0x60_0000 | ux).unwrap();
+        let f = b.lookup(0x60_0000).unwrap().flags;
+        assert_eq!(f, MapFlags::USER | MapFlags::NO_EXECUTE);
+        b.protect(0x60_0000, 0x1000, f | MapFlags::WRITABLE)
+            .unwrap();
+        assert_eq!(leaf(&b, 0x60_0000), (0x60_0000 | ux | EPT_WRITE, 1));
+        // Changing the execute rights rewrites bits 2 and 10 as `map` would.
+        b.protect(0x60_0000, 0x1000, MapFlags::empty()).unwrap();
+        let rx = EPT_READ | EPT_EXEC | EPT_MEMTYPE_WB << EPT_MEMTYPE_SHIFT;
+        assert_eq!(leaf(&b, 0x60_0000), (0x60_0000 | rx, 1));
     }
 
     #[test]
