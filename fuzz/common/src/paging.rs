@@ -116,7 +116,14 @@ pub fn walk_bytes(data: &[u8]) {
 
     // EPT over the same image, then the 2-D walk with and without caches.
     let ept_levels: u64 = if data[0] & 4 != 0 { 4 } else { 3 };
-    let mut eptp = (u64_at(data, 28) & 0x000f_ffff_ffff_f000) | 6 | ept_levels << 3;
+    // The root below MAXPHYADDR, except in a quarter of the inputs, which keep whatever
+    // address bits they have (EptWalker::new must refuse the reserved ones).
+    let root_mask = if data[3] & 0xc0 == 0xc0 {
+        0x000f_ffff_ffff_f000
+    } else {
+        vmkit_paging::entry::bits(u32::from(cfg.max_phys_bits.clamp(32, 52)) - 1, 12)
+    };
+    let mut eptp = (u64_at(data, 28) & root_mask) | 6 | ept_levels << 3;
     if data[3] & 16 != 0 {
         eptp |= 1 << 6;
     }
