@@ -24,7 +24,10 @@
 //!   bits 0 and 1), what the entries allowed (bits 3-6: the AND of R, W, X and, with MBEC,
 //!   user-execute over the entries walked, so 0 after a not-present entry), and whether a
 //!   guest linear address was involved and whether the access was to the final page or to
-//!   a guest paging structure (bits 7-8).
+//!   a guest paging structure (bits 7-8), and for a final-page access, with advanced
+//!   VM-exit information, the linear address's user/supervisor mode and whether it
+//!   translates to a read/write and to an execute-disable page (bits 9-11, from the guest
+//!   walk's combined rights; the nested walker fills them in).
 //!
 //! With EPT A/D enabled, a successful walk sets A in every entry used and D in the leaf for
 //! writes, with the same compare-exchange/restart discipline as the guest walker.
@@ -97,6 +100,9 @@ pub struct EptConfig {
     pub large_1g: bool,
     /// Host MAXPHYADDR.
     pub max_phys_bits: u8,
+    /// Advanced VM-exit information for EPT violations (capability bit 22): exit
+    /// qualification bits 9-11 describe the linear address of a final-page access.
+    pub advanced_exit_info: bool,
 }
 
 impl EptConfig {
@@ -110,6 +116,7 @@ impl EptConfig {
             large_2m: true,
             large_1g: true,
             max_phys_bits: 52,
+            advanced_exit_info: true,
         }
     }
 
@@ -136,8 +143,15 @@ pub enum LinearCause {
 pub struct EptAccess {
     /// Read, write or fetch.
     pub kind: AccessKind,
-    /// The linear address is a user-mode address (selects bit 10 for fetches under MBEC).
+    /// The linear address is a user-mode address (selects bit 10 for fetches under MBEC;
+    /// exit qualification bit 9 for final-page accesses).
     pub user_linear: bool,
+    /// Final-page accesses: the linear address translates to a read/write page (exit
+    /// qualification bit 10).
+    pub linear_writable: bool,
+    /// Final-page accesses: the linear address translates to an execute-disable page (exit
+    /// qualification bit 11).
+    pub linear_no_execute: bool,
     /// How a linear address is involved (exit qualification bits 7-8).
     pub cause: LinearCause,
 }
@@ -148,6 +162,8 @@ impl EptAccess {
         EptAccess {
             kind: AccessKind::Read,
             user_linear: false,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::None,
         }
     }
@@ -156,6 +172,8 @@ impl EptAccess {
         EptAccess {
             kind: AccessKind::Write,
             user_linear: false,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::None,
         }
     }
@@ -164,6 +182,8 @@ impl EptAccess {
         EptAccess {
             kind: AccessKind::Fetch,
             user_linear: false,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::None,
         }
     }
@@ -192,6 +212,15 @@ impl ExitQualification {
     pub const LINEAR_VALID: u64 = 1 << 7;
     /// With LINEAR_VALID: the access was to the translated page (not a paging structure).
     pub const FINAL_PAGE: u64 = 1 << 8;
+    /// Advanced VM-exit information, with FINAL_PAGE: the linear address is a user-mode
+    /// address.
+    pub const USER_LINEAR: u64 = 1 << 9;
+    /// Advanced VM-exit information, with FINAL_PAGE: the linear address translates to a
+    /// read/write page.
+    pub const LINEAR_WRITABLE: u64 = 1 << 10;
+    /// Advanced VM-exit information, with FINAL_PAGE: the linear address translates to an
+    /// execute-disable page.
+    pub const LINEAR_NO_EXECUTE: u64 = 1 << 11;
 
     /// The raw value.
     pub const fn bits(self) -> u64 {
@@ -387,7 +416,21 @@ impl EptWalker {
             LinearCause::None => {}
             LinearCause::PagingStructure => q |= ExitQualification::LINEAR_VALID,
             LinearCause::FinalPage => {
-                q |= ExitQualification::LINEAR_VALID | ExitQualification::FINAL_PAGE
+                q |= ExitQualification::LINEAR_VALID | ExitQualification::FINAL_PAGE;
+                if self.cfg.advanced_exit_info {
+                    for (on, bit) in [
+                        (access.user_linear, ExitQualification::USER_LINEAR),
+                        (access.linear_writable, ExitQualification::LINEAR_WRITABLE),
+                        (
+                            access.linear_no_execute,
+                            ExitQualification::LINEAR_NO_EXECUTE,
+                        ),
+                    ] {
+                        if on {
+                            q |= bit;
+                        }
+                    }
+                }
             }
         }
         ExitQualification(q)
@@ -565,6 +608,8 @@ mod tests {
         let table_read = EptAccess {
             kind: AccessKind::Read,
             user_linear: false,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::PagingStructure,
         };
         assert_eq!(
@@ -597,9 +642,40 @@ mod tests {
         let final_fetch = EptAccess {
             kind: AccessKind::Fetch,
             user_linear: true,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::FinalPage,
         };
-        assert_eq!(q(w.translate(&mem, GPA, final_fetch)), 0b1_1001_1100);
+        assert_eq!(q(w.translate(&mem, GPA, final_fetch)), 0b11_1001_1100);
+        // Advanced VM-exit information: the linear page's R/W and XD (bits 10-11), only
+        // for final-page accesses and only when the CPU reports them.
+        let final_write = EptAccess {
+            kind: AccessKind::Write,
+            user_linear: false,
+            linear_writable: true,
+            linear_no_execute: true,
+            cause: LinearCause::FinalPage,
+        };
+        let mem = ept([RWX, R | X, RWX, RWX | WB]);
+        assert_eq!(
+            q(w.translate(&mem, GPA, final_write)),
+            ExitQualification::WRITE
+                | ExitQualification::READABLE
+                | ExitQualification::EXECUTABLE
+                | ExitQualification::LINEAR_VALID
+                | ExitQualification::FINAL_PAGE
+                | ExitQualification::LINEAR_WRITABLE
+                | ExitQualification::LINEAR_NO_EXECUTE
+        );
+        let table_write = EptAccess {
+            cause: LinearCause::PagingStructure,
+            ..final_write
+        };
+        assert_eq!(q(w.translate(&mem, GPA, table_write)), 0b1010_1010);
+        let mut basic = EptConfig::new(eptp(false));
+        basic.advanced_exit_info = false;
+        let basic = EptWalker::new(basic).unwrap();
+        assert_eq!(q(basic.translate(&mem, GPA, final_write)), 0b1_1010_1010);
         assert!(f.to_string().contains("EPT violation"));
     }
 
@@ -611,6 +687,8 @@ mod tests {
         let user_fetch = EptAccess {
             kind: AccessKind::Fetch,
             user_linear: true,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::FinalPage,
         };
         // Supervisor-executable only.
@@ -628,6 +706,7 @@ mod tests {
                 | ExitQualification::EXECUTABLE
                 | ExitQualification::LINEAR_VALID
                 | ExitQualification::FINAL_PAGE
+                | ExitQualification::USER_LINEAR
         );
         // User-executable only (bit 10), with R: present and fine.
         let mem = ept([

@@ -204,6 +204,8 @@ impl<M: PhysMemory + ?Sized> EptTables<'_, M> {
                 AccessKind::Read
             },
             user_linear: false,
+            linear_writable: false,
+            linear_no_execute: false,
             cause: LinearCause::PagingStructure,
         };
         match self.ept.translate(self.host, gpa, access) {
@@ -345,6 +347,8 @@ impl NestedWalker {
         let final_access = EptAccess {
             kind: access.kind,
             user_linear: t.rights().user,
+            linear_writable: t.rights().writable,
+            linear_no_execute: t.rights().no_execute,
             cause: LinearCause::FinalPage,
         };
         if let Some(c) = caches.as_deref() {
@@ -613,6 +617,12 @@ mod tests {
                         | ExitQualification::LINEAR_VALID
                         | ExitQualification::FINAL_PAGE
                 ));
+                // Advanced VM-exit information from the guest walk: a user, writable,
+                // executable linear page.
+                assert!(
+                    q.contains(ExitQualification::USER_LINEAR | ExitQualification::LINEAR_WRITABLE)
+                );
+                assert!(!q.contains(ExitQualification::LINEAR_NO_EXECUTE));
             }
             other => panic!("{other:?}"),
         }
