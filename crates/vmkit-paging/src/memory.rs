@@ -192,6 +192,12 @@ pub trait PhysMemory {
     }
 
     /// Stores a 32-bit word at `addr` (4-byte aligned).
+    ///
+    /// The default replaces the enclosing 8-byte word with a compare-exchange, retrying
+    /// until it succeeds: unbounded only if another agent rewrites the other half for ever.
+    /// The walkers never call it (they update entries with compare-exchange); it serves the
+    /// VMM's own table writes (the builder), which do not race a hostile vCPU's stores to
+    /// the same word. Implementations with 4-byte stores should override it.
     fn write_u32(&self, addr: u64, value: u32) -> Option<()> {
         let shift = (addr & 4) * 8;
         loop {
@@ -209,7 +215,8 @@ pub trait PhysMemory {
     /// the enclosing 8-byte word, retrying while only the other half changes - at most
     /// [`CAS_U32_RETRIES`] times: a vCPU that keeps rewriting the neighbouring 32-bit entry
     /// then gets a lost race reported (`Err` with this half's value), so a walk restarts
-    /// and stays bounded instead of spinning here.
+    /// and stays bounded instead of spinning here. The default is therefore *weak*, like
+    /// `compare_exchange_weak`: it may fail although this half still equals `current`.
     fn compare_exchange_u32(&self, addr: u64, current: u32, new: u32) -> Option<Result<u32, u32>> {
         let shift = (addr & 4) * 8;
         for _ in 0..CAS_U32_RETRIES {

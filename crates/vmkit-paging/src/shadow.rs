@@ -641,6 +641,11 @@ where
             c.pge = false;
             c.pkru = 0;
             c.pkrs = 0;
+            if !matches!(c.mode, PagingMode::Level4 | PagingMode::Level5) {
+                // Protection keys exist only in IA-32e paging.
+                c.pke = false;
+                c.pks = false;
+            }
             c.pdptes = None;
             c
         };
@@ -1943,6 +1948,57 @@ mod tests {
             emulated(m.access(0x40_1000, Access::supervisor_write())),
             0x10_1000
         );
+    }
+
+    #[test]
+    fn enabling_smap_or_keys_drops_the_kernel_write_shape() {
+        // The supervisor-only writable shape of a user page is exact only while neither
+        // SMAP nor user-page keys apply: turning either on (no other event needed) must
+        // drop it, or the kernel would read a user page SMAP or PKRU refuses.
+        for what in ["smap", "pke", "pks"] {
+            let e = env();
+            let (mut m, hpa) = wp0(&e, false);
+            assert_eq!(m.access(0x40_3000, Access::supervisor_write()), Ok(Ok(hpa)));
+            let mut cfg = *m.guest_walker().config();
+            match what {
+                "smap" => cfg.smap = true,
+                "pke" => {
+                    cfg.pke = true;
+                    cfg.pkru = 1; // key 0: access-disable
+                }
+                _ => {
+                    cfg.pks = true;
+                    cfg.pkrs = 1; // supervisor pages' key 0: access-disable
+                }
+            }
+            m.set_paging_config(cfg).unwrap();
+            if what == "pks" {
+                // IA32_PKRS does not govern user pages: the guest allows the read, and
+                // the shadow must not apply PKRS to the page it shaped as supervisor.
+                assert_eq!(m.access(0x40_3000, Access::supervisor_read()), Ok(Ok(hpa)));
+            } else {
+                assert!(
+                    m.translate(0x40_3000, Access::supervisor_read()).is_err(),
+                    "{what}"
+                );
+                assert!(
+                    matches!(
+                        m.access(0x40_3000, Access::supervisor_read()),
+                        Ok(Err(ShadowOutcome::InjectGuestFault(_)))
+                    ),
+                    "{what}"
+                );
+            }
+        }
+        // Keys do not exist in PAE paging: toggling CR4.PKE there zaps nothing.
+        let e = env_for(PagingFormat::Pae);
+        let mut m = mmu_for(&e, PagingMode::Pae);
+        let zaps = m.stats().zap_alls;
+        let mut cfg = *m.guest_walker().config();
+        cfg.pke = true;
+        cfg.pks = true;
+        m.set_paging_config(cfg).unwrap();
+        assert_eq!(m.stats().zap_alls, zaps);
     }
 
     #[test]

@@ -521,7 +521,10 @@ pub struct PagingConfig {
     /// AMD rules: bit 8 of PML5Es and PML4Es is reserved.
     pub amd: bool,
     /// PAE only: the PDPTE registers loaded at the last CR3 write. `None`: read them from
-    /// memory at each walk (what KVM_TRANSLATE does with a fresh CR3).
+    /// memory at each walk (what KVM_TRANSLATE does with a fresh CR3). Registers are taken
+    /// as given: the CPU refuses a load with reserved bits in a present PDPTE (#GP at the
+    /// CR3 write), which is the VMM's check to make (the shadow MMU makes it); a walk
+    /// through such a register reports a reserved-bit page fault.
     pub pdptes: Option<[u64; 4]>,
     /// Set Accessed/Dirty bits in guest memory on successful walks.
     pub set_accessed_dirty: bool,
@@ -956,8 +959,8 @@ impl Walker {
         self.root = Self::root_of(&self.cfg);
     }
 
-    /// PAE paging: the PDPTE registers (`None`: read the PDPTEs from memory at each walk).
-    /// Ignored in the other modes.
+    /// PAE paging: the PDPTE registers (`None`: read the PDPTEs from memory at each walk),
+    /// taken as given (see [`PagingConfig::pdptes`]). Ignored in the other modes.
     pub fn set_pdptes(&mut self, pdptes: Option<[u64; 4]>) {
         if self.cfg.mode == PagingMode::Pae {
             self.cfg.pdptes = pdptes;

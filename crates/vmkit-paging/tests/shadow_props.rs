@@ -14,7 +14,7 @@
 //! memory types (PAT/PCD/PWT) in their leaves; the shadow's leaves must carry the guest's
 //! memory type.
 //!
-//! The property runs for 32-bit, PAE and 4-level guests (the first two are shadowed by
+//! The property runs for 32-bit, PAE, 4- and 5-level guests (the first two are shadowed by
 //! PAE-format tables). The window's pages alternate between two 2 MiB regions, so a
 //! 32-bit guest's page table is shadowed in both of its halves (quadrants); the large
 //! page is 4 MiB for a 32-bit guest (split over two shadow page directory entries). PAE
@@ -99,10 +99,14 @@ enum Op {
     },
     Flush,
     ZapAll,
-    /// The guest changes CR0.WP, CR4.SMEP, RFLAGS.AC and PKRU.
+    /// The guest changes CR0.WP, CR4.SMEP/SMAP/PKE/PKS (`keys`: bit 0 PKE, bit 1 PKS),
+    /// RFLAGS.AC and PKRU (IA32_PKRS follows PKRU one key up, so key 0 - the tables the
+    /// guest stores to - stays writable for the kernel).
     ControlRegisters {
         wp: bool,
         smep: bool,
+        smap: bool,
+        keys: u8,
         ac: bool,
         pkru: u32,
     },
@@ -133,8 +137,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::WritePdpte),
         1 => Just(Op::Flush),
         1 => Just(Op::ZapAll),
-        1 => (any::<bool>(), any::<bool>(), any::<bool>(), prop_oneof![Just(0u32), Just(0b1000), Just(0b0100), Just(0b1100_1000)])
-            .prop_map(|(wp, smep, ac, pkru)| Op::ControlRegisters { wp, smep, ac, pkru }),
+        1 => (
+            (any::<bool>(), any::<bool>(), any::<bool>(), 0..4u8, any::<bool>()),
+            // Write-disable for key 0 (every builder-made page) or 1, access-disable for 1.
+            prop_oneof![Just(0u32), Just(0b10), Just(0b1000), Just(0b0100), Just(0b1100_1010)],
+        )
+            .prop_map(|((wp, smep, smap, keys, ac), pkru)| {
+                Op::ControlRegisters { wp, smep, smap, keys, ac, pkru }
+            }),
     ]
 }
 
@@ -291,6 +301,7 @@ fn run(
     cfg.smep = smep;
     cfg.smap = smap;
     cfg.pke = pke;
+    cfg.pks = pke;
     cfg.write_protect = wp;
     let mut mmu: Mmu<'_> = ShadowMmu::new(
         cfg,
@@ -356,13 +367,34 @@ fn run(
                 }
                 let expected = match Walker::new(c).translate(&guest, va, access) {
                     Ok(t) => match host(t.gpa) {
-                        // Under CR0.WP = 0 a kernel store the guest allows may have to be
-                        // emulated (SMAP, protection keys): the same GPA, through the VMM.
+                        // Under CR0.WP = 0 a kernel store the guest allows is emulated
+                        // exactly where the shadow MMU's docs say: a read-only user page
+                        // under SMAP or keys, a key's write-disable bit, or a store to the
+                        // guest's own tables (GPA < 1 MiB here).
                         Some(_)
                             if got == Err(ShadowOutcome::EmulateWrite(t.gpa))
                                 && !c.write_protect
                                 && access == Access::supervisor_write() =>
                         {
+                            let r = t.rights();
+                            let ia32e = matches!(mode, PagingMode::Level4 | PagingMode::Level5);
+                            let keys = if r.user {
+                                c.pke.then_some(c.pkru)
+                            } else {
+                                c.pks.then_some(c.pkrs)
+                            };
+                            let wd = ia32e
+                                && keys.is_some_and(|k| (k >> (2 * u32::from(r.pkey))) & 2 != 0);
+                            let shape =
+                                r.user && !r.writable && (c.smap || (ia32e && (c.pke || c.pks)));
+                            let table = t.gpa < 0x10_0000;
+                            prop_assert!(
+                                wd || shape || table,
+                                "unjustified EmulateWrite of {:#x}: {:?} under {:?}",
+                                va,
+                                r,
+                                c
+                            );
                             got
                         }
                         Some(h) => Ok(h),
@@ -383,7 +415,7 @@ fn run(
                     continue;
                 };
                 let flags = match format {
-                    PagingFormat::Level4 => flags,
+                    PagingFormat::Level4 | PagingFormat::Level5 => flags,
                     // No keys outside IA-32e paging; no NX in 32-bit entries.
                     PagingFormat::Pae => flags & !(15 << PKEY_SHIFT),
                     _ => flags & !(15 << PKEY_SHIFT) & !NO_EXECUTE,
@@ -474,11 +506,22 @@ fn run(
             }
             Op::Flush => mmu.flush(),
             Op::ZapAll => mmu.zap_all(),
-            Op::ControlRegisters { wp, smep, ac, pkru } => {
+            Op::ControlRegisters {
+                wp,
+                smep,
+                smap,
+                keys,
+                ac,
+                pkru,
+            } => {
                 cfg.write_protect = wp;
                 cfg.smep = smep;
+                cfg.smap = smap;
+                cfg.pke = keys & 1 != 0;
+                cfg.pks = keys & 2 != 0;
                 cfg.alignment_check = ac;
                 cfg.pkru = pkru;
+                cfg.pkrs = pkru << 2;
                 mmu.set_paging_config(cfg).unwrap();
                 pdptes = load_pdptes(&guest, mode, cr3);
             }
@@ -557,6 +600,18 @@ proptest! {
         ops in ops(),
     ) {
         run(PagingMode::Level4, targets, smep, smap, pke, wp, ops)?;
+    }
+
+    #[test]
+    fn shadow_equals_guest_walk_then_host_map_5level(
+        targets in targets(),
+        smep in any::<bool>(),
+        smap in any::<bool>(),
+        pke in any::<bool>(),
+        wp in any::<bool>(),
+        ops in ops(),
+    ) {
+        run(PagingMode::Level5, targets, smep, smap, pke, wp, ops)?;
     }
 
     #[test]
