@@ -1123,6 +1123,19 @@ mod tests {
         FlatMemory::new(0, 1 << 20)
     }
 
+    /// A builder over `mem` for `format` with frames from 0x1000 to 0x80000.
+    fn builder(
+        mem: &FlatMemory,
+        format: PagingFormat,
+    ) -> PageTableBuilder<'_, FlatMemory, BumpAllocator> {
+        PageTableBuilder::new(
+            mem,
+            format,
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn level4_identity_and_high_alias() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -1154,12 +1167,7 @@ mod tests {
     #[test]
     fn largest_pages_that_fit() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
-        )
-        .unwrap();
+        let mut b = builder(&mem, PagingFormat::Level4);
         b.set_max_page_size(PageSize::Size1G);
         // 4 KiB head, 2 MiB body, a 1 GiB page, 4 KiB tail.
         let start = (1u64 << 30) - (1 << 21) - 0x1000;
@@ -1185,12 +1193,7 @@ mod tests {
     #[test]
     fn overlap_and_remap() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
-        )
-        .unwrap();
+        let mut b = builder(&mem, PagingFormat::Level4);
         b.map(0, GuestAddress(0), 1 << 21, MapFlags::empty())
             .unwrap();
         // Same size: replaced.
@@ -1435,12 +1438,7 @@ mod tests {
     #[test]
     fn unmap_and_protect_split_large_pages() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
-        )
-        .unwrap();
+        let mut b = builder(&mem, PagingFormat::Level4);
         b.map(0, GuestAddress(0), 2 << 21, MapFlags::WRITABLE)
             .unwrap();
         b.protect(0x1000, 0x1000, MapFlags::empty()).unwrap();
@@ -1596,12 +1594,7 @@ mod tests {
     #[test]
     fn protect_with_a_hole_changes_nothing() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
-        )
-        .unwrap();
+        let mut b = builder(&mem, PagingFormat::Level4);
         b.map(0, GuestAddress(0), 1 << 21, MapFlags::WRITABLE)
             .unwrap();
         b.map(3 << 21, GuestAddress(0), 0x1000, MapFlags::WRITABLE)
@@ -1629,12 +1622,7 @@ mod tests {
     #[test]
     fn guest_edits_keep_attributes_mapflags_cannot_express() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
-        )
-        .unwrap();
+        let mut b = builder(&mem, PagingFormat::Level4);
         b.map(0x20_0000, GuestAddress(0x40_0000), 1 << 21, MapFlags::USER)
             .unwrap();
         let flag_bits = PRESENT
@@ -1738,12 +1726,7 @@ mod tests {
     fn ept_edits_keep_memory_type_and_execute_only() {
         use crate::ept::{EptAccess, EptConfig, EptWalker};
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Ept4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
-        )
-        .unwrap();
+        let mut b = builder(&mem, PagingFormat::Ept4);
         b.map(
             0x20_0000,
             GuestAddress(0x40_0000),

@@ -1883,6 +1883,18 @@ mod tests {
         }
     }
 
+    /// A PAE guest whose user page 0x40_1000 (GPA 0x10_1000) is read-only, and its config
+    /// with CR0.WP = 0.
+    fn pae_wp0_read_only_user_page() -> (Env, PagingConfig) {
+        let e = env_for(PagingFormat::Pae);
+        let pte = guest_leaf(&e, PagingMode::Pae, 0x40_1000);
+        let old = e.guest.read_u64(pte).unwrap();
+        e.guest.write_u64(pte, old & !WRITABLE).unwrap();
+        let mut cfg = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
+        cfg.write_protect = false;
+        (e, cfg)
+    }
+
     #[test]
     fn cr0_wp_clear_with_smap_emulates_kernel_stores_to_read_only_user_pages() {
         let e = env();
@@ -1935,12 +1947,7 @@ mod tests {
             Ok(Ok(0xf_f000 + HOST_OFFSET))
         );
         // A PAE guest has SMAP too.
-        let e = env_for(PagingFormat::Pae);
-        let pte = guest_leaf(&e, PagingMode::Pae, 0x40_1000);
-        let old = e.guest.read_u64(pte).unwrap();
-        e.guest.write_u64(pte, old & !WRITABLE).unwrap();
-        let mut cfg = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
-        cfg.write_protect = false;
+        let (e, mut cfg) = pae_wp0_read_only_user_page();
         cfg.smap = true;
         cfg.alignment_check = true;
         let mut m = try_mmu(&e, cfg, 256).unwrap();
@@ -2051,12 +2058,7 @@ mod tests {
         assert_eq!(m.access(0x40_3000, Access::user_read()), Ok(Ok(hpa)));
         // Protection keys do nothing outside IA-32e paging: a PAE guest with CR0.WP = 0 and
         // CR4.PKE gets the kernel-write shape.
-        let e = env_for(PagingFormat::Pae);
-        let pte = guest_leaf(&e, PagingMode::Pae, 0x40_1000);
-        let old = e.guest.read_u64(pte).unwrap();
-        e.guest.write_u64(pte, old & !WRITABLE).unwrap();
-        let mut cfg = PagingConfig::new(PagingMode::Pae, e.cr3[0]);
-        cfg.write_protect = false;
+        let (e, mut cfg) = pae_wp0_read_only_user_page();
         cfg.pke = true;
         let mut m = try_mmu(&e, cfg, 256).unwrap();
         assert_eq!(

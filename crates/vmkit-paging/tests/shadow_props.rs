@@ -587,54 +587,31 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(op(), 20..120)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+/// One property test per paging mode, each with its own case count.
+macro_rules! per_mode {
+    ($($name:ident: $mode:expr;)*) => {
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+            $(
+                #[test]
+                fn $name(
+                    targets in targets(),
+                    smep in any::<bool>(),
+                    smap in any::<bool>(),
+                    pke in any::<bool>(),
+                    wp in any::<bool>(),
+                    ops in ops(),
+                ) {
+                    run($mode, targets, smep, smap, pke, wp, ops)?;
+                }
+            )*
+        }
+    };
+}
 
-    #[test]
-    fn shadow_equals_guest_walk_then_host_map(
-        targets in targets(),
-        smep in any::<bool>(),
-        smap in any::<bool>(),
-        pke in any::<bool>(),
-        wp in any::<bool>(),
-        ops in ops(),
-    ) {
-        run(PagingMode::Level4, targets, smep, smap, pke, wp, ops)?;
-    }
-
-    #[test]
-    fn shadow_equals_guest_walk_then_host_map_5level(
-        targets in targets(),
-        smep in any::<bool>(),
-        smap in any::<bool>(),
-        pke in any::<bool>(),
-        wp in any::<bool>(),
-        ops in ops(),
-    ) {
-        run(PagingMode::Level5, targets, smep, smap, pke, wp, ops)?;
-    }
-
-    #[test]
-    fn shadow_equals_guest_walk_then_host_map_pae(
-        targets in targets(),
-        smep in any::<bool>(),
-        smap in any::<bool>(),
-        pke in any::<bool>(),
-        wp in any::<bool>(),
-        ops in ops(),
-    ) {
-        run(PagingMode::Pae, targets, smep, smap, pke, wp, ops)?;
-    }
-
-    #[test]
-    fn shadow_equals_guest_walk_then_host_map_32bit(
-        targets in targets(),
-        smep in any::<bool>(),
-        smap in any::<bool>(),
-        pke in any::<bool>(),
-        wp in any::<bool>(),
-        ops in ops(),
-    ) {
-        run(PagingMode::Legacy32, targets, smep, smap, pke, wp, ops)?;
-    }
+per_mode! {
+    shadow_equals_guest_walk_then_host_map: PagingMode::Level4;
+    shadow_equals_guest_walk_then_host_map_5level: PagingMode::Level5;
+    shadow_equals_guest_walk_then_host_map_pae: PagingMode::Pae;
+    shadow_equals_guest_walk_then_host_map_32bit: PagingMode::Legacy32;
 }

@@ -69,6 +69,21 @@ fn nested_setup() -> (FlatMemory, NestedWalker, u64, u64) {
     (host, w, root, eptp & !0xfff)
 }
 
+/// [`nested_setup`] with PML4E[1] pointing at the PML4 itself, so GVA (1,1,1,0) (returned)
+/// translates through PML4E[0] used as a leaf, and caches warmed by a walk of 0x40_0000
+/// that holds PML4E[0] as a level-4 entry.
+fn self_mapped() -> (FlatMemory, NestedWalker, u64, u64, NestedCaches) {
+    let (host, w, root, _) = nested_setup();
+    Shifted(&host)
+        .write_u64(root + 8, root | PRESENT | WRITABLE | USER)
+        .unwrap();
+    let self_map = (1u64 << 39) | (1 << 30) | (1 << 21); // indices 1,1,1,0
+    let mut c = NestedCaches::new(64);
+    w.translate(&host, 0x40_0000, Access::user_read(), Some(&mut c))
+        .unwrap();
+    (host, w, root, self_map, c)
+}
+
 /// Self-mapped (recursive) guest page tables, as Windows uses: PML4E[1] points at the PML4
 /// itself, so GVA (1,1,1,0) translates through PML4E[0] used as a *leaf*. The guest
 /// paging-structure cache holds PML4E[0] as a level-4 entry of an earlier walk; it used to
@@ -77,14 +92,8 @@ fn nested_setup() -> (FlatMemory, NestedWalker, u64, u64) {
 /// with `Contended`. Entries are now served only at the level they were cached at.
 #[test]
 fn nested_cache_does_not_serve_a_self_map_leaf_and_writes_through_it_succeed() {
-    let (host, w, root, _) = nested_setup();
+    let (host, w, root, self_map, mut c) = self_mapped();
     let gmem = Shifted(&host);
-    gmem.write_u64(root + 8, root | PRESENT | WRITABLE | USER)
-        .unwrap();
-    let self_map = (1u64 << 39) | (1 << 30) | (1 << 21); // indices 1,1,1,0
-    let mut c = NestedCaches::new(64);
-    w.translate(&host, 0x40_0000, Access::user_read(), Some(&mut c))
-        .unwrap();
     let first = w.translate(&host, self_map, Access::user_write(), Some(&mut c));
     assert!(first.is_ok(), "{first:?}");
     let second = w.translate(&host, self_map, Access::user_write(), Some(&mut c));
@@ -116,14 +125,8 @@ fn nested_cache_does_not_serve_a_self_map_leaf_and_writes_through_it_succeed() {
 /// cached (stale) upper entry, as a CPU's paging-structure cache may.
 #[test]
 fn nested_cache_never_supplies_a_leaf() {
-    let (host, w, root, _) = nested_setup();
+    let (host, w, root, self_map, mut c) = self_mapped();
     let gmem = Shifted(&host);
-    gmem.write_u64(root + 8, root | PRESENT | WRITABLE | USER)
-        .unwrap();
-    let self_map = (1u64 << 39) | (1 << 30) | (1 << 21); // indices 1,1,1,0
-    let mut c = NestedCaches::new(64);
-    w.translate(&host, 0x40_0000, Access::user_read(), Some(&mut c))
-        .unwrap();
     let pml4e = gmem.read_u64(root).unwrap();
     gmem.write_u64(root, pml4e & !USER).unwrap();
     let r = w.translate(&host, self_map, Access::user_read(), Some(&mut c));
