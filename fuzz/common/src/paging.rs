@@ -367,9 +367,21 @@ pub fn shadow_bytes(data: &[u8]) {
             }
             _ => {}
         }
-        // An access after every event, through the shadow tables alone.
+        // An access after every event, through the shadow tables alone: whatever they let
+        // through, the guest's own tables (walked without touching A/D, with the MMU's
+        // control registers and PDPTE registers) must allow, to the same page.
         if let Ok(hpa) = mmu.translate(arg1, access) {
             in_ram(arg1, hpa);
+            let mut quiet = *mmu.guest_walker().config();
+            quiet.set_accessed_dirty = false;
+            match Walker::new(quiet).translate(&guest, arg1, access) {
+                Ok(t) => assert_eq!(
+                    host(t.gpa & !0xfff),
+                    Some(hpa & !0xfff),
+                    "shadow and guest map {arg1:#x} differently"
+                ),
+                Err(f) => panic!("shadow lets {access:?} of {arg1:#x} through; the guest: {f:?}"),
+            }
         }
     }
     // Outcomes are well formed: an MMIO GPA is outside RAM, an emulated store inside it.
