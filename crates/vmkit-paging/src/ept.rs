@@ -83,6 +83,15 @@ pub enum EptError {
         /// The MAXPHYADDR the check used.
         max_phys_bits: u32,
     },
+    /// The EPTP asks for a feature the processor's capabilities ([`EptConfig`]) lack: a
+    /// 5-level walk or accessed/dirty flags.
+    #[error("EPTP {eptp:#x} enables {feature}, which the processor does not support")]
+    Unsupported {
+        /// The EPTP.
+        eptp: u64,
+        /// What it asks for.
+        feature: &'static str,
+    },
 }
 
 /// The processor's EPT configuration: EPTP plus the VMX capabilities that change the rules.
@@ -103,11 +112,17 @@ pub struct EptConfig {
     /// Advanced VM-exit information for EPT violations (capability bit 22): exit
     /// qualification bits 9-11 describe the linear address of a final-page access.
     pub advanced_exit_info: bool,
+    /// Accessed and dirty flags for EPT supported (capability bit 21): without them EPTP
+    /// bit 6 must be 0.
+    pub ad_supported: bool,
+    /// 5-level EPT supported (capability bit 7): without it the walk length must be 4.
+    pub level5_supported: bool,
 }
 
 impl EptConfig {
     /// A configuration for `eptp` with the capabilities of current Intel CPUs: execute-only,
-    /// 2 MiB and 1 GiB pages, MAXPHYADDR 52; MBEC off.
+    /// 2 MiB and 1 GiB pages, EPT A/D, 5-level EPT, advanced VM-exit information,
+    /// MAXPHYADDR 52; MBEC off.
     pub const fn new(eptp: u64) -> Self {
         EptConfig {
             eptp,
@@ -117,6 +132,8 @@ impl EptConfig {
             large_1g: true,
             max_phys_bits: 52,
             advanced_exit_info: true,
+            ad_supported: true,
+            level5_supported: true,
         }
     }
 
@@ -322,8 +339,9 @@ impl EptWalker {
     /// length other than 4 or 5 (bits 5:3), and any of bits 11:7 or 63:MAXPHYADDR
     /// ([`EptConfig::max_phys_bits`], clamped to 32..=52). A root above MAXPHYADDR or a
     /// stray value ORed into the low bits is a VMM bug that must not silently walk some
-    /// other table. Bit 6 (EPT A/D) is accepted: [`EptConfig`] does not model the A/D
-    /// capability (IA32_VMX_EPT_VPID_CAP bit 21), so the walker assumes it is present.
+    /// other table. A 5-level walk or bit 6 (EPT A/D) without the capability
+    /// ([`EptConfig::level5_supported`], [`EptConfig::ad_supported`]) is
+    /// [`EptError::Unsupported`].
     pub fn new(cfg: EptConfig) -> Result<Self, EptError> {
         let eptp = cfg.eptp;
         let length = ((eptp >> 3) & 7) + 1;
@@ -333,6 +351,18 @@ impl EptWalker {
         let memtype = eptp & 7;
         if memtype != 0 && memtype != 6 {
             return Err(EptError::BadMemoryType { eptp, memtype });
+        }
+        for (asked, supported, feature) in [
+            (length == 5, cfg.level5_supported, "a 5-level walk"),
+            (
+                cfg.accessed_dirty(),
+                cfg.ad_supported,
+                "accessed/dirty flags",
+            ),
+        ] {
+            if asked && !supported {
+                return Err(EptError::Unsupported { eptp, feature });
+            }
         }
         let m = u32::from(cfg.max_phys_bits.clamp(32, 52));
         let reserved = eptp & (bits(11, 7) | bits(63, m));
@@ -843,7 +873,8 @@ mod tests {
         let e = EptWalker::new(EptConfig::new(0x1000 | 1 | 3 << 3)).unwrap_err();
         assert!(e.to_string().contains("memory type 1"));
         // Reserved bits 11:7 (bit 7, supervisor shadow-stack control, is not modelled) and
-        // 63:MAXPHYADDR are refused, as VM entry refuses them; bit 6 (A/D) is accepted.
+        // 63:MAXPHYADDR are refused, as VM entry refuses them; bit 6 (A/D) is accepted
+        // when the capabilities have it (below).
         for bit in 7..=11 {
             let eptp = eptp(false) | 1 << bit;
             assert_eq!(
@@ -872,6 +903,29 @@ mod tests {
         cfg.eptp &= !(1 << 40);
         assert_eq!(EptWalker::new(cfg).unwrap().root, 1 << 38 | 0x1000);
         assert!(EptWalker::new(EptConfig::new(eptp(true))).is_ok());
+        // A/D and 5-level walks only where the capabilities have them.
+        let mut cfg = EptConfig::new(eptp(true));
+        cfg.ad_supported = false;
+        let e = EptWalker::new(cfg).unwrap_err();
+        assert_eq!(
+            e,
+            EptError::Unsupported {
+                eptp: eptp(true),
+                feature: "accessed/dirty flags"
+            }
+        );
+        assert!(e.to_string().contains("does not support"), "{e}");
+        cfg.eptp = eptp(false);
+        assert!(EptWalker::new(cfg).is_ok());
+        cfg.eptp = 0x1000 | 6 | 4 << 3;
+        cfg.level5_supported = false;
+        assert!(matches!(
+            EptWalker::new(cfg),
+            Err(EptError::Unsupported {
+                feature: "a 5-level walk",
+                ..
+            })
+        ));
         assert!(EptWalker::new(EptConfig::new(((1 << 52) - 0x1000) | 6 | 3 << 3)).is_ok());
         let mem = FlatMemory::new(0, 0x10000);
         mem.write_u64(0x1000 + 8, 0x2000 | RWX).unwrap();
