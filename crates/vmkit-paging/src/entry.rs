@@ -51,6 +51,8 @@ pub const EPT_ACCESSED: u64 = 1 << 8;
 pub const EPT_DIRTY: u64 = 1 << 9;
 /// EPT: execute access for user-mode linear addresses (mode-based execute control).
 pub const EPT_USER_EXEC: u64 = 1 << 10;
+/// EPT: sub-page write permissions for the page (4 KiB leaf; ignored in a large leaf).
+pub const EPT_SUB_PAGE_WRITE: u64 = 1 << 61;
 /// EPT: suppress #VE.
 pub const EPT_SUPPRESS_VE: u64 = 1 << 63;
 

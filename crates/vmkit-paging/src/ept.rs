@@ -164,7 +164,8 @@ pub struct EptAccess {
     /// exit qualification bit 9 for final-page accesses).
     pub user_linear: bool,
     /// Final-page accesses: the linear address translates to a read/write page (exit
-    /// qualification bit 10).
+    /// qualification bit 10). A guest with paging off reports its addresses as user-mode,
+    /// read/write and executable: `user_linear` and this true, `linear_no_execute` false.
     pub linear_writable: bool,
     /// Final-page accesses: the linear address translates to an execute-disable page (exit
     /// qualification bit 11).

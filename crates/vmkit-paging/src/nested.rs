@@ -672,4 +672,62 @@ mod tests {
             .unwrap()
             .contains(ExitQualification::WRITE | ExitQualification::READABLE));
     }
+
+    /// Exit-qualification bits 9-11 follow the guest translation in the other polarity too
+    /// (a supervisor, read-only, execute-disable guest page), in every guest mode (32-bit
+    /// paging has no execute-disable).
+    #[test]
+    fn advanced_exit_info_for_a_supervisor_read_only_page() {
+        for mode in [
+            PagingMode::Legacy32,
+            PagingMode::Pae,
+            PagingMode::Level4,
+            PagingMode::Level5,
+        ] {
+            let (host, w, va) = setup(mode, PagingFormat::Ept4);
+            let flags = if mode == PagingMode::Legacy32 {
+                MapFlags::empty()
+            } else {
+                MapFlags::NO_EXECUTE
+            };
+            let gm = Shifted(&host);
+            let mut g = PageTableBuilder::from_root(
+                &gm,
+                mode.format(),
+                BumpAllocator::new(GuestAddress(0x10_0000), GuestAddress(0x20_0000)),
+                GuestAddress(w.guest().root()),
+            )
+            .unwrap();
+            g.protect(va, 0x1000, flags).unwrap();
+            let root = w.ept().config().eptp & !0xfff;
+            let mut ept = PageTableBuilder::from_root(
+                &host,
+                PagingFormat::Ept4,
+                BumpAllocator::new(GuestAddress(0xf0_0000), GuestAddress(GUEST_OFFSET)),
+                GuestAddress(root),
+            )
+            .unwrap();
+            ept.unmap(0x20_0000, 0x1000).unwrap();
+            let f = w
+                .translate(&host, va, Access::supervisor_read(), None)
+                .unwrap_err();
+            let NestedFault::EptOnFinal { fault, .. } = f else {
+                panic!("{mode:?}: {f:?}")
+            };
+            let q = fault.qualification().unwrap();
+            assert!(
+                !q.contains(ExitQualification::USER_LINEAR),
+                "{mode:?} {q:?}"
+            );
+            assert!(
+                !q.contains(ExitQualification::LINEAR_WRITABLE),
+                "{mode:?} {q:?}"
+            );
+            assert_eq!(
+                q.contains(ExitQualification::LINEAR_NO_EXECUTE),
+                mode != PagingMode::Legacy32,
+                "{mode:?} {q:?}"
+            );
+        }
+    }
 }
