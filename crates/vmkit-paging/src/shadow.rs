@@ -43,9 +43,11 @@
 //!   cannot change a shadowed table behind our back: its write faults, and then either
 //!   - the frame is only a last-level table: its shadow pages become **unsync** and the
 //!     write proceeds directly; unsync shadow pages are resynchronised (emptied and
-//!     write-protected again) when the guest flushes its TLB - CR3 reload without no-flush,
-//!     INVLPG, INVPCID - which is exactly when the architecture requires new entries to be
-//!     seen;
+//!     write-protected again) when the guest invalidates - all of them on a CR3 load
+//!     without no-flush or a full INVPCID ([`ShadowMmu::flush`], O(unsync pages)), only
+//!     those of the page table mapping the address on INVLPG ([`ShadowMmu::invlpg`], as
+//!     KVM syncs one page) - which is exactly when the architecture requires new entries
+//!     to be seen;
 //!   - or the shadow pages of the frame are **zapped** (unlinked from their parents).
 //! * **Emulated table writes.** A VMM that emulates the guest's store instead reports it
 //!   with [`ShadowMmu::guest_table_written`]: the shadow entries derived from the written
@@ -110,7 +112,7 @@ use alloc::vec::Vec;
 use crate::builder::FrameAllocator;
 use crate::entry::*;
 use crate::memory::PhysMemory;
-use crate::walk::{Access, Fault, PagingConfig, PagingMode, TableAccess, Walker};
+use crate::walk::{Access, DirectTables, Fault, PagingConfig, PagingMode, TableAccess, Walker};
 
 /// How many (CR3, PCID) roots the MMU keeps (KVM keeps the current one plus 3).
 pub const ROOT_CACHE: usize = 4;
@@ -316,6 +318,26 @@ impl<M: PhysMemory + ?Sized> TableAccess for Recorder<'_, M> {
     }
 }
 
+/// Reads guest tables for [`ShadowMmu::invlpg`]: records the page table (level 1) the walk
+/// reaches and refuses every Accessed/Dirty update (as memory that cannot be written).
+struct NoUpdates<'a, M: PhysMemory + ?Sized> {
+    mem: &'a M,
+    /// The guest frame of the level-1 table read, if the walk got there.
+    table: Option<u64>,
+}
+
+impl<M: PhysMemory + ?Sized> TableAccess for NoUpdates<'_, M> {
+    fn read_entry(&mut self, addr: u64, level: u32, wide: bool) -> Option<u64> {
+        if level == 1 {
+            self.table = Some(addr >> 12);
+        }
+        DirectTables(self.mem).read_entry(addr, level, wide)
+    }
+    fn update_entry(&mut self, _: u64, _: bool, _: u64, _: u64) -> Option<Result<(), ()>> {
+        None
+    }
+}
+
 const ACC_W: u8 = 1;
 const ACC_U: u8 = 2;
 const ACC_X: u8 = 4;
@@ -351,6 +373,9 @@ pub struct ShadowMmu<
     by_gfn: BTreeMap<u64, Vec<usize>>,
     /// Guest frame -> shadow leaves mapping it: (page, serial, index).
     rmap: BTreeMap<u64, Vec<(usize, u64, u16)>>,
+    /// Pages made unsync since the last full resynchronisation (may hold pages resynced
+    /// or zapped since: checked when drained), so a flush costs O(unsync pages).
+    unsync_pages: Vec<usize>,
     roots: Vec<CachedRoot>,
     generation: u64,
     serial: u64,
@@ -398,6 +423,7 @@ where
             by_role: BTreeMap::new(),
             by_gfn: BTreeMap::new(),
             rmap: BTreeMap::new(),
+            unsync_pages: Vec::new(),
             roots: Vec::new(),
             generation: 1,
             serial: 0,
@@ -659,14 +685,46 @@ where
         Ok(())
     }
 
-    /// INVLPG / INVPCID / full flush by the guest: unsync pages are resynchronised.
+    /// A full TLB flush by the guest (INVPCID all-context or single-context, a CR4 write
+    /// that flushes): every unsync page is resynchronised. Shadow pages are shared by all
+    /// PCIDs, so a single-context flush cannot do less. Costs O(unsync pages).
     pub fn flush(&mut self) {
         self.resync_all();
+    }
+
+    /// INVLPG of `gva` (also INVPCID individual-address for the current PCID): only the
+    /// unsync shadow pages of the guest page table that maps `gva` now are
+    /// resynchronised, as KVM syncs the one page on INVLPG; other unsync pages keep the
+    /// entries the architecture lets a TLB keep until their own invalidation. Reads the
+    /// guest's tables without setting Accessed bits (INVLPG sets none). A `gva` the
+    /// guest's upper levels do not map through a page table (not present, a large page)
+    /// needs nothing: only page tables go unsync.
+    pub fn invlpg(&mut self, gva: u64) {
+        let mut tables = NoUpdates {
+            mem: self.guest,
+            table: None,
+        };
+        let _ = self
+            .walker
+            .translate_with(&mut tables, gva, Access::supervisor_read());
+        let Some(gfn) = tables.table else {
+            return;
+        };
+        let Some(sps) = self.by_gfn.get(&gfn).cloned() else {
+            return;
+        };
+        for sp in sps {
+            let p = &self.pages[sp];
+            if p.live && p.unsync && p.generation == self.generation {
+                self.resync(sp);
+            }
+        }
     }
 
     /// Zaps every shadow page in O(1): later faults rebuild and reclaim incrementally.
     pub fn zap_all(&mut self) {
         self.generation += 1;
+        self.unsync_pages.clear();
         self.by_role = BTreeMap::new();
         self.by_gfn = BTreeMap::new();
         self.rmap = BTreeMap::new();
@@ -820,14 +878,11 @@ where
     }
 
     fn resync_all(&mut self) {
-        let unsync: Vec<usize> = (0..self.pages.len())
-            .filter(|&i| {
-                let p = &self.pages[i];
-                p.live && p.unsync && p.generation == self.generation
-            })
-            .collect();
-        for sp in unsync {
-            self.resync(sp);
+        for sp in core::mem::take(&mut self.unsync_pages) {
+            let p = &self.pages[sp];
+            if p.live && p.unsync && p.generation == self.generation {
+                self.resync(sp);
+            }
         }
     }
 
@@ -976,8 +1031,18 @@ where
                     for s in sps {
                         if !self.pages[s].unsync {
                             self.pages[s].unsync = true;
+                            self.unsync_pages.push(s);
                             self.stats.unsyncs += 1;
                         }
+                    }
+                    if self.unsync_pages.len() > 2 * self.pages.len() + 64 {
+                        // Pages resynced by INVLPG went unsync again without a full flush
+                        // in between: keep one entry per page still unsync.
+                        let pages = &self.pages;
+                        self.unsync_pages
+                            .retain(|&sp| pages[sp].live && pages[sp].unsync);
+                        self.unsync_pages.sort_unstable();
+                        self.unsync_pages.dedup();
                     }
                 } else {
                     for s in sps {
@@ -1476,6 +1541,16 @@ mod tests {
     }
 
     /// Guest store through the shadow MMU, as the vCPU would perform it.
+    /// Guest-physical address of the leaf entry of `va` in the 4-level space at `cr3`.
+    fn guest_leaf_in(e: &Env, cr3: u64, va: u64) -> u64 {
+        let mut cfg = PagingConfig::new(PagingMode::Level4, cr3);
+        cfg.set_accessed_dirty = false;
+        crate::walk::Walker::new(cfg)
+            .translate(&e.guest, va, Access::supervisor_read())
+            .unwrap()
+            .leaf_addr
+    }
+
     fn guest_store(m: &mut Mmu<'_>, e: &Env, gpa: u64, value: u64) {
         let hpa = m
             .access(TABLES_VA + gpa, Access::supervisor_write())
@@ -1535,6 +1610,53 @@ mod tests {
             m.access(0x40_2000, Access::user_read()),
             Ok(Ok(0x18_0000 + HOST_OFFSET))
         );
+    }
+
+    #[test]
+    fn invlpg_resyncs_only_the_page_table_of_its_address() {
+        let e = env();
+        let mut m = mmu(&e);
+        let pte = |space: usize| guest_leaf_in(&e, e.cr3[space], 0x40_1000);
+        // Both address spaces' page tables for 0x40_1000 shadowed, then written by the
+        // guest (unsync), each switch keeping the TLB (PCIDs, no-flush).
+        m.access(0x40_1000, Access::user_read()).unwrap().unwrap();
+        m.set_cr3(e.cr3[1], 1, true).unwrap();
+        m.access(0x40_1000, Access::user_read()).unwrap().unwrap();
+        guest_store(&mut m, &e, pte(1), 0x18_1000 | PRESENT | USER);
+        m.set_cr3(e.cr3[0], 0, true).unwrap();
+        guest_store(&mut m, &e, pte(0), 0x18_0000 | PRESENT | USER);
+        assert_eq!(m.stats().unsyncs, 2);
+        // INVLPG in space 0 brings its page table back in sync, and only that one.
+        let resyncs = m.stats().resyncs;
+        assert_eq!(
+            m.translate(0x40_1000, Access::user_read()),
+            Ok(0x10_1000 + HOST_OFFSET)
+        );
+        m.invlpg(0x40_1000);
+        assert_eq!(m.stats().resyncs, resyncs + 1);
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x18_0000 + HOST_OFFSET))
+        );
+        // Space 1 still sees its old translation (PCID 1 was not invalidated) ...
+        m.set_cr3(e.cr3[1], 1, true).unwrap();
+        assert_eq!(
+            m.translate(0x40_1000, Access::user_read()),
+            Ok(0x10_9000 + HOST_OFFSET)
+        );
+        // ... until its own INVLPG. INVLPG sets no Accessed bit in the guest's tables.
+        let before = e.guest.read_u64(pte(1)).unwrap();
+        m.invlpg(0x40_1000);
+        assert_eq!(e.guest.read_u64(pte(1)).unwrap(), before);
+        assert_eq!(m.stats().resyncs, resyncs + 2);
+        assert_eq!(
+            m.access(0x40_1000, Access::user_read()),
+            Ok(Ok(0x18_1000 + HOST_OFFSET))
+        );
+        // An address no page table maps (a 2 MiB page, an unmapped region) needs nothing.
+        m.invlpg(0x60_0000);
+        m.invlpg(0x7000_0000);
+        assert_eq!(m.stats().resyncs, resyncs + 2);
     }
 
     #[test]

@@ -67,12 +67,14 @@ enum Op {
     },
     /// Rewrite the PTE of a window page: as a guest store (`store`) or an emulated one.
     /// `flags` may hold a protection key and PAT/PCD/PWT (a key is dropped outside
-    /// 4-level paging, where those bits are reserved).
+    /// 4-level paging, where those bits are reserved). A guest store is followed by INVLPG
+    /// of the page (`invlpg`) or a full flush.
     WritePte {
         page: u64,
         target: u64,
         flags: u64,
         store: bool,
+        invlpg: bool,
     },
     /// Rewrite the memory type (PAT bit 12, PCD, PWT) of the large page's leaf in the
     /// current address space (both spaces map the same large frame).
@@ -116,8 +118,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         12 => (0..PAGES + LARGE_PIECES, 0..0x1000u64, 0..3u8, any::<bool>())
             .prop_map(|(page, offset, kind, user)| Op::Access { page, offset, kind, user }),
-        5 => (0..PAGES, 0x100..0x3c0u64, any::<u8>(), any::<bool>(), 0..4u64, 0..8u64)
-            .prop_map(|(page, t, f, store, key, pat)| {
+        5 => (0..PAGES, 0x100..0x3c0u64, any::<u8>(), any::<bool>(), 0..4u64, 0..8u64, any::<bool>())
+            .prop_map(|(page, t, f, store, key, pat, invlpg)| {
             let mut flags = 0;
             if f & 0b111 != 0 { flags |= PRESENT; }
             if f & 8 != 0 { flags |= WRITABLE; }
@@ -126,7 +128,7 @@ fn op() -> impl Strategy<Value = Op> {
             if f & 64 != 0 { flags |= ACCESSED | DIRTY; }
             flags |= key << PKEY_SHIFT;
             flags |= (pat & 3) << 3 | (pat & 4) << 5;
-            Op::WritePte { page, target: t, flags, store }
+            Op::WritePte { page, target: t, flags, store, invlpg }
         }),
         1 => (0..8u8, any::<bool>()).prop_map(|(pat, store)| Op::LargeMemoryType { pat, store }),
         1 => (prop_oneof![Just(WRITABLE), Just(USER)], any::<bool>())
@@ -249,13 +251,15 @@ type Mmu<'a> = ShadowMmu<'a, FlatMemory, FlatMemory, BumpAllocator, fn(u64) -> O
 
 /// A guest store to its own table entry at `gpa` through the shadow MMU: the write goes
 /// through the MMU (a write-protection fault unsyncs or zaps), lands, and the guest
-/// flushes. A store to a table on its own translation path is emulated by the VMM.
+/// invalidates - INVLPG of `invlpg` (the address whose entry it wrote), or a full flush.
+/// A store to a table on its own translation path is emulated by the VMM.
 fn guest_store(
     mmu: &mut Mmu<'_>,
     guest: &FlatMemory,
     format: PagingFormat,
     gpa: u64,
     value: u64,
+    invlpg: Option<u64>,
 ) -> Result<(), TestCaseError> {
     match mmu
         .access(TABLES_VA + gpa, Access::supervisor_write())
@@ -272,7 +276,10 @@ fn guest_store(
         }
         other => prop_assert!(false, "store to {:#x}: {:?}", gpa, other),
     }
-    mmu.flush();
+    match invlpg {
+        Some(va) => mmu.invlpg(va),
+        None => mmu.flush(),
+    }
     Ok(())
 }
 
@@ -409,6 +416,7 @@ fn run(
                 target,
                 flags,
                 store,
+                invlpg,
             } => {
                 let va = window_va(page);
                 let Some(pte) = entry_gpa(&guest, format, cr3, va, 1) else {
@@ -422,7 +430,7 @@ fn run(
                 };
                 let value = (target << 12) | flags;
                 if store {
-                    guest_store(&mut mmu, &guest, format, pte, value)?;
+                    guest_store(&mut mmu, &guest, format, pte, value, invlpg.then_some(va))?;
                 } else {
                     write_entry(&guest, format, pte, value);
                     mmu.guest_table_written(pte, entry_len);
@@ -434,7 +442,7 @@ fn run(
                 };
                 let value = read_entry(&guest, format, pde).unwrap() ^ bit;
                 if store {
-                    guest_store(&mut mmu, &guest, format, pde, value)?;
+                    guest_store(&mut mmu, &guest, format, pde, value, None)?;
                 } else {
                     write_entry(&guest, format, pde, value);
                     mmu.guest_table_written(pde, entry_len);
@@ -452,7 +460,7 @@ fn run(
                 }
                 let value = old & !(ACCESSED | DIRTY);
                 if store {
-                    guest_store(&mut mmu, &guest, format, pde, value)?;
+                    guest_store(&mut mmu, &guest, format, pde, value, None)?;
                 } else {
                     write_entry(&guest, format, pde, value);
                     mmu.guest_table_written(pde, entry_len);
@@ -472,7 +480,7 @@ fn run(
                 let pat = u64::from(pat);
                 let value = old & !bits | (pat & 3) << 3 | (pat & 4) << 10;
                 if store {
-                    guest_store(&mut mmu, &guest, format, pde, value)?;
+                    guest_store(&mut mmu, &guest, format, pde, value, None)?;
                 } else {
                     write_entry(&guest, format, pde, value);
                     mmu.guest_table_written(pde, entry_len);

@@ -357,6 +357,7 @@ pub fn shadow_bytes(data: &[u8]) {
             2 => {
                 let _ = mmu.set_cr3(arg1, (arg2 & 0xfff) as u16, flag & 1 != 0);
             }
+            3 if flag & 2 != 0 => mmu.invlpg(arg1),
             3 => mmu.flush(),
             4 => mmu.zap_all(),
             5 => {
