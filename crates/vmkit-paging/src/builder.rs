@@ -1177,10 +1177,19 @@ mod tests {
         mem: &FlatMemory,
         format: PagingFormat,
     ) -> PageTableBuilder<'_, FlatMemory, BumpAllocator> {
+        builder_frames(mem, format, 0x80000)
+    }
+
+    /// A builder over `mem` for `format` with frames from 0x1000 to `end`.
+    fn builder_frames(
+        mem: &FlatMemory,
+        format: PagingFormat,
+        end: u64,
+    ) -> PageTableBuilder<'_, FlatMemory, BumpAllocator> {
         PageTableBuilder::new(
             mem,
             format,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x80000)),
+            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(end)),
         )
         .unwrap()
     }
@@ -1283,12 +1292,7 @@ mod tests {
     #[test]
     fn argument_errors() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x3000)),
-        )
-        .unwrap();
+        let mut b = builder_frames(&mem, PagingFormat::Level4, 0x3000);
         assert!(matches!(
             b.map(1, GuestAddress(0), 0x1000, MapFlags::empty()),
             Err(BuilderError::Misaligned {
@@ -1587,12 +1591,7 @@ mod tests {
     #[test]
     fn legacy32_split_above_4g_is_refused_and_changes_nothing() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Legacy32,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10000)),
-        )
-        .unwrap();
+        let mut b = builder_frames(&mem, PagingFormat::Legacy32, 0x10000);
         b.map(0, GuestAddress(0xffc0_0000), 4 << 20, MapFlags::WRITABLE)
             .unwrap();
         b.map(
@@ -1650,12 +1649,7 @@ mod tests {
     #[test]
     fn an_edit_short_of_frames_changes_no_translation() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Level4,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x6000)),
-        )
-        .unwrap();
+        let mut b = builder_frames(&mem, PagingFormat::Level4, 0x6000);
         // Root, PDPT and PD: 3 frames; two 2 MiB pages; one frame left for one split.
         b.map(0, GuestAddress(0), 2 << 21, MapFlags::WRITABLE)
             .unwrap();
@@ -1934,12 +1928,7 @@ mod tests {
     #[test]
     fn legacy32_split_moves_pat() {
         let mem = flat();
-        let mut b = PageTableBuilder::new(
-            &mem,
-            PagingFormat::Legacy32,
-            BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10000)),
-        )
-        .unwrap();
+        let mut b = builder_frames(&mem, PagingFormat::Legacy32, 0x10000);
         b.map(
             0x40_0000,
             GuestAddress(0x80_0000),

@@ -586,6 +586,20 @@ mod tests {
         assert_eq!(fetch.hpa, cold.hpa);
     }
 
+    /// A builder editing `w`'s EPT tables in `host` (new frames from 0xf0_0000).
+    fn ept_editor<'h>(
+        host: &'h FlatMemory,
+        w: &NestedWalker,
+    ) -> PageTableBuilder<'h, FlatMemory, BumpAllocator> {
+        PageTableBuilder::from_root(
+            host,
+            PagingFormat::Ept4,
+            BumpAllocator::new(GuestAddress(0xf0_0000), GuestAddress(GUEST_OFFSET)),
+            GuestAddress(w.ept().config().eptp & !0xfff),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn fault_attribution() {
         let (host, w, va) = setup(PagingMode::Level4, PagingFormat::Ept4);
@@ -596,14 +610,7 @@ mod tests {
         ));
         // EPT violation on the final GPA: make GPA 0x20_0000 read-only... by rebuilding EPT
         // for that page.
-        let root = w.ept().config().eptp & !0xfff;
-        let mut ept = PageTableBuilder::from_root(
-            &host,
-            PagingFormat::Ept4,
-            BumpAllocator::new(GuestAddress(0xf0_0000), GuestAddress(GUEST_OFFSET)),
-            GuestAddress(root),
-        )
-        .unwrap();
+        let mut ept = ept_editor(&host, &w);
         ept.protect(0x20_0000, 0x1000, MapFlags::empty()).unwrap();
         let f = w
             .translate(&host, va, Access::user_write(), None)
@@ -650,14 +657,7 @@ mod tests {
     #[test]
     fn guest_accessed_bit_update_needs_ept_write() {
         let (host, w, va) = setup(PagingMode::Level4, PagingFormat::Ept4);
-        let root = w.ept().config().eptp & !0xfff;
-        let mut ept = PageTableBuilder::from_root(
-            &host,
-            PagingFormat::Ept4,
-            BumpAllocator::new(GuestAddress(0xf0_0000), GuestAddress(GUEST_OFFSET)),
-            GuestAddress(root),
-        )
-        .unwrap();
+        let mut ept = ept_editor(&host, &w);
         // Guest root table page read-only in EPT: the walk can read it but not set A.
         let cr3 = w.guest().root();
         ept.protect(cr3, 0x1000, MapFlags::empty()).unwrap();
@@ -699,14 +699,7 @@ mod tests {
             )
             .unwrap();
             g.protect(va, 0x1000, flags).unwrap();
-            let root = w.ept().config().eptp & !0xfff;
-            let mut ept = PageTableBuilder::from_root(
-                &host,
-                PagingFormat::Ept4,
-                BumpAllocator::new(GuestAddress(0xf0_0000), GuestAddress(GUEST_OFFSET)),
-                GuestAddress(root),
-            )
-            .unwrap();
+            let mut ept = ept_editor(&host, &w);
             ept.unmap(0x20_0000, 0x1000).unwrap();
             let f = w
                 .translate(&host, va, Access::supervisor_read(), None)

@@ -250,6 +250,37 @@ struct Role {
     pat: u8,
 }
 
+impl Role {
+    /// A shadow of the guest table at `gfn` (`quadrant`: which part of a 32-bit table).
+    fn table(gfn: u64, level: u8, quadrant: u8, access: u8) -> Self {
+        Role {
+            gfn,
+            level,
+            direct: false,
+            quadrant,
+            access,
+            pkey: 0,
+            dirty: false,
+            pat: 0,
+        }
+    }
+
+    /// A direct page splitting the part at `gfn` of the guest large page `t` maps: its
+    /// leaves take the large leaf's key, dirtiness and memory type (see the fields).
+    fn direct(gfn: u64, level: u8, access: u8, t: &crate::walk::Translation) -> Self {
+        Role {
+            gfn,
+            level,
+            direct: true,
+            quadrant: 0,
+            access,
+            pkey: t.rights().pkey,
+            dirty: t.dirty(),
+            pat: t.pat_index(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct ShadowPage {
     role: Role,
@@ -580,14 +611,9 @@ where
     fn new_root(&mut self) -> Result<usize, ShadowError> {
         let levels = self.levels() as u8;
         let role = Role {
-            gfn: self.walker.config().cr3 >> 12,
-            level: levels,
+            // The PAE-format root is private to its cache entry: no guest table behind it.
             direct: self.pae_format(),
-            quadrant: 0,
-            access: ACC_ALL,
-            pkey: 0,
-            dirty: false,
-            pat: 0,
+            ..Role::table(self.walker.config().cr3 >> 12, levels, 0, ACC_ALL)
         };
         if !self.pae_format() {
             return self.get_or_create(role, None);
@@ -1139,16 +1165,8 @@ where
             let cover = 1u64 << (12 + 9 * (level - 1));
             let mut link = LINK;
             let role = if let Some((base, size)) = direct {
-                Role {
-                    gfn: (base + (gva & (size - 1) & !(cover - 1))) >> 12,
-                    level: (level - 1) as u8,
-                    direct: true,
-                    quadrant: 0,
-                    access,
-                    pkey: t.rights().pkey,
-                    dirty: t.dirty(),
-                    pat: t.pat_index(),
-                }
+                let gfn = (base + (gva & (size - 1) & !(cover - 1))) >> 12;
+                Role::direct(gfn, (level - 1) as u8, access, t)
             } else if self.pae_format() && level == 3 {
                 // The PAE-format root: a PDPTE links to a shadow page directory.
                 link = LINK_PDPTE;
@@ -1164,16 +1182,7 @@ where
                         ((pdpte & ADDR_MASK_52) >> 12, 0)
                     }
                 };
-                Role {
-                    gfn,
-                    level: 2,
-                    direct: false,
-                    quadrant,
-                    access,
-                    pkey: 0,
-                    dirty: false,
-                    pat: 0,
-                }
+                Role::table(gfn, 2, quadrant, access)
             } else {
                 // The guest entry this shadow entry derives from (one-to-one except that a
                 // 32-bit PDE spans two shadow PDEs).
@@ -1197,39 +1206,14 @@ where
                     }
                     let (base, size) = (t.page_base(), t.page_size().bytes());
                     direct = Some((base, size));
-                    Role {
-                        gfn: (base + (gva & (size - 1) & !(cover - 1))) >> 12,
-                        level: (level - 1) as u8,
-                        direct: true,
-                        quadrant: 0,
-                        access,
-                        pkey: t.rights().pkey,
-                        dirty: t.dirty(),
-                        pat: t.pat_index(),
-                    }
+                    let gfn = (base + (gva & (size - 1) & !(cover - 1))) >> 12;
+                    Role::direct(gfn, (level - 1) as u8, access, t)
                 } else if mode == PagingMode::Legacy32 {
                     // Half of a 1024-entry guest page table.
-                    Role {
-                        gfn: (entry & 0xffff_f000) >> 12,
-                        level: 1,
-                        direct: false,
-                        quadrant: ((gva >> 21) & 1) as u8,
-                        access,
-                        pkey: 0,
-                        dirty: false,
-                        pat: 0,
-                    }
+                    let quadrant = ((gva >> 21) & 1) as u8;
+                    Role::table((entry & 0xffff_f000) >> 12, 1, quadrant, access)
                 } else {
-                    Role {
-                        gfn: (entry & ADDR_MASK_52) >> 12,
-                        level: (level - 1) as u8,
-                        direct: false,
-                        quadrant: 0,
-                        access,
-                        pkey: 0,
-                        dirty: false,
-                        pat: 0,
-                    }
+                    Role::table((entry & ADDR_MASK_52) >> 12, (level - 1) as u8, 0, access)
                 }
             };
             let child = self.get_or_create(role, Some((sp, index)))?;

@@ -283,6 +283,33 @@ fn guest_store(
     Ok(())
 }
 
+/// A write of `value` to the guest table entry at `gpa`: a guest store through the MMU
+/// ([`guest_store`], then INVLPG of `invlpg` or a flush) or one the VMM emulated and reports.
+fn table_write(
+    mmu: &mut Mmu<'_>,
+    guest: &FlatMemory,
+    format: PagingFormat,
+    gpa: u64,
+    value: u64,
+    store: bool,
+    invlpg: Option<u64>,
+) -> Result<(), TestCaseError> {
+    if store {
+        return guest_store(mmu, guest, format, gpa, value, invlpg);
+    }
+    write_entry(guest, format, gpa, value);
+    mmu.guest_table_written(gpa, format.entry_size());
+    Ok(())
+}
+
+/// The large page's leaf in the address space at `cr3`: (its GPA, its value), if the
+/// entry there still maps a large page.
+fn large_leaf(guest: &FlatMemory, format: PagingFormat, cr3: u64) -> Option<(u64, u64)> {
+    let pde = entry_gpa(guest, format, cr3, LARGE_VA, 2)?;
+    let old = read_entry(guest, format, pde)?;
+    (old & PAGE_SIZE != 0).then_some((pde, old))
+}
+
 /// The PDPTE registers a CR3 load gives a PAE guest.
 fn load_pdptes(guest: &FlatMemory, mode: PagingMode, cr3: u64) -> Option<[u64; 4]> {
     (mode == PagingMode::Pae)
@@ -300,7 +327,6 @@ fn run(
     ops: Vec<Op>,
 ) -> Result<(), TestCaseError> {
     let format = mode.format();
-    let entry_len = format.entry_size();
     let guest = FlatMemory::new(0, GUEST_RAM as usize);
     let roots = build(&guest, format, &targets);
     let shadow = FlatMemory::new(0x4000_0000, 2 << 20);
@@ -429,62 +455,38 @@ fn run(
                     _ => flags & !(15 << PKEY_SHIFT) & !NO_EXECUTE,
                 };
                 let value = (target << 12) | flags;
-                if store {
-                    guest_store(&mut mmu, &guest, format, pte, value, invlpg.then_some(va))?;
-                } else {
-                    write_entry(&guest, format, pte, value);
-                    mmu.guest_table_written(pte, entry_len);
-                }
+                table_write(
+                    &mut mmu,
+                    &guest,
+                    format,
+                    pte,
+                    value,
+                    store,
+                    invlpg.then_some(va),
+                )?;
             }
             Op::WritePde { bit, store } => {
                 let Some(pde) = entry_gpa(&guest, format, cr3, WINDOW, 2) else {
                     continue;
                 };
                 let value = read_entry(&guest, format, pde).unwrap() ^ bit;
-                if store {
-                    guest_store(&mut mmu, &guest, format, pde, value, None)?;
-                } else {
-                    write_entry(&guest, format, pde, value);
-                    mmu.guest_table_written(pde, entry_len);
-                }
+                table_write(&mut mmu, &guest, format, pde, value, store, None)?;
             }
             Op::CleanLarge { store } => {
-                let Some(pde) = entry_gpa(&guest, format, cr3, LARGE_VA, 2) else {
+                let Some((pde, old)) = large_leaf(&guest, format, cr3) else {
                     continue;
                 };
-                let Some(old) = read_entry(&guest, format, pde) else {
-                    continue;
-                };
-                if old & PAGE_SIZE == 0 {
-                    continue;
-                }
                 let value = old & !(ACCESSED | DIRTY);
-                if store {
-                    guest_store(&mut mmu, &guest, format, pde, value, None)?;
-                } else {
-                    write_entry(&guest, format, pde, value);
-                    mmu.guest_table_written(pde, entry_len);
-                }
+                table_write(&mut mmu, &guest, format, pde, value, store, None)?;
             }
             Op::LargeMemoryType { pat, store } => {
-                let Some(pde) = entry_gpa(&guest, format, cr3, LARGE_VA, 2) else {
+                let Some((pde, old)) = large_leaf(&guest, format, cr3) else {
                     continue;
                 };
-                let Some(old) = read_entry(&guest, format, pde) else {
-                    continue;
-                };
-                if old & PAGE_SIZE == 0 {
-                    continue;
-                }
                 let bits = WRITE_THROUGH | CACHE_DISABLE | LARGE_PAT;
                 let pat = u64::from(pat);
                 let value = old & !bits | (pat & 3) << 3 | (pat & 4) << 10;
-                if store {
-                    guest_store(&mut mmu, &guest, format, pde, value, None)?;
-                } else {
-                    write_entry(&guest, format, pde, value);
-                    mmu.guest_table_written(pde, entry_len);
-                }
+                table_write(&mut mmu, &guest, format, pde, value, store, None)?;
             }
             Op::WritePdpte => {
                 if mode != PagingMode::Pae {

@@ -207,56 +207,41 @@ fn ept_fault_on_an_accessed_bit_update_stops_the_walk() {
 #[test]
 fn tlb_entries_are_not_global_without_cr4_pge() {
     let mem = FlatMemory::new(0, 1 << 20);
-    let mut a = PageTableBuilder::new(
-        &mem,
-        PagingFormat::Level4,
-        BumpAllocator::new(GuestAddress(0x1000), GuestAddress(0x10000)),
-    )
-    .unwrap();
-    a.map(0x40_0000, GuestAddress(0x8000), 0x1000, MapFlags::GLOBAL)
+    // Two address spaces mapping 0x40_0000 with G set, to 0x8000 and 0x9000.
+    let space = |frames: u64, phys: u64| {
+        let mut b = PageTableBuilder::new(
+            &mem,
+            PagingFormat::Level4,
+            BumpAllocator::new(GuestAddress(frames), GuestAddress(frames + 0xf000)),
+        )
         .unwrap();
-    let mut b = PageTableBuilder::new(
-        &mem,
-        PagingFormat::Level4,
-        BumpAllocator::new(GuestAddress(0x10000), GuestAddress(0x20000)),
-    )
-    .unwrap();
-    b.map(0x40_0000, GuestAddress(0x9000), 0x1000, MapFlags::GLOBAL)
-        .unwrap();
-    // CR0.PG|WP, CR4.PAE only (PGE = bit 7 clear), EFER.LME|LMA.
-    let cr0 = (1 << 31) | (1 << 16) | 1;
-    let cr4 = 1 << 5;
-    let efer = (1 << 8) | (1 << 10);
-    let mut walker =
-        Walker::new(PagingConfig::from_registers(cr0, a.root().0, cr4, efer, 0).unwrap());
-    let mut tlb = Tlb::new(64);
-    let r = Access::supervisor_read();
+        b.map(0x40_0000, GuestAddress(phys), 0x1000, MapFlags::GLOBAL)
+            .unwrap();
+        b.root().0
+    };
+    let (a, b) = (space(0x1000, 0x8000), space(0x10000, 0x9000));
+    // CR0.PG|WP, CR4.PAE (PGE = bit 7 as given), EFER.LME|LMA: what the TLB serves for
+    // 0x40_0000 after filling it in space `a` and a MOV to CR3 of space `b`.
+    let after_cr3_write = |cr4: u64| {
+        let (cr0, efer) = ((1 << 31) | (1 << 16) | 1, (1 << 8) | (1 << 10));
+        let mut walker = Walker::new(PagingConfig::from_registers(cr0, a, cr4, efer, 0).unwrap());
+        let mut tlb = Tlb::new(64);
+        let r = Access::supervisor_read();
+        assert_eq!(
+            tlb.translate(&walker, &mem, 0, 0x40_0000, r).unwrap().gpa,
+            0x8000
+        );
+        walker.set_cr3(b);
+        tlb.mov_cr3(0, false);
+        tlb.translate(&walker, &mem, 0, 0x40_0000, r).unwrap().gpa
+    };
     assert_eq!(
-        tlb.translate(&walker, &mem, 0, 0x40_0000, r).unwrap().gpa,
-        0x8000
-    );
-    walker.set_cr3(b.root().0);
-    tlb.mov_cr3(0, false);
-    assert_eq!(
-        tlb.translate(&walker, &mem, 0, 0x40_0000, r).unwrap().gpa,
+        after_cr3_write(1 << 5),
         0x9000,
         "stale translation of the previous CR3 served although CR4.PGE = 0"
     );
     // With CR4.PGE the same leaf is global and survives the CR3 write, as on hardware.
-    let mut walker = Walker::new(
-        PagingConfig::from_registers(cr0, a.root().0, cr4 | (1 << 7), efer, 0).unwrap(),
-    );
-    let mut tlb = Tlb::new(64);
-    assert_eq!(
-        tlb.translate(&walker, &mem, 0, 0x40_0000, r).unwrap().gpa,
-        0x8000
-    );
-    walker.set_cr3(b.root().0);
-    tlb.mov_cr3(0, false);
-    assert_eq!(
-        tlb.translate(&walker, &mem, 0, 0x40_0000, r).unwrap().gpa,
-        0x8000
-    );
+    assert_eq!(after_cr3_write(1 << 5 | 1 << 7), 0x8000);
 }
 
 /// PAE: MOV to CR3 loads the four PDPTE registers from the new CR3 (SDM 4.4.1).
